@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines take the torch build pinned here (on local disk on the project's machines);
+# a machine with CUDA keeps whatever torch satisfies the package's range.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: venv demo test lint clean
+
+$(BIN)/vrp: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then echo "CUDA found: torch from the package range"; \
+	else $(BIN)/pip install --quiet "$(TORCH_CPU)"; fi
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(BIN)/vrp
+
+venv: $(BIN)/vrp
+
+demo: venv
+	$(BIN)/vrp demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check vrp tests benchmarks
+
+clean:
+	rm -rf $(VENV) vrp-lake vrp-report .pytest_cache

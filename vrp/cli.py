@@ -1,0 +1,61 @@
+"""The `vrp` command line: one group per room of the architecture.
+
+Each room owns its commands in its own module (``vrp/lake/commands.py``,
+``vrp/ingest/commands.py``, ``vrp/analysis/commands.py``); this file only assembles them, so
+``vrp --help`` lists everything a researcher can do.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# (module, attribute) of each top-level command; imported lazily so `vrp --help` stays fast
+# and `vrp query` never imports torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "query": ("vrp.lake.commands", "query"),
+    "lake": ("vrp.lake.commands", "lake"),
+    "data": ("vrp.ingest.commands", "data"),
+    "ingest": ("vrp.ingest.commands", "ingest"),
+    "toy": ("vrp.ingest.commands", "toy"),
+    "analyze": ("vrp.analysis.commands", "analyze"),
+    "report": ("vrp.analysis.commands", "report"),
+    "demo": ("vrp.demo", "demo"),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported only when they are run or listed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._load(cmd_name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, attr = COMMANDS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # that room has not been built yet
+                return None
+            raise
+        return getattr(module, attr, None)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vrp")
+def main() -> None:
+    """VRP, the VLM Reliability Probe.
+
+    Run a vision-language model once over a yes/no benchmark (`vrp ingest run`), store every
+    signal in an activation lake of Delta/Parquet tables, then ask questions with SQL
+    (`vrp query`), analyses (`vrp analyze`) and reports (`vrp report`).
+
+    The lake is `--lake DIR`, else $VRP_LAKE, else ./vrp-lake.
+    """
