@@ -1,0 +1,102 @@
+"""Datasets VRP runs over: POPE files and the synthetic shapes-POPE benchmark, one format for both.
+
+- ``load_dataset("pope", pope_file=..., image_dir=...)`` or ``load_dataset("shapes-pope")``
+  -> ``(samples, errors)``: validated :class:`Sample` rows, and a :class:`SampleError` for every
+  row that must be recorded and reported but never scored.
+- ``load_image(sample)`` -> RGB ``PIL.Image`` (or :class:`SampleLoadError`).
+- ``generate_shapes_pope(out_dir, images=N, seed=S)`` writes a shapes-POPE folder.
+- ``dataset_fingerprint(samples)`` -> a hash for the run config (it changes with any question,
+  label or image byte).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vrp.ingest.datasets.pope import (
+    SPLITS,
+    PopeFormatError,
+    Sample,
+    SampleError,
+    SampleLoadError,
+    dataset_fingerprint,
+    infer_split,
+    load_image,
+    load_pope,
+    parse_object,
+)
+from vrp.ingest.datasets.shapes import (
+    DEFAULT_SEED,
+    default_shapes_dir,
+    ensure_shapes_dir,
+    generate_shapes_pope,
+)
+
+DATASETS: tuple[str, ...] = ("pope", "shapes-pope")
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_SEED",
+    "SPLITS",
+    "PopeFormatError",
+    "Sample",
+    "SampleError",
+    "SampleLoadError",
+    "dataset_fingerprint",
+    "default_shapes_dir",
+    "generate_shapes_pope",
+    "infer_split",
+    "load_dataset",
+    "load_image",
+    "load_pope",
+    "parse_object",
+]
+
+
+def _check_split(split: str | None) -> None:
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    split: str | None = None,
+    pope_file: str | Path | None = None,
+    image_dir: str | Path | None = None,
+) -> tuple[list[Sample], list[SampleError]]:
+    """Samples and per-sample errors of a named dataset.
+
+    ``"shapes-pope"``: reads the folder ``data_dir`` (as written by ``vrp data shapes-pope``); when
+    ``data_dir`` is None, or names a folder that does not exist yet, the default set (seed
+    ``DEFAULT_SEED``) is generated there or in the user cache first. ``split`` picks one split;
+    None gives all three, in the order random, popular, adversarial.
+
+    ``"pope"``: reads ``pope_file`` with images from ``image_dir`` (default: the file's folder);
+    ``split`` defaults to the one in the file name.
+    """
+    if name == "shapes-pope":
+        if pope_file is not None or image_dir is not None:
+            raise ValueError("shapes-pope reads its own folder: pass data_dir, not pope_file/image_dir")
+        _check_split(split)
+        folder = ensure_shapes_dir(data_dir)
+        samples: list[Sample] = []
+        errors: list[SampleError] = []
+        for part in [split] if split is not None else list(SPLITS):
+            got, bad = load_pope(
+                folder / f"{part}.jsonl", folder / "images", dataset="shapes-pope", split=part
+            )
+            samples += got
+            errors += bad
+        return samples, errors
+    if name == "pope":
+        if pope_file is None:
+            raise ValueError(
+                "the pope dataset needs a POPE file (--pope-file coco_pope_adversarial.json) "
+                "and the folder of its images (--image-dir)"
+            )
+        _check_split(split)
+        folder = Path(image_dir) if image_dir is not None else Path(pope_file).parent
+        return load_pope(pope_file, folder, dataset="pope", split=split)
+    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")

@@ -1,0 +1,300 @@
+"""POPE-format yes/no object questions: reading, validating and identifying them.
+
+POPE (Li et al., 2023) publishes one file per split (``coco_pope_random.json`` ...) of JSON lines
+``{"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in
+the image?", "label": "yes"}`` beside a folder of images. This module offers:
+
+- :class:`Sample`: one validated question, with a ``sample_id`` that is the same for every model
+  (dataset, split, question id and the image's content hash, see ``vrp.lake.identity``).
+- :class:`SampleError`: one rejected question and why; the run records it, reports it at the end
+  and never scores it. One bad line never stops the others from loading.
+- :func:`load_pope` (a file and an image folder -> samples and errors), :func:`load_image`
+  (a sample -> RGB image or :class:`SampleLoadError`), :func:`parse_object` (the object named by a
+  question) and :func:`dataset_fingerprint` (one hash of everything that changes the numbers).
+
+The shapes-POPE generator (``shapes.py``) writes this same format, so both go through one reader.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from vrp.lake.identity import canonical_json, content_hash, make_sample_id
+
+SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+LABELS: tuple[str, ...] = ("yes", "no")
+REQUIRED_FIELDS: tuple[str, ...] = ("question_id", "image", "text", "label")
+
+# "Is there a dining table in the image?" -> "dining table". POPE always uses this template; "an",
+# "picture"/"photo" and a missing question mark are accepted so hand-written files also parse.
+_OBJECT_PATTERN = re.compile(
+    r"^\s*is\s+there\s+(?:an?\s+|any\s+)?(?P<object>.+?)\s+in\s+the\s+(?:image|picture|photo)\s*[?.]?\s*$",
+    re.IGNORECASE,
+)
+_SPLIT_PATTERN = re.compile(r"(?:^|[^a-z])(random|popular|adversarial)(?:[^a-z]|$)")
+
+
+class SampleLoadError(Exception):
+    """An image that cannot be read as a picture (missing, unreadable or undecodable)."""
+
+
+class PopeFormatError(ValueError):
+    """A POPE file that cannot be read at all (missing, not JSON, no split): nothing to score."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One validated yes/no question about one image.
+
+    ``image_id`` is POPE's ``image`` field as written in the file; ``image_path`` is where it was
+    found. ``sample_id`` joins rows of every model's run on the same question.
+    """
+
+    sample_id: str
+    dataset: str
+    split: str
+    question_id: str
+    image_id: str
+    question: str
+    object: str
+    label: str
+    image_path: str
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """One question that was rejected, and why (``stage`` is ``"load"`` for everything found here).
+
+    ``sample_id`` is set when the question still has a well-defined identity (a readable question
+    id and image); it is ``None`` for duplicates and for rows without an id or image.
+    """
+
+    dataset: str
+    split: str
+    question_id: str
+    sample_id: str | None
+    stage: str
+    error: str
+
+
+def parse_object(question: str) -> str | None:
+    """The object a POPE question asks about, lower-cased; ``None`` when the question is not of
+    the form "Is there a {object} in the image?"."""
+    match = _OBJECT_PATTERN.match(question)
+    if match is None:
+        return None
+    return " ".join(match.group("object").lower().split())
+
+
+def infer_split(path: str | Path) -> str:
+    """The split named in a POPE file name (``coco_pope_adversarial.json`` -> ``adversarial``).
+
+    Raises :class:`PopeFormatError` when the name does not say, because guessing a split would
+    silently mislabel every row of the run.
+    """
+    found = set(_SPLIT_PATTERN.findall(Path(path).name.lower()))
+    if len(found) != 1:
+        raise PopeFormatError(
+            f"cannot tell the POPE split from the file name {Path(path).name!r}: "
+            f"pass the split explicitly (one of {', '.join(SPLITS)})"
+        )
+    return found.pop()
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, parsed record, parse error) for each record of a JSON-lines or JSON-array file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise PopeFormatError(f"POPE file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PopeFormatError(f"cannot read POPE file {path}: {exc}") from exc
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PopeFormatError(f"{path} starts like a JSON array but is not valid JSON: {exc}") from exc
+        for index, row in enumerate(rows):
+            yield index + 1, row, None
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line), None
+        except json.JSONDecodeError as exc:
+            yield number, None, f"line {number} is not valid JSON ({exc.msg})"
+
+
+class _ImageIndex:
+    """Reads, hashes and decodes each image once (POPE's three splits share 500 images)."""
+
+    def __init__(self, image_dir: Path) -> None:
+        self.image_dir = image_dir
+        self._seen: dict[str, tuple[str | None, str | None]] = {}
+
+    def lookup(self, image: str) -> tuple[str | None, str | None]:
+        """(content hash, error) of one image; exactly one of them is ``None``."""
+        if image not in self._seen:
+            self._seen[image] = self._check(self.image_dir / image)
+        return self._seen[image]
+
+    @staticmethod
+    def _check(path: Path) -> tuple[str | None, str | None]:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None, f"image file not found: {path}"
+        except OSError as exc:
+            return None, f"cannot read image file {path}: {exc}"
+        try:
+            decode_rgb(path)
+        except SampleLoadError as exc:
+            return None, str(exc)
+        return content_hash(data), None
+
+
+def decode_rgb(path: str | Path) -> Image.Image:
+    """Fully decode an image file into RGB, or raise :class:`SampleLoadError` saying what is wrong.
+
+    The whole image is decoded (not only the header) so a truncated file is caught when the
+    dataset loads, not halfway through a GPU run.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError as exc:
+        raise SampleLoadError(f"image file not found: {path}") from exc
+    except UnidentifiedImageError as exc:
+        raise SampleLoadError(f"image file is not a picture PIL can read: {path}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise SampleLoadError(f"image file cannot be decoded ({exc}): {path}") from exc
+
+
+def load_image(sample: Sample) -> Image.Image:
+    """The sample's image as RGB (grey, palette and RGBA images are converted)."""
+    return decode_rgb(sample.image_path)
+
+
+def load_pope(
+    pope_file: str | Path,
+    image_dir: str | Path,
+    *,
+    dataset: str = "pope",
+    split: str | None = None,
+) -> tuple[list[Sample], list[SampleError]]:
+    """Read one POPE split: valid samples in file order, and one :class:`SampleError` per bad row.
+
+    ``split`` defaults to the one named in the file name. A row is rejected (and the rest still
+    load) for: invalid JSON, a missing field, an empty question, a question that names no object,
+    a label other than yes/no, a question id seen before in the file (the first one is kept), and
+    a missing or undecodable image. A file that cannot be read at all raises
+    :class:`PopeFormatError`.
+    """
+    path = Path(pope_file)
+    split = split if split is not None else infer_split(path)
+    images = _ImageIndex(Path(image_dir))
+    samples: list[Sample] = []
+    errors: list[SampleError] = []
+    first_line: dict[str, int] = {}
+
+    def reject(question_id: str, error: str, sample_id: str | None = None) -> None:
+        errors.append(SampleError(dataset, split, question_id, sample_id, "load", error))
+
+    for number, row, parse_error in _records(path):
+        where = f"{path.name} line {number}"
+        if parse_error is not None:
+            reject(f"<line {number}>", f"{path.name}: {parse_error}")
+            continue
+        if not isinstance(row, dict):
+            reject(f"<line {number}>", f"{where}: expected a JSON object, got {type(row).__name__}")
+            continue
+        raw_id = row.get("question_id")
+        question_id = (
+            str(raw_id) if isinstance(raw_id, int | str) and str(raw_id).strip() else f"<line {number}>"
+        )
+        missing = [name for name in REQUIRED_FIELDS if row.get(name) is None]
+        if missing:
+            reject(question_id, f"{where}: missing field(s) {', '.join(missing)}")
+            continue
+        if isinstance(raw_id, bool) or not isinstance(raw_id, int | str) or not str(raw_id).strip():
+            reject(
+                question_id, f"{where}: question_id must be an integer or a non-empty string, got {raw_id!r}"
+            )
+            continue
+        if question_id in first_line:
+            reject(
+                question_id,
+                f"{where}: duplicate question_id {question_id} (first on line "
+                f"{first_line[question_id]}, which is kept)",
+            )
+            continue
+        first_line[question_id] = number
+        image = row["image"]
+        if not isinstance(image, str) or not image.strip():
+            reject(question_id, f"{where}: image must be a non-empty file name, got {image!r}")
+            continue
+        image_hash, image_error = images.lookup(image)
+        sample_id = make_sample_id(dataset, split, question_id, image_hash) if image_hash else None
+        question = row["text"]
+        if not isinstance(question, str) or not question.strip():
+            reject(question_id, f"{where}: empty question text", sample_id)
+            continue
+        label = row["label"]
+        normalised_label = label.strip().lower() if isinstance(label, str) else None
+        if normalised_label not in LABELS:
+            reject(question_id, f"{where}: label must be yes or no, got {label!r}", sample_id)
+            continue
+        explicit_object = row.get("object")
+        obj = (
+            explicit_object.strip().lower()
+            if isinstance(explicit_object, str) and explicit_object.strip()
+            else parse_object(question)
+        )
+        if obj is None:
+            reject(
+                question_id,
+                f"{where}: cannot find the object in {question!r} "
+                "(expected 'Is there a {object} in the image?')",
+                sample_id,
+            )
+            continue
+        if image_error is not None:
+            reject(question_id, f"{where}: {image_error}")
+            continue
+        category = row.get("category")
+        samples.append(
+            Sample(
+                sample_id=sample_id,
+                dataset=dataset,
+                split=split,
+                question_id=question_id,
+                image_id=image,
+                question=question.strip(),
+                object=obj,
+                label=normalised_label,
+                image_path=str(images.image_dir / image),
+                category=str(category) if category is not None else None,
+            )
+        )
+    return samples, errors
+
+
+def dataset_fingerprint(samples: Iterable[Sample]) -> str:
+    """One hash of everything about a sample set that changes a run's numbers.
+
+    It covers each sample's identity (which already hashes the image bytes), question text and
+    label, so a run config that includes it changes when the POPE file or an image changes, and
+    not when the folder is merely moved.
+    """
+    rows = sorted((s.sample_id, s.question, s.label, s.object) for s in samples)
+    return content_hash(canonical_json(rows).encode())
