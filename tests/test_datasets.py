@@ -141,7 +141,9 @@ def test_each_bad_input_has_its_own_error(tmp_path: Path) -> None:
     assert next(e for e in errors if e.question_id == "1").sample_id is None
 
 
-def test_sample_ids_stable_across_loads_and_folders(pope_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_sample_ids_stable_across_loads_and_folders(
+    pope_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     first, _ = load_pope(pope_dir / "coco_pope_adversarial.json", pope_dir / "img")
     second, _ = load_pope(pope_dir / "coco_pope_adversarial.json", pope_dir / "img")
     assert [s.sample_id for s in first] == [s.sample_id for s in second]
@@ -168,7 +170,9 @@ def test_load_image_is_rgb_or_clear_error(pope_dir: Path) -> None:
 
 
 def test_load_dataset_pope(pope_dir: Path) -> None:
-    samples, errors = load_dataset("pope", pope_file=pope_dir / "coco_pope_adversarial.json", image_dir=pope_dir / "img")
+    samples, errors = load_dataset(
+        "pope", pope_file=pope_dir / "coco_pope_adversarial.json", image_dir=pope_dir / "img"
+    )
     assert len(samples) == 4 and not errors
     with pytest.raises(ValueError, match="--pope-file"):
         load_dataset("pope")
@@ -280,7 +284,9 @@ def test_shapes_read_by_pope_loader(shapes: Path) -> None:
     assert all(s.dataset == "shapes-pope" and " " in s.object for s in only)
 
 
-def test_shapes_default_folder_is_generated_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shapes_default_folder_is_generated_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("VRP_CACHE_DIR", str(tmp_path / "cache"))
     samples, errors = load_dataset("shapes-pope", split="adversarial")
     assert not errors and len(samples) > 100
@@ -294,7 +300,9 @@ def test_shapes_default_folder_is_generated_and_cached(tmp_path: Path, monkeypat
 
 def test_cli_writes_a_set_and_refuses_foreign_folders(tmp_path: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(main, ["data", "shapes-pope", "--out", str(tmp_path / "s"), "--images", "6", "--seed", "3"])
+    result = runner.invoke(
+        main, ["data", "shapes-pope", "--out", str(tmp_path / "s"), "--images", "6", "--seed", "3"]
+    )
     assert result.exit_code == 0, result.output
     assert _tree(tmp_path / "s") == _tree(generate_shapes_pope(tmp_path / "ref", images=6, seed=3))
     (tmp_path / "foreign").mkdir()
