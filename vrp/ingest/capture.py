@@ -1,0 +1,436 @@
+"""One forward pass -> every signal, without eager attention.
+
+What this module offers:
+
+* :func:`capture_attention` - a context manager that swaps the model's attention for SDPA plus
+  a float32 computation of *only* the answer position's attention rows (never T x T).
+* :class:`TraceModules` - forward hooks on decoder layers, attention and MLP outputs that keep
+  the answer position only and always remove themselves.
+* :func:`capture_batch` - runs one batch: prefill with both of the above active, the greedy
+  answer decoded from the same prefill, and every per-layer signal of DESIGN.md section 2.
+
+Usage::
+
+    enc = adapter.encode(images, questions)
+    result = capture_batch(adapter, enc, labels=["yes", "no"])
+    result.samples[0]["p_yes"], result.layers[0]  # numpy in, numbers out
+
+The engine never branches on the model family: everything family-specific comes from the
+adapter (module paths, image-token positions, patch grid, yes/no ids, final norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from vrp.analysis.attention import cluster_count, normalise_map, spatial_entropy
+from vrp.ingest.answers import parse_answer
+
+ATTENTION_BACKEND = "vrp_sdpa"
+"""Name under which the capturing attention is registered with transformers."""
+
+_ACTIVE: contextvars.ContextVar[_AttentionRows | None] = contextvars.ContextVar("vrp_attention", default=None)
+
+
+@dataclass
+class _AttentionRows:
+    """Per-forward state of the capturing attention: which modules, which query rows, results."""
+
+    layer_of: dict[int, int]  # id(attention module) -> decoder layer index
+    answer_pos: torch.Tensor  # [B]
+    prompt_len: int
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, S] float32
+
+
+def _capturing_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for the model's own output; on the prefill, also the answer rows' softmax in float32.
+
+    The queries and keys arrive already rotated (RoPE, Qwen2-VL's M-RoPE) and the mask is the
+    family's own (causal, PaliGemma's bidirectional prefix, padding), so the rows computed here
+    are exactly eager attention's, for one query per sample instead of T.
+    """
+    state = _ACTIVE.get()
+    layer = None if state is None else state.layer_of.get(id(module))
+    if layer is not None and query.shape[2] == state.prompt_len and layer not in state.rows:
+        state.rows[layer] = _answer_rows(module, query, key, attention_mask, state.answer_pos, kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _answer_rows(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    answer_pos: torch.Tensor,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Softmax(q_pos . K^T * scale + mask) for each row's answer position: [B, H, S] float32."""
+    batch = torch.arange(query.shape[0], device=query.device)
+    pos = answer_pos.to(query.device)
+    q = query[batch, :, pos].float()  # [B, H, D]
+    k = key.float()
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
+        k = k.repeat_interleave(groups, dim=1)
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = getattr(module, "scaling", 1.0 / math.sqrt(q.shape[-1]))
+    scores = torch.einsum("bhd,bhsd->bhs", q, k) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    key_index = torch.arange(k.shape[2], device=q.device)
+    if attention_mask is None:  # SDPA skipped the mask: plain causal attention without padding
+        allowed = key_index[None, :] <= pos[:, None]
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[batch, 0, pos][:, : k.shape[2]]
+    else:  # additive float mask (eager-style)
+        scores = scores + attention_mask[batch, 0, pos][:, None, : k.shape[2]].float()
+        allowed = torch.ones_like(scores[:, 0], dtype=torch.bool)
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+AttentionInterface.register(ATTENTION_BACKEND, _capturing_sdpa)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_BACKEND, sdpa_mask)
+
+
+@contextlib.contextmanager
+def capture_attention(adapter: Any, answer_pos: torch.Tensor, prompt_len: int) -> Iterator[_AttentionRows]:
+    """Route the model's attention through :func:`_capturing_sdpa` for the duration of the block.
+
+    The model keeps computing its outputs with SDPA; the previous attention implementation is
+    restored on exit, also on error.
+    """
+    model = adapter.model
+    previous = model.config._attn_implementation
+    layer_of = {id(adapter.attn(i)): i for i in range(adapter.num_layers)}
+    state = _AttentionRows(layer_of=layer_of, answer_pos=answer_pos, prompt_len=prompt_len)
+    model.set_attn_implementation(ATTENTION_BACKEND)
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+        model.set_attn_implementation(previous)
+
+
+class TraceModules:
+    """Forward hooks that keep each traced module's output at the answer position only.
+
+    Usage::
+
+        with TraceModules({"resid": layers, "mlp_out": mlps}, answer_pos, prompt_len) as trace:
+            model(**inputs)
+        trace.values["resid"][3]  # [B, hidden] float32, after decoder layer 3
+
+    Only the prefill (sequence length == prompt_len) is recorded, once per module, so decoding
+    steps that follow in the same block never mix into the list (a defect of the study's code).
+    """
+
+    def __init__(
+        self, sites: dict[str, Sequence[torch.nn.Module]], answer_pos: torch.Tensor, prompt_len: int
+    ) -> None:
+        self.sites = sites
+        self.answer_pos = answer_pos
+        self.prompt_len = prompt_len
+        self.values: dict[str, dict[int, torch.Tensor]] = {name: {} for name in sites}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> TraceModules:
+        for name, modules in self.sites.items():
+            for index, module in enumerate(modules):
+                self._handles.append(module.register_forward_hook(self._hook(name, index)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str, index: int):
+        store = self.values[name]
+
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[1] != self.prompt_len or index in store:
+                return
+            batch = torch.arange(hidden.shape[0], device=hidden.device)
+            store[index] = hidden[batch, self.answer_pos.to(hidden.device)].detach().float()
+
+        return hook
+
+
+@dataclass
+class BatchCapture:
+    """Everything one batch produced, as plain numpy / python values per sample."""
+
+    samples: list[dict[str, Any]]  # first-token statistics, answer, attention summary
+    layers: list[list[dict[str, Any]]]  # per sample, per layer
+    heads: list[list[dict[str, Any]]]  # per sample, per (layer, head)
+    maps: list[list[np.ndarray]]  # per sample, per layer: head-mean map (grid_h * grid_w), sums to 1
+    hidden: list[dict[str, np.ndarray]]  # per sample: site -> [layers, hidden] float32
+    nonfinite: list[str | None] = field(default_factory=list)  # per sample: which signal was NaN/inf
+    greedy_output: Any = None  # transformers generate output (its KV cache seeds self-consistency)
+    greedy_tokens: torch.Tensor | None = None  # [B, new] answer token ids
+
+
+def log_softmax_stats(
+    logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """First-token statistics of DESIGN.md section 2 from next-token logits [B, V] (float32)."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    top2 = torch.topk(logits, 2, dim=-1).values
+    yes_lse = torch.logsumexp(logits[:, list(yes_ids)], dim=-1)
+    no_lse = torch.logsumexp(logits[:, list(no_ids)], dim=-1)
+    return {
+        "p_yes": probs[:, list(yes_ids)].sum(-1).numpy(),
+        "p_no": probs[:, list(no_ids)].sum(-1).numpy(),
+        "yes_no_margin": (yes_lse - no_lse).numpy(),
+        "top1_prob": probs.max(-1).values.numpy(),
+        "top2_margin": (top2[:, 0] - top2[:, 1]).numpy(),
+        "token_entropy": (-(probs * logp).nan_to_num(0.0).sum(-1)).numpy(),
+    }
+
+
+def _final_norm_scale(adapter: Any, h_last: torch.Tensor) -> torch.Tensor:
+    """The final RMSNorm as a per-sample diagonal map: weight(+offset) / rms(h_last). [B, d]
+
+    Linearising the norm at the last residual makes direct contributions additive: the
+    contributions of every attention and MLP output plus the embedding sum to the logit.
+    """
+    norm = adapter.final_norm()
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    weight = norm.weight.detach().float() + adapter.spec.norm_offset
+    rms = torch.sqrt(h_last.pow(2).mean(-1, keepdim=True) + eps)
+    return weight[None, :] / rms
+
+
+def logit_lens(adapter: Any, resid: torch.Tensor) -> torch.Tensor:
+    """Layer-wise logits: h_l -> the model's final norm -> unembedding. resid [L, B, d] -> [L, B, V]."""
+    param = next(adapter.unembedding().parameters())
+    with torch.no_grad():
+        normed = adapter.final_norm()(resid.to(param.dtype))
+        return adapter.unembedding()(normed).float()
+
+
+def capture_batch(
+    adapter: Any,
+    enc: Any,
+    labels: Sequence[str],
+    *,
+    max_new_tokens: int = 8,
+    keep_cache: bool = False,
+) -> BatchCapture:
+    """Prefill once with every capture active, decode the greedy answer from the same prefill."""
+    model = adapter.model
+    prompt_len = int(enc.inputs["input_ids"].shape[1])
+    answer_pos = enc.answer_pos
+    sites = {
+        "resid": adapter.decoder_layers(),
+        "mlp_out": [adapter.mlp(i) for i in range(adapter.num_layers)],
+        "attn_out": [adapter.attn(i) for i in range(adapter.num_layers)],
+    }
+    with (
+        torch.no_grad(),
+        capture_attention(adapter, answer_pos, prompt_len) as attn,
+        TraceModules(sites, answer_pos, prompt_len) as trace,
+    ):
+        out = model.generate(
+            **enc.inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=adapter.tokenizer.pad_token_id,
+        )
+    missing = [i for i in range(adapter.num_layers) if i not in attn.rows]
+    if missing:
+        raise RuntimeError(
+            f"the attention of decoder layers {missing} did not run through VRP's attention function; "
+            "this model's attention does not use transformers' AttentionInterface"
+        )
+    return _summarise(adapter, enc, labels, attn.rows, trace.values, out, prompt_len, keep_cache)
+
+
+def _summarise(
+    adapter: Any,
+    enc: Any,
+    labels: Sequence[str],
+    attn_rows: dict[int, torch.Tensor],
+    traced: dict[str, dict[int, torch.Tensor]],
+    out: Any,
+    prompt_len: int,
+    keep_cache: bool,
+) -> BatchCapture:
+    n_layers = adapter.num_layers
+    resid = torch.stack([traced["resid"][i] for i in range(n_layers)])  # [L, B, d]
+    mlp_out = torch.stack([traced["mlp_out"][i] for i in range(n_layers)])
+    attn_out = torch.stack([traced["attn_out"][i] for i in range(n_layers)])
+    first_logits = out.logits[0].float()  # [B, V] the model's own next-token logits at the answer position
+    lens = logit_lens(adapter, resid)  # [L, B, V]
+
+    stats = log_softmax_stats(first_logits, adapter.yes_ids, adapter.no_ids)
+    new_tokens = out.sequences[:, prompt_len:]
+    texts = adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    answer_logprob = _answer_logprob(out.logits, new_tokens, adapter)
+    first_token = first_logits.argmax(-1)  # [B]
+    truth_ids = _truth_ids(first_logits, labels, adapter)
+    scale = _final_norm_scale(adapter, resid[-1])  # [B, d]
+    w_truth = adapter.unembedding().weight.detach().float()[truth_ids]  # [B, d]
+    attn_contrib = ((attn_out * scale[None]) * w_truth[None]).sum(-1)  # [L, B]
+    mlp_contrib = ((mlp_out * scale[None]) * w_truth[None]).sum(-1)
+
+    lens_stats = [
+        log_softmax_stats(lens[layer], adapter.yes_ids, adapter.no_ids) for layer in range(n_layers)
+    ]
+    batch = torch.arange(first_logits.shape[0])
+    truth_logit = lens[:, batch, truth_ids]  # [L, B]
+    others = lens.clone()
+    others[:, batch, truth_ids] = float("-inf")
+    truth_margin = truth_logit - others.max(-1).values
+    answer_logit = lens[:, batch, first_token]
+    answer_rank = (lens > answer_logit[..., None]).sum(-1)  # [L, B]
+
+    result = BatchCapture(samples=[], layers=[], heads=[], maps=[], hidden=[])
+    for b, label in enumerate(labels):
+        pos = enc.image_pos[b].cpu()
+        grid_h, grid_w = enc.grids[b]
+        answer, status = parse_answer(texts[b])
+        layer_rows, head_rows, maps = [], [], []
+        for layer in range(n_layers):
+            row = attn_rows[layer][b].cpu().double()  # [H, S]
+            image = row[:, pos].numpy()  # [H, N] raw probabilities over image tokens
+            head_maps = normalise_map(image)
+            mean_raw = image.mean(0)
+            layer_map = normalise_map(mean_raw)
+            grid = layer_map.reshape(grid_h, grid_w)
+            maps.append(layer_map.astype(np.float32))
+            layer_rows.append(
+                {
+                    "layer": layer,
+                    "image_mass": float(mean_raw.sum()),
+                    "spatial_entropy": spatial_entropy(grid),
+                    "cluster_count": cluster_count(grid),
+                    "lens_yes_no_margin": float(lens_stats[layer]["yes_no_margin"][b]),
+                    "lens_truth_margin": float(truth_margin[layer, b]),
+                    "lens_answer_rank": int(answer_rank[layer, b]),
+                    "lens_entropy": float(lens_stats[layer]["token_entropy"][b]),
+                    "attn_contrib": float(attn_contrib[layer, b]),
+                    "mlp_contrib": float(mlp_contrib[layer, b]),
+                }
+            )
+            head_rows.extend(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "image_mass": float(image[head].sum()),
+                    "spatial_entropy": spatial_entropy(head_maps[head]),
+                }
+                for head in range(image.shape[0])
+            )
+        mean_map = normalise_map(np.mean(maps, axis=0)).reshape(grid_h, grid_w)
+        sample = {
+            "answer_text": texts[b],
+            "answer": answer,
+            "parse_status": status,
+            "correct": None if answer is None else answer == label,
+            **{key: float(values[b]) for key, values in stats.items()},
+            "answer_logprob": float(answer_logprob[b]),
+            "n_image_tokens": int(len(pos)),
+            "grid_h": int(grid_h),
+            "grid_w": int(grid_w),
+            "spatial_entropy": spatial_entropy(mean_map),
+            "cluster_count": cluster_count(mean_map),
+        }
+        hidden = {"resid": resid[:, b].numpy(), "mlp_out": mlp_out[:, b].numpy()}
+        result.samples.append(sample)
+        result.layers.append(layer_rows)
+        result.heads.append(head_rows)
+        result.maps.append(maps)
+        result.hidden.append(hidden)
+        result.nonfinite.append(_first_nonfinite(sample, layer_rows, head_rows, maps, hidden))
+    result.greedy_tokens = new_tokens
+    if keep_cache:
+        result.greedy_output = out
+    return result
+
+
+def _truth_ids(first_logits: torch.Tensor, labels: Sequence[str], adapter: Any) -> torch.Tensor:
+    """The label's first token: the variant of "yes"/"no" the model itself scores highest."""
+    ids = []
+    for b, label in enumerate(labels):
+        variants = adapter.yes_ids if label == "yes" else adapter.no_ids
+        best = int(first_logits[b, list(variants)].argmax())
+        ids.append(variants[best])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _answer_logprob(
+    step_logits: Sequence[torch.Tensor], new_tokens: torch.Tensor, adapter: Any
+) -> np.ndarray:
+    """Mean log-probability of the greedy answer's tokens, stopping at the first end token."""
+    end_ids = _end_ids(adapter)
+    logps = torch.stack([torch.log_softmax(step.float(), -1) for step in step_logits], dim=1)  # [B, N, V]
+    chosen = logps.gather(-1, new_tokens[:, : logps.shape[1], None]).squeeze(-1)  # [B, N]
+    values = []
+    for b in range(new_tokens.shape[0]):
+        tokens = new_tokens[b].tolist()
+        length = next((i for i, t in enumerate(tokens) if t in end_ids), len(tokens))
+        values.append(float(chosen[b, : max(length, 1)].mean()))
+    return np.asarray(values)
+
+
+def _end_ids(adapter: Any) -> set[int]:
+    """Token ids that end an answer: EOS (one or several) and padding."""
+    config = adapter.model.generation_config
+    eos = config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if adapter.tokenizer.pad_token_id is not None:
+        ids.add(adapter.tokenizer.pad_token_id)
+    return ids
+
+
+def _first_nonfinite(
+    sample: dict[str, Any],
+    layer_rows: list[dict[str, Any]],
+    head_rows: list[dict[str, Any]],
+    maps: list[np.ndarray],
+    hidden: dict[str, np.ndarray],
+) -> str | None:
+    """Name the first captured signal that is NaN or inf, with its layer, or None if all are finite."""
+    for key, value in sample.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"samples.{key}"
+    for row in layer_rows + head_rows:
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"{key} at layer {row['layer']}"
+    for layer, values in enumerate(maps):
+        if not np.isfinite(values).all():
+            return f"attention map at layer {layer}"
+    for site, values in hidden.items():
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            return f"hidden {site} at layer {int(np.argmax(bad))}"
+    return None

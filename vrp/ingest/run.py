@@ -1,0 +1,403 @@
+"""dataset x model -> batches -> rows -> one lake commit per group of batches.
+
+The run is resumable by construction: its ``run_id`` hashes everything that changes the numbers,
+the writer reports which samples already have a committed ``samples`` row, and only the others
+are processed. A bad sample (unreadable image, bad label, NaN in its activations) goes to
+``failures`` with its stage and reason; the run goes on and reports it at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import vrp
+from vrp.ingest.answers import majority_answer, parse_answer
+from vrp.ingest.capture import ATTENTION_BACKEND, BatchCapture, capture_batch
+from vrp.ingest.generate import sample_answers, sample_seed
+from vrp.lake.identity import make_run_id
+
+HIDDEN_SITES = ("resid", "mlp_out")
+
+
+class IngestError(RuntimeError):
+    """A run that cannot start or must stop; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """Everything a user can set on `vrp ingest run`. Fields marked hashed change the run_id."""
+
+    model: str
+    dataset: str = "shapes-pope"
+    split: str | None = None
+    data_dir: str | None = None
+    pope_file: str | None = None
+    image_dir: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    layers: tuple[int, ...] | None = None  # which layers' hidden states and maps to store; None = all
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_new_tokens: int = 8
+    self_consistency: int = 10
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    commit_samples: int = 256  # samples per lake commit: large enough that files are not tiny
+    strict: bool = False
+    max_bytes: int = 50 * 2**30
+    shard: tuple[int, int] = (0, 1)
+
+
+@dataclass
+class IngestSummary:
+    """What a run did, for the final report on the terminal and for tests."""
+
+    run_id: str
+    model: str
+    total: int
+    skipped_done: int
+    written: int = 0
+    correct: int = 0
+    answered_yes: int = 0
+    unknown: int = 0
+    failures: list[tuple[str, str, str]] = field(
+        default_factory=list
+    )  # (sample_id or question id, stage, error)
+    estimated_bytes: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        scored = max(self.written - self.unknown, 1)
+        out = [
+            f"run {self.run_id} ({self.model}): {self.written} new samples, "
+            f"{self.skipped_done} already in the lake, {len(self.failures)} failed, {self.seconds:.1f}s",
+        ]
+        if self.written:
+            out.append(
+                f"accuracy {self.correct / self.written:.3f}  yes-ratio {self.answered_yes / scored:.3f}  "
+                f"unknown answers {self.unknown}"
+            )
+        for ident, stage, error in self.failures[:20]:
+            out.append(f"  failed [{stage}] {ident}: {error}")
+        if len(self.failures) > 20:
+            out.append(f"  ... and {len(self.failures) - 20} more (query the failures table)")
+        return out
+
+
+def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    """Layer indices counted from 0; negative ones count from the end (-1 is the last layer)."""
+    if layers is None:
+        return list(range(num_layers))
+    resolved = []
+    for layer in layers:
+        index = layer + num_layers if layer < 0 else layer
+        if not 0 <= index < num_layers:
+            raise IngestError(f"layer {layer} is out of range: the model has {num_layers} decoder layers")
+        resolved.append(index)
+    return sorted(set(resolved))
+
+
+def estimate_bytes(adapter: Any, n_samples: int, layers: Sequence[int], n_image_tokens: int, k: int) -> int:
+    """Uncompressed bytes the run will add: dominated by hidden states and attention maps."""
+    per_sample = (
+        len(HIDDEN_SITES) * len(layers) * adapter.hidden_size * 4
+        + len(layers) * n_image_tokens * 4
+        + adapter.num_layers * adapter.num_heads * 24
+        + adapter.num_layers * 96
+        + k * 64
+        + 512
+    )
+    return n_samples * per_sample
+
+
+def run_config(
+    adapter: Any, options: IngestOptions, dataset_hash: str, layers: Sequence[int]
+) -> dict[str, Any]:
+    """Everything that changes the numbers: hashed into run_id (DESIGN.md section 6)."""
+    from vrp.schema import SCHEMA_VERSION
+
+    return {
+        "model_source": adapter.source,
+        "model_revision": adapter.revision,
+        "dataset": options.dataset,
+        "split": options.split or "all",
+        "dataset_hash": dataset_hash,
+        "limit": options.limit,
+        "adapter": adapter.settings,
+        "dtype": options.dtype,
+        "decoding": {"max_new_tokens": options.max_new_tokens, "greedy": True},
+        "self_consistency": {
+            "k": options.self_consistency,
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "seed": options.seed,
+        },
+        "capture": {"layers": list(layers), "attention": ATTENTION_BACKEND, "sites": list(HIDDEN_SITES)},
+        "hidden_size": adapter.hidden_size,
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+def run_ingest(
+    options: IngestOptions,
+    lake_root: str,
+    *,
+    echo: Callable[[str], None] = print,
+    confirm_bytes: bool = False,
+    progress: bool | None = None,
+) -> IngestSummary:
+    """Ingest one dataset with one model into the lake; resumable, idempotent."""
+    from vrp.ingest.datasets import dataset_fingerprint, load_dataset
+    from vrp.ingest.models import load_adapter
+    from vrp.lake import open_lake
+
+    started = time.monotonic()
+    samples, load_errors = load_dataset(
+        options.dataset,
+        data_dir=options.data_dir,
+        split=options.split,
+        pope_file=options.pope_file,
+        image_dir=options.image_dir,
+    )
+    if options.limit is not None:
+        samples = samples[: options.limit]
+    index, count = options.shard
+    samples = [s for i, s in enumerate(samples) if i % count == index]
+    if not samples and not load_errors:
+        raise IngestError(
+            "the dataset has no questions to ingest (check --split, --limit and the data files)"
+        )
+
+    adapter = load_adapter(
+        options.model,
+        dtype=options.dtype,
+        device=options.device,
+        min_pixels=options.min_pixels,
+        max_pixels=options.max_pixels,
+    )
+    layers = resolve_layers(options.layers, adapter.num_layers)
+    config = run_config(adapter, options, dataset_fingerprint(samples), layers)
+    run_id = make_run_id(config)
+    run_row = {
+        "run_id": run_id,
+        "model": adapter.name,
+        "model_source": adapter.source,
+        "model_revision": adapter.revision,
+        "family": adapter.spec.family,
+        "dataset": options.dataset,
+        "split": options.split or "all",
+        "dtype": options.dtype,
+        "device": options.device,
+        "attention_backend": ATTENTION_BACKEND,
+        "code_version": vrp.__version__,
+        "config": config,
+    }
+    lake = open_lake(lake_root)
+    writer = lake.writer(run_row, shard=options.shard, owned_sample_ids=[s.sample_id for s in samples])
+    done = writer.begin()
+    todo = [s for s in samples if s.sample_id not in done]
+    summary = IngestSummary(
+        run_id=run_id, model=adapter.name, total=len(samples), skipped_done=len(samples) - len(todo)
+    )
+
+    probe_tokens = _image_tokens_per_sample(adapter, todo)
+    summary.estimated_bytes = estimate_bytes(
+        adapter, len(todo), layers, probe_tokens, options.self_consistency
+    )
+    echo(
+        f"run {run_id}: {len(todo)} of {len(samples)} questions to ingest with {adapter.name} "
+        f"({adapter.num_layers} layers, hidden {adapter.hidden_size}); "
+        f"about {summary.estimated_bytes / 2**20:.1f} MiB before compression"
+    )
+    if summary.estimated_bytes > options.max_bytes and not confirm_bytes:
+        raise IngestError(
+            f"this run would write about {summary.estimated_bytes / 2**30:.2f} GiB, above --max-bytes "
+            f"({options.max_bytes / 2**30:.2f} GiB); store fewer layers with --layers, ingest fewer "
+            "questions with --limit, or raise --max-bytes"
+        )
+
+    failures = [
+        {
+            "sample_id": e.sample_id or f"{e.dataset}:{e.split}:{e.question_id}",
+            "stage": e.stage,
+            "error": e.error,
+        }
+        for e in load_errors
+    ]
+    if failures:
+        writer.fail(failures)
+        summary.failures.extend((f["sample_id"], f["stage"], f["error"]) for f in failures)
+
+    show = sys.stderr.isatty() if progress is None else progress
+    pending: dict[str, list[dict[str, Any]]] = {}
+    pending_samples = 0
+    batch_size = options.batch_size
+    with tqdm(total=len(todo), desc=f"ingest {adapter.name}", unit="q", disable=not show) as bar:
+        position = 0
+        while position < len(todo):
+            batch = todo[position : position + batch_size]
+            try:
+                rows, batch_failures = _process_batch(adapter, batch, layers, options)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                torch.cuda.empty_cache()
+                echo(f"out of GPU memory: retrying with batch size {batch_size}")
+                continue
+            position += len(batch)
+            bar.update(len(batch))
+            if batch_failures:
+                if options.strict:
+                    first = batch_failures[0]
+                    raise IngestError(
+                        f"sample {first['sample_id']} failed at {first['stage']}: {first['error']} "
+                        "(--strict stops the run; without it the sample is recorded in failures)"
+                    )
+                writer.fail(batch_failures)
+                summary.failures.extend((f["sample_id"], f["stage"], f["error"]) for f in batch_failures)
+            for table, table_rows in rows.items():
+                pending.setdefault(table, []).extend(table_rows)
+            pending_samples += len(rows.get("samples", []))
+            _tally(summary, rows.get("samples", []))
+            if pending_samples >= options.commit_samples:
+                writer.commit(pending)
+                pending, pending_samples = {}, 0
+    if pending_samples:
+        writer.commit(pending)
+    writer.finish("complete")
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _tally(summary: IngestSummary, rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        summary.written += 1
+        summary.correct += bool(row["correct"])
+        summary.answered_yes += row["answer"] == "yes"
+        summary.unknown += row["parse_status"] != "ok"
+
+
+def _image_tokens_per_sample(adapter: Any, samples: Sequence[Any]) -> int:
+    """Image tokens of the first readable sample, for the size estimate (0 when none is readable)."""
+    from vrp.ingest.datasets import load_image
+
+    for sample in samples[:3]:
+        try:
+            enc = adapter.encode([load_image(sample)], [sample.question])
+        except Exception:  # noqa: BLE001 - an unreadable sample is reported when it is processed
+            continue
+        return int(len(enc.image_pos[0]))
+    return 0
+
+
+def _process_batch(
+    adapter: Any, batch: Sequence[Any], layers: Sequence[int], options: IngestOptions
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Load, encode, capture and (optionally) sample one batch -> lake rows and failure rows."""
+    from vrp.ingest.datasets import load_image
+
+    failures: list[dict[str, Any]] = []
+    images, ready = [], []
+    for sample in batch:
+        try:
+            images.append(load_image(sample))
+            ready.append(sample)
+        except Exception as exc:  # noqa: BLE001 - any unreadable image is this sample's failure, not the run's
+            failures.append({"sample_id": sample.sample_id, "stage": "preprocess", "error": str(exc)})
+    if not ready:
+        return {}, failures
+    enc = adapter.encode(images, [s.question for s in ready])
+    k = options.self_consistency
+    cap = capture_batch(
+        adapter, enc, [s.label for s in ready], max_new_tokens=options.max_new_tokens, keep_cache=k > 0
+    )
+    samples_k: list[list[str]] = [[] for _ in ready]
+    seeds: list[list[int]] = [[sample_seed(options.seed, s.sample_id, i) for i in range(k)] for s in ready]
+    if k > 0:
+        samples_k, _ = sample_answers(
+            adapter,
+            enc,
+            cap.greedy_output,
+            seeds,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            max_new_tokens=options.max_new_tokens,
+        )
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for b, sample in enumerate(ready):
+        if cap.nonfinite[b] is not None:
+            failures.append(
+                {
+                    "sample_id": sample.sample_id,
+                    "stage": "capture",
+                    "error": f"non-finite value in {cap.nonfinite[b]}",
+                }
+            )
+            continue
+        for table, table_rows in _sample_rows(sample, cap, b, layers, samples_k[b], seeds[b]).items():
+            rows.setdefault(table, []).extend(table_rows)
+    return rows, failures
+
+
+def _sample_rows(
+    sample: Any,
+    cap: BatchCapture,
+    b: int,
+    layers: Sequence[int],
+    texts: Sequence[str],
+    seeds: Sequence[int],
+) -> dict[str, list[dict[str, Any]]]:
+    """One sample's rows for every table (run_id and model are filled in by the writer)."""
+    key = {"sample_id": sample.sample_id}
+    generations = []
+    answers = []
+    for k, (text, seed) in enumerate(zip(texts, seeds, strict=True)):
+        answer, _status = parse_answer(text)
+        answers.append(answer)
+        generations.append(
+            {**key, "k": k, "text": text, "answer": answer, "correct": answer == sample.label, "seed": seed}
+        )
+    sc_answer, sc_agreement = majority_answer(answers) if answers else (None, None)
+    captured = cap.samples[b]
+    sample_row = {
+        **key,
+        "dataset": sample.dataset,
+        "split": sample.split,
+        "question_id": sample.question_id,
+        "image_id": sample.image_id,
+        "question": sample.question,
+        "object": sample.object,
+        "label": sample.label,
+        **captured,
+        "correct": bool(captured["correct"]),
+        "sc_agreement": sc_agreement,
+        "sc_answer": sc_answer,
+    }
+    grid_h, grid_w = captured["grid_h"], captured["grid_w"]
+    return {
+        "samples": [sample_row],
+        "layers": [{**key, **row} for row in cap.layers[b]],
+        "heads": [{**key, **row} for row in cap.heads[b]],
+        "attention_maps": [
+            {**key, "layer": layer, "grid_h": grid_h, "grid_w": grid_w, "map": cap.maps[b][layer]}
+            for layer in layers
+        ],
+        "hidden": [
+            {**key, "site": site, "layer": layer, "h": np.ascontiguousarray(cap.hidden[b][site][layer])}
+            for site in HIDDEN_SITES
+            for layer in layers
+        ],
+        "generations": generations,
+    }
