@@ -1,0 +1,305 @@
+"""Arrow schemas of the activation lake: one :class:`TableSpec` per Delta table.
+
+This module is the single source of truth for what the lake stores (DESIGN.md section 6). The
+writer validates every batch against these specs before it touches disk, and the reader uses
+them to present empty tables for a fresh lake, so both sides agree on column names and types.
+
+Vectors (``hidden.h``, ``attention_maps.map``) are float32 lists. Delta normalises Arrow
+fixed-size lists to variable lists, so the fixed width is enforced by the writer instead and
+described by :attr:`TableSpec.vectors`:
+
+* ``"run:<config key>"``: the width is ``run["config"][<config key>]`` (``hidden`` takes
+  ``hidden_size``). Several models with different hidden sizes share the table, partitioned by
+  ``model``; a model keeps one width across runs (checked against the ``runs`` table).
+* ``"row:<col>*<col>"``: the width is the product of that row's columns (``attention_maps``
+  takes ``grid_h*grid_w``, which varies per sample for Qwen2-VL).
+
+The rule is also stored in the vector field's Arrow metadata (key ``vrp.width``) so it travels
+with the Delta schema, and each commit records the widths it wrote in its commit metadata.
+
+Bump :data:`SCHEMA_VERSION` whenever a column is renamed, removed or retyped; the lake refuses
+to mix versions (see ``vrp.lake``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION: int = 1
+
+#: Arrow metadata key on a vector field holding its width rule.
+WIDTH_METADATA_KEY = b"vrp.width"
+
+#: Delta table property recording the schema version a table was created with.
+SCHEMA_VERSION_PROPERTY = "vrp.schema_version"
+
+_TS = pa.timestamp("us", tz="UTC")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One lake table: its Arrow schema, Delta partition columns, row key and vector widths."""
+
+    name: str
+    schema: pa.Schema
+    partition_by: tuple[str, ...]
+    key: tuple[str, ...]
+    vectors: dict[str, str]
+
+    @property
+    def float_columns(self) -> tuple[str, ...]:
+        """Scalar floating-point columns (checked for NaN/inf before any write)."""
+        return tuple(f.name for f in self.schema if pa.types.is_floating(f.type))
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Columns that may never be null: the non-nullable fields (keys and partitions)."""
+        return tuple(f.name for f in self.schema if not f.nullable)
+
+
+def vector_type() -> pa.DataType:
+    """The storage type of every vector: a float32 list whose item is named as Delta names it."""
+    return pa.list_(pa.field("element", pa.float32(), nullable=True))
+
+
+def _req(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=False)
+
+
+def _opt(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=True)
+
+
+def _vec(name: str, rule: str) -> pa.Field:
+    return pa.field(name, vector_type(), nullable=False, metadata={WIDTH_METADATA_KEY: rule.encode()})
+
+
+def _f64(*names: str) -> list[pa.Field]:
+    return [_opt(n, pa.float64()) for n in names]
+
+
+def _spec(
+    name: str,
+    fields: list[pa.Field],
+    partition_by: tuple[str, ...],
+    key: tuple[str, ...],
+    vectors: dict[str, str] | None = None,
+) -> TableSpec:
+    schema = pa.schema(
+        fields, metadata={b"vrp.table": name.encode(), b"vrp.schema_version": b"%d" % SCHEMA_VERSION}
+    )
+    names = set(schema.names)
+    missing = (set(partition_by) | set(key) | set(vectors or {})) - names
+    if missing:
+        raise AssertionError(f"table {name}: spec names unknown columns {sorted(missing)}")
+    return TableSpec(name, schema, partition_by, key, dict(vectors or {}))
+
+
+_ID = [_req("run_id", pa.string()), _req("sample_id", pa.string()), _req("model", pa.string())]
+_ANSWER = [
+    _opt("answer_text", pa.string()),
+    _opt("answer", pa.string()),
+    _opt("parse_status", pa.string()),
+    _opt("correct", pa.bool_()),
+]
+
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec
+    for spec in [
+        _spec(
+            "runs",
+            [
+                _req("run_id", pa.string()),
+                _req("model", pa.string()),
+                _opt("model_source", pa.string()),
+                _opt("model_revision", pa.string()),
+                _opt("family", pa.string()),
+                _opt("dataset", pa.string()),
+                _opt("split", pa.string()),
+                _opt("dtype", pa.string()),
+                _opt("device", pa.string()),
+                _opt("attention_backend", pa.string()),
+                _opt("code_version", pa.string()),
+                _opt("config", pa.string()),
+                _opt("base_run_id", pa.string()),
+                _opt("kind", pa.string()),
+                _opt("schema_version", pa.int32()),
+                _opt("started_at", _TS),
+                _opt("finished_at", _TS),
+                _opt("status", pa.string()),
+                _opt("n_done", pa.int64()),
+                _opt("n_failed", pa.int64()),
+            ],
+            (),
+            ("run_id",),
+        ),
+        _spec(
+            "samples",
+            [
+                *_ID,
+                _req("dataset", pa.string()),
+                _opt("split", pa.string()),
+                _opt("question_id", pa.string()),
+                _opt("image_id", pa.string()),
+                _opt("question", pa.string()),
+                _opt("object", pa.string()),
+                _opt("category", pa.string()),
+                _opt("label", pa.string()),
+                *_ANSWER,
+                *_f64("p_yes", "p_no", "yes_no_margin", "top1_prob", "top2_margin", "token_entropy"),
+                *_f64("answer_logprob", "sc_agreement"),
+                _opt("sc_answer", pa.string()),
+                _opt("sc_k", pa.int32()),
+                _opt("n_image_tokens", pa.int32()),
+                _opt("grid_h", pa.int32()),
+                _opt("grid_w", pa.int32()),
+                _opt("image_h", pa.int32()),
+                _opt("image_w", pa.int32()),
+                *_f64("spatial_entropy", "spatial_entropy_norm"),
+                _opt("cluster_count", pa.int32()),
+            ],
+            ("model", "dataset"),
+            ("run_id", "sample_id"),
+        ),
+        _spec(
+            "failures",
+            [
+                _req("run_id", pa.string()),
+                # null when the sample could not be identified (e.g. its image failed to load)
+                _opt("sample_id", pa.string()),
+                _req("model", pa.string()),
+                _opt("dataset", pa.string()),
+                _opt("split", pa.string()),
+                _opt("question_id", pa.string()),
+                _req("stage", pa.string()),
+                _opt("error", pa.string()),
+                _opt("failed_at", _TS),
+            ],
+            ("model",),
+            ("run_id", "sample_id"),
+        ),
+        _spec(
+            "layers",
+            [
+                *_ID,
+                _req("layer", pa.int32()),
+                *_f64("image_mass", "spatial_entropy", "spatial_entropy_norm"),
+                _opt("cluster_count", pa.int32()),
+                *_f64("lens_yes_no_margin", "lens_truth_margin"),
+                _opt("lens_answer_rank", pa.int32()),
+                *_f64("lens_entropy", "attn_contrib", "mlp_contrib"),
+            ],
+            ("model",),
+            ("run_id", "sample_id", "layer"),
+        ),
+        _spec(
+            "heads",
+            [
+                *_ID,
+                _req("layer", pa.int32()),
+                _req("head", pa.int32()),
+                *_f64("image_mass", "spatial_entropy", "spatial_entropy_norm"),
+            ],
+            ("model",),
+            ("run_id", "sample_id", "layer", "head"),
+        ),
+        _spec(
+            "attention_maps",
+            [
+                *_ID,
+                _req("layer", pa.int32()),
+                _req("grid_h", pa.int32()),
+                _req("grid_w", pa.int32()),
+                _vec("map", "row:grid_h*grid_w"),
+            ],
+            ("model",),
+            ("run_id", "sample_id", "layer"),
+            {"map": "row:grid_h*grid_w"},
+        ),
+        _spec(
+            "hidden",
+            [*_ID, _req("site", pa.string()), _req("layer", pa.int32()), _vec("h", "run:hidden_size")],
+            ("model", "site", "layer"),
+            ("run_id", "sample_id", "site", "layer"),
+            {"h": "run:hidden_size"},
+        ),
+        _spec(
+            "generations",
+            [
+                *_ID,
+                _req("k", pa.int32()),
+                _opt("text", pa.string()),
+                _opt("answer", pa.string()),
+                _opt("parse_status", pa.string()),
+                _opt("correct", pa.bool_()),
+                _opt("seed", pa.int64()),
+                *_f64("temperature", "top_p"),
+            ],
+            ("model",),
+            ("run_id", "sample_id", "k"),
+        ),
+        _spec(
+            "probe_layers",
+            [
+                _req("run_id", pa.string()),
+                _req("model", pa.string()),
+                _req("site", pa.string()),
+                _req("layer", pa.int32()),
+                _req("probe", pa.string()),
+                *_f64("auroc", "auroc_low", "auroc_high", "accuracy"),
+                _opt("n", pa.int64()),
+                _opt("n_pos", pa.int64()),
+                _opt("folds", pa.int32()),
+                _opt("seed", pa.int64()),
+            ],
+            ("model",),
+            ("run_id", "site", "layer", "probe"),
+        ),
+        _spec(
+            "probe_neurons",
+            [
+                _req("run_id", pa.string()),
+                _req("model", pa.string()),
+                _req("site", pa.string()),
+                _req("layer", pa.int32()),
+                _req("method", pa.string()),
+                _req("neuron", pa.int32()),
+                _opt("coef", pa.float64()),
+                _opt("rank", pa.int32()),
+            ],
+            ("model",),
+            ("run_id", "site", "layer", "method", "neuron"),
+        ),
+        _spec(
+            "interventions",
+            [
+                *_ID,
+                _req("kind", pa.string()),
+                _req("condition", pa.string()),
+                _req("level", pa.float64()),
+                _opt("base_run_id", pa.string()),
+                _opt("setting", pa.string()),
+                _opt("detail", pa.string()),
+                *_ANSWER,
+                *_f64("yes_no_margin", "p_yes", "p_no"),
+                _opt("seed", pa.int64()),
+            ],
+            ("model", "kind"),
+            ("run_id", "sample_id", "condition", "level"),
+        ),
+    ]
+}
+
+
+def parse_width_rule(rule: str) -> tuple[str, tuple[str, ...]]:
+    """Split a width rule into its source and names: ``"run:hidden_size"`` -> ``("run", ("hidden_size",))``.
+
+    ``row`` rules name row columns multiplied together (``"row:grid_h*grid_w"``).
+    """
+    source, _, expr = rule.partition(":")
+    names = tuple(part.strip() for part in expr.split("*") if part.strip())
+    if source not in ("run", "row") or not names or (source == "run" and len(names) != 1):
+        raise ValueError(f"bad vector width rule {rule!r}: expected 'run:<config key>' or 'row:<col>*<col>'")
+    return source, names

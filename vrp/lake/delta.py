@@ -1,0 +1,213 @@
+"""Thin, explicit helpers over ``deltalake``: table creation, appends with application transactions,
+retried deletes/merges, and the Parquet writer settings of the lake.
+
+Everything that touches the Delta log goes through here, so the rules of DESIGN.md section 6
+(create race-safely, never append a retried batch twice, provenance in every commit) live in
+one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import pyarrow as pa
+from deltalake import (
+    ColumnProperties,
+    CommitProperties,
+    DeltaTable,
+    Transaction,
+    WriterProperties,
+    write_deltalake,
+)
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+from vrp.lake.errors import LakeError, LakeSchemaVersionError
+from vrp.schema import SCHEMA_VERSION, SCHEMA_VERSION_PROPERTY, TableSpec
+
+T = TypeVar("T")
+
+#: Row-group cap for tables holding vectors: a few thousand rows keep selective vector reads fast
+#: (reference/lake.md 1.3); narrow tables keep the library default.
+VECTOR_ROW_GROUP_ROWS = 4096
+
+
+def table_path(root: str | os.PathLike[str], name: str) -> str:
+    """Folder of one table inside the lake root."""
+    return os.path.join(os.fspath(root), name)
+
+
+def writer_properties(spec: TableSpec) -> WriterProperties:
+    """zstd everywhere; floats and vectors byte-stream-split without dictionary.
+
+    deltalake 1.6 ignores per-column settings for nested columns, so byte-stream-split is the
+    *default* (it is what the vector elements get) and every non-float column is overridden
+    with an encoding valid for its type.
+    """
+    overrides: dict[str, ColumnProperties] = {}
+    for field in spec.schema:
+        if field.name in spec.partition_by or pa.types.is_floating(field.type) or field.name in spec.vectors:
+            continue
+        if pa.types.is_integer(field.type) or pa.types.is_timestamp(field.type):
+            overrides[field.name] = ColumnProperties(dictionary_enabled=False, encoding="DELTA_BINARY_PACKED")
+        else:
+            overrides[field.name] = ColumnProperties(dictionary_enabled=False, encoding="PLAIN")
+    return WriterProperties(
+        compression="ZSTD",
+        compression_level=1,
+        max_row_group_size=VECTOR_ROW_GROUP_ROWS if spec.vectors else None,
+        default_column_properties=ColumnProperties(dictionary_enabled=False, encoding="BYTE_STREAM_SPLIT"),
+        column_properties=overrides,
+    )
+
+
+def load_table(root: str | os.PathLike[str], spec: TableSpec) -> DeltaTable | None:
+    """The committed table, checked against this VRP's schema version, or None if absent."""
+    path = table_path(root, spec.name)
+    if not os.path.isdir(os.path.join(path, "_delta_log")):
+        return None
+    try:
+        dt = DeltaTable(path)
+    except TableNotFoundError:
+        return None
+    check_table(dt, spec, path)
+    return dt
+
+
+def check_table(dt: DeltaTable, spec: TableSpec, path: str) -> None:
+    """Refuse a table of another schema version, or one whose columns differ from the spec."""
+    found = dt.metadata().configuration.get(SCHEMA_VERSION_PROPERTY)
+    if found != str(SCHEMA_VERSION):
+        raise LakeSchemaVersionError(spec.name, path, found, SCHEMA_VERSION)
+    names = pa.schema(dt.schema().to_arrow()).names
+    if names != spec.schema.names:
+        raise LakeError(
+            f"lake table '{spec.name}' at {path} has columns {names}, but schema version {SCHEMA_VERSION} "
+            f"defines {spec.schema.names}: the schema changed without a version bump; write to a new lake."
+        )
+
+
+def ensure_table(root: str | os.PathLike[str], spec: TableSpec) -> DeltaTable:
+    """Open the table, creating it (race-safely: concurrent creators both succeed) when absent."""
+    existing = load_table(root, spec)
+    if existing is not None:
+        return existing
+    path = table_path(root, spec.name)
+    os.makedirs(path, exist_ok=True)
+    # another process may create it between our check and our commit: then its table is ours too
+    with contextlib.suppress(DeltaError, CommitFailedError):
+        DeltaTable.create(
+            path,
+            spec.schema,
+            mode="ignore",
+            partition_by=list(spec.partition_by) or None,
+            name=spec.name,
+            description=f"VRP lake table {spec.name}",
+            configuration={SCHEMA_VERSION_PROPERTY: str(SCHEMA_VERSION)},
+            raise_if_key_not_exists=False,
+        )
+    table = load_table(root, spec)
+    if table is None:
+        raise LakeError(f"could not create lake table {spec.name} at {path}")
+    return table
+
+
+def commit_metadata(values: Mapping[str, Any]) -> dict[str, str]:
+    """Commit-info entries (provenance); non-string values are stored as JSON."""
+    return {
+        f"vrp.{k}": v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+        for k, v in values.items()
+        if v is not None
+    }
+
+
+def append(
+    dt: DeltaTable,
+    spec: TableSpec,
+    data: pa.Table,
+    *,
+    app_id: str | None = None,
+    version: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> bool:
+    """Append `data` in one Delta commit; return False (writing nothing) if the application
+    transaction `app_id` already reached `version` in this table.
+
+    The check reads the latest log first, so a batch retried after a crash or a lost reply is
+    stored once. Delta itself records but does not enforce application transaction versions.
+    """
+    dt.update_incremental()
+    txns = None
+    if app_id is not None:
+        if version is None:
+            raise ValueError("an application transaction needs a version")
+        done = dt.transaction_version(app_id)
+        if done is not None and done >= version:
+            return False
+        txns = [Transaction(app_id=app_id, version=version)]
+    write_deltalake(
+        dt,
+        data,
+        mode="append",
+        writer_properties=writer_properties(spec),
+        commit_properties=CommitProperties(
+            custom_metadata=commit_metadata(metadata or {}), app_transactions=txns
+        ),
+    )
+    return True
+
+
+def retry_commit(action: Callable[[], T], *, attempts: int = 8) -> T:
+    """Run a read-modify-write Delta operation, retrying when a concurrent commit wins the race."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except CommitFailedError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (2**attempt))
+    raise AssertionError("unreachable")
+
+
+def sql_literal(value: Any) -> str:
+    """A Delta (DataFusion) SQL literal; strings are quoted with embedded quotes doubled."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    """A quoted SQL identifier (column names such as ``split`` or ``kind`` are safe)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def equals_predicate(values: Mapping[str, Any]) -> str:
+    """``"a" = 'x' AND "b" = 1`` for a mapping of column -> value."""
+    return " AND ".join(f"{quote_ident(k)} = {sql_literal(v)}" for k, v in values.items())
+
+
+def in_predicate(column: str, values: Iterable[Any]) -> str:
+    """``"col" IN (...)`` for a non-empty collection of values."""
+    items = ", ".join(sql_literal(v) for v in values)
+    return f"{quote_ident(column)} IN ({items})"
+
+
+def delete_where(dt: DeltaTable, predicate: str, metadata: Mapping[str, Any] | None = None) -> int:
+    """Delete matching rows in one commit (retried on conflicts); return how many were deleted."""
+
+    def action() -> int:
+        dt.update_incremental()
+        result = dt.delete(
+            predicate, commit_properties=CommitProperties(custom_metadata=commit_metadata(metadata or {}))
+        )
+        return int(result.get("num_deleted_rows", 0) or 0)
+
+    return retry_commit(action)

@@ -1,0 +1,311 @@
+"""RunWriter: crash-safe, resumable, idempotent writes of one run (or one shard of it).
+
+Usage::
+
+    writer = lake.writer(run_row, shard=(i, n), owned_sample_ids=my_ids)
+    done = writer.begin()                  # clean up a killed attempt, mark the run running
+    for batch in batches_without(done):
+        writer.commit({"layers": ..., "hidden": ..., "samples": ...})
+    writer.finish()
+
+Delta has no cross-table transactions, so completion is defined by the ``samples`` table: each
+batch commits every other table first and ``samples`` last, and a sample is complete once its
+``samples`` row is committed. A resumed writer deletes its own samples' rows that never got
+that far, then writes only what is missing. Every append carries a Delta application
+transaction (app id ``"<run_id>:<shard index>/<shard count>"``, version = a per-writer sequence
+that continues above the highest version already in the lake), so a commit retried after a
+failure is never stored twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties, DeltaTable
+
+from vrp.lake import delta
+from vrp.lake.errors import LakeError, LakeValidationError
+from vrp.lake.identity import canonical_json
+from vrp.lake.validate import Rows, to_arrow, validate
+from vrp.schema import SCHEMA_VERSION, TABLES, TableSpec, parse_width_rule
+
+if TYPE_CHECKING:
+    from vrp.lake.lake import Lake
+
+#: Columns a row may omit when the run already says them.
+_FILLED_FROM_RUN = ("run_id", "model", "dataset", "split", "base_run_id")
+
+#: Tables whose rows belong to one sample of a run (cleaned up on resume); `samples` is the marker.
+PER_SAMPLE_TABLES = tuple(
+    name
+    for name, spec in TABLES.items()
+    if name not in ("runs", "samples") and "sample_id" in spec.schema.names
+)
+
+_DELETE_CHUNK = 500
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _run_config(run: Mapping[str, Any]) -> dict[str, Any]:
+    config = run.get("config") or {}
+    if isinstance(config, str):
+        config = json.loads(config)
+    if not isinstance(config, dict):
+        raise LakeValidationError("runs", "config", None, "config must be a dict (stored as JSON)")
+    return config
+
+
+class RunWriter:
+    """Writes the rows of one run (one shard of it) into the lake; see the module docstring."""
+
+    def __init__(
+        self,
+        lake: Lake,
+        run: Mapping[str, Any],
+        *,
+        shard: tuple[int, int] = (0, 1),
+        owned_sample_ids: Iterable[str] | None = None,
+    ) -> None:
+        for column in ("run_id", "model"):
+            if not run.get(column):
+                raise LakeValidationError("runs", column, None, "the run row needs a non-empty value")
+        unknown = [c for c in run if c not in TABLES["runs"].schema.names]
+        if unknown:
+            raise LakeValidationError("runs", unknown[0], None, "unknown column in the run row")
+        index, count = shard
+        if not (0 <= index < count):
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
+        if count > 1 and owned_sample_ids is None:
+            raise ValueError(
+                "a sharded writer must say which samples it owns (owned_sample_ids), so its resume "
+                "clean-up never touches another shard's rows"
+            )
+        self.lake = lake
+        self.run = dict(run)
+        self.config = _run_config(run)
+        self.run_id: str = str(run["run_id"])
+        self.model: str = str(run["model"])
+        self.shard = (index, count)
+        self.app_id = f"{self.run_id}:{index}/{count}"
+        self.owned: frozenset[str] | None = None if owned_sample_ids is None else frozenset(owned_sample_ids)
+        self._seq: int | None = None
+        self._completed: set[str] = set()
+        self._tables: dict[str, DeltaTable] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _table(self, name: str) -> DeltaTable:
+        if name not in self._tables:
+            self._tables[name] = delta.ensure_table(self.lake.root, TABLES[name])
+        return self._tables[name]
+
+    def _fill(self, spec: TableSpec) -> dict[str, Any]:
+        return {
+            c: self.run.get(c)
+            for c in _FILLED_FROM_RUN
+            if c in spec.schema.names and self.run.get(c) is not None
+        }
+
+    def _provenance(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model": self.model,
+            "model_revision": self.run.get("model_revision"),
+            "code_version": self.run.get("code_version"),
+            "schema_version": str(SCHEMA_VERSION),
+            "app_id": self.app_id,
+        }
+
+    def _column_values(self, name: str, column: str, extra: pc.Expression | None = None) -> pa.Array:
+        """Values of `column` in this run's rows of table `name` (latest committed snapshot)."""
+        dt = self._table(name)
+        dt.update_incremental()
+        spec = TABLES[name]
+        expr = pc.field("run_id") == self.run_id
+        if "model" in spec.partition_by:
+            expr = expr & (pc.field("model") == self.model)
+        if extra is not None:
+            expr = expr & extra
+        return dt.to_pyarrow_dataset().to_table(filter=expr, columns=[column]).column(column)
+
+    def _completed_ids(self) -> set[str]:
+        return {s for s in self._column_values("samples", "sample_id").to_pylist() if s is not None}
+
+    def _check_model_widths(self) -> None:
+        """A model keeps one vector width across runs (the `hidden` table is partitioned by model)."""
+        keys = {
+            parse_width_rule(rule)[1][0]
+            for spec in TABLES.values()
+            for rule in spec.vectors.values()
+            if parse_width_rule(rule)[0] == "run"
+        }
+        mine = {k: self.config[k] for k in keys if k in self.config}
+        if not mine:
+            return
+        others = (
+            self._table("runs")
+            .to_pyarrow_dataset()
+            .to_table(
+                filter=(pc.field("model") == self.model) & (pc.field("run_id") != self.run_id),
+                columns=["run_id", "config"],
+            )
+        )
+        for row in others.to_pylist():
+            config = json.loads(row["config"] or "{}")
+            for key, value in mine.items():
+                if key in config and config[key] != value:
+                    raise LakeValidationError(
+                        "hidden",
+                        "h",
+                        None,
+                        f"model {self.model!r} already has run {row['run_id']} with {key}={config[key]}, "
+                        f"this run says {key}={value}; give a different model a different name",
+                    )
+
+    def _runs_row(self, **values: Any) -> pa.Table:
+        row = {k: v for k, v in self.run.items() if k in TABLES["runs"].schema.names}
+        row["config"] = canonical_json(self.config)
+        row["schema_version"] = SCHEMA_VERSION
+        row.update(values)
+        return to_arrow(TABLES["runs"], [row])
+
+    def _merge_runs(self, source: pa.Table, update_columns: Iterable[str]) -> None:
+        dt = self._table("runs")
+        updates = {delta.quote_ident(c): f"s.{delta.quote_ident(c)}" for c in update_columns}
+
+        def action() -> None:
+            dt.update_incremental()
+            (
+                dt.merge(
+                    source,
+                    predicate="t.run_id = s.run_id",
+                    source_alias="s",
+                    target_alias="t",
+                    commit_properties=CommitProperties(
+                        custom_metadata=delta.commit_metadata(self._provenance())
+                    ),
+                )
+                .when_matched_update(updates=updates)
+                .when_not_matched_insert_all()
+                .execute()
+            )
+
+        delta.retry_commit(action)
+
+    def _counts(self) -> tuple[int, int]:
+        done = self._completed_ids()
+        failed = {s for s in self._column_values("failures", "sample_id").to_pylist() if s is not None} - done
+        return len(done), len(failed)
+
+    def _cleanup(self, completed: set[str]) -> None:
+        """Delete this writer's rows of samples that never got their `samples` row."""
+        meta = {**self._provenance(), "operation": "resume_cleanup"}
+        for name in PER_SAMPLE_TABLES:
+            present = {s for s in self._column_values(name, "sample_id").to_pylist() if s is not None}
+            stale = present - completed
+            if self.owned is not None:
+                stale &= self.owned
+            dt = self._table(name)
+            base = delta.equals_predicate({"run_id": self.run_id, "model": self.model})
+            ordered = sorted(stale)
+            for start in range(0, len(ordered), _DELETE_CHUNK):
+                chunk = ordered[start : start + _DELETE_CHUNK]
+                delta.delete_where(dt, f"{base} AND {delta.in_predicate('sample_id', chunk)}", meta)
+            if self.owned is None and name == "failures":
+                nulls = self._column_values(name, "sample_id", pc.field("sample_id").is_null())
+                if len(nulls):
+                    delta.delete_where(dt, f"{base} AND sample_id IS NULL", meta)
+
+    # ------------------------------------------------------------------ public API
+    def begin(self) -> set[str]:
+        """Prepare a (possibly resumed) run and return the sample ids already complete.
+
+        Deletes incomplete rows of the samples this writer owns, continues the application
+        transaction sequence above the highest version in the lake, and upserts the ``runs``
+        row with status "running" (``started_at`` of a resumed run is kept).
+        """
+        for name in TABLES:
+            self._table(name)
+        self._check_model_widths()
+        completed = self._completed_ids()
+        self._cleanup(completed)
+        seq = 0
+        for dt in self._tables.values():
+            dt.update_incremental()
+            seq = max(seq, dt.transaction_version(self.app_id) or 0)
+        self._seq = seq
+        self._completed = completed
+        n_done, n_failed = self._counts()
+        source = self._runs_row(
+            status="running", started_at=_now(), finished_at=None, n_done=n_done, n_failed=n_failed
+        )
+        self._merge_runs(source, [c for c in source.column_names if c != "started_at"])
+        return set(completed)
+
+    def prepare(self, rows: Mapping[str, Rows]) -> dict[str, tuple[pa.Table, dict[str, int]]]:
+        """Convert and validate a batch group without writing (``commit`` calls this first)."""
+        prepared: dict[str, tuple[pa.Table, dict[str, int]]] = {}
+        for name, data in rows.items():
+            if name not in TABLES or name == "runs":
+                raise LakeValidationError(
+                    name, None, None, "not a table a run writes (the runs row is managed by the writer)"
+                )
+            spec = TABLES[name]
+            table = to_arrow(spec, data, fill=self._fill(spec))
+            widths = validate(spec, table, self.config)
+            wrong = pc.fill_null(pc.not_equal(table.column("run_id"), self.run_id), True)
+            if table.num_rows and pc.any(wrong).as_py():
+                i = int(pc.index(wrong, True).as_py())
+                sample = table.column("sample_id")[i].as_py() if "sample_id" in table.column_names else None
+                raise LakeValidationError(
+                    name, "run_id", sample, f"row belongs to another run (writer is {self.run_id})"
+                )
+            prepared[name] = (table, widths)
+        return prepared
+
+    def commit(self, rows: Mapping[str, Rows]) -> None:
+        """Commit one batch group: validate everything, then every other table, then `samples`.
+
+        A batch whose samples are all complete already is skipped; a commit retried after an
+        exception skips the tables its first attempt already committed.
+        """
+        if self._seq is None:
+            raise LakeError("call begin() before commit(): it cleans up an interrupted attempt first")
+        prepared = self.prepare(rows)
+        sample_ids: set[str] = set()
+        if "samples" in prepared:
+            sample_ids = set(prepared["samples"][0].column("sample_id").to_pylist())
+            if sample_ids and sample_ids <= self._completed:
+                return
+        seq = self._seq + 1
+        order = [n for n in prepared if n != "samples"] + (["samples"] if "samples" in prepared else [])
+        for name in order:
+            table, widths = prepared[name]
+            if table.num_rows == 0:
+                continue
+            meta = {**self._provenance(), "seq": str(seq), "table": name, "vector_widths": widths or None}
+            delta.append(
+                self._table(name), TABLES[name], table, app_id=self.app_id, version=seq, metadata=meta
+            )
+        self._seq = seq
+        self._completed |= sample_ids
+
+    def fail(self, rows: list[dict[str, Any]]) -> None:
+        """Record per-sample failures (sample_id, stage, error); a resume retries those samples."""
+        now = _now()
+        self.commit({"failures": [{"failed_at": now, **row} for row in rows]})
+
+    def finish(self, status: str = "complete") -> None:
+        """Set the run's status, finish time and counts (done, failed) over all shards (MERGE)."""
+        n_done, n_failed = self._counts()
+        source = self._runs_row(
+            status=status, started_at=_now(), finished_at=_now(), n_done=n_done, n_failed=n_failed
+        )
+        self._merge_runs(source, ["status", "finished_at", "n_done", "n_failed", "code_version"])
