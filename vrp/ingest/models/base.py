@@ -1,0 +1,373 @@
+"""One adapter interface over the VLM families, driven by a declarative table of per-family facts.
+
+What this module offers:
+
+- ``FamilySpec``: the facts about one family as data (module paths, image-token attribute, Gemma's
+  ``(1 + w)`` norm offset, PaliGemma's bidirectional prefix, fp16 refusal), in the spirit of pyvene's
+  model mappings. Nothing in it is pipeline code.
+- ``Encoded``: one batch ready for ``model(**enc.inputs)``, left padded, with per-row answer position,
+  image-token positions, patch grid and preprocessed image size.
+- ``Adapter``: the shared implementation. A family subclass only declares its ``spec`` and, where the
+  family's geometry differs, overrides ``_row_geometry`` or ``prompt``; the capture engine never
+  branches on the family.
+- ``answer_token_ids``: every casing / leading-space form of a word that is a single first token.
+
+Image tokens are always located by the image-token id in ``input_ids`` (never by fixed offsets, the
+defect of the study's own code), and every row is checked: its image-token count must equal the area
+of the patch grid the family's geometry derives, otherwise ``encode`` raises instead of mislabelling
+patches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+__all__ = ["Adapter", "Encoded", "FamilySpec", "answer_token_ids"]
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Declarative per-family facts; module paths are dotted paths from the top model."""
+
+    family: str
+    model_types: tuple[str, ...]
+    decoder_layers: str
+    final_norm: str
+    unembedding: str
+    attn: str
+    mlp: str
+    norm_offset: float
+    prefix_bidirectional: bool
+    fp16_nan: bool
+    fp16_reason: str = ""
+    image_token_attr: str = "image_token_id"
+    prompt_template: str | None = None
+    image_first: bool = False
+    dynamic_resolution: bool = False
+    drop_inputs: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class Encoded:
+    """One encoded batch; every per-row list is indexed like the batch."""
+
+    inputs: dict[str, torch.Tensor]
+    answer_pos: torch.Tensor
+    image_pos: list[torch.Tensor]
+    grids: list[tuple[int, int]]
+    image_sizes: list[tuple[int, int]]
+    cell_sizes: list[tuple[int, int]] = field(default_factory=list)
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.grids)
+
+
+def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
+    """Ids of every single first token that spells ``word`` in some casing, with or without a leading space.
+
+    Two independent routes, because tokenizers disagree on how a leading space is written: encoding the
+    variants (``"yes"``, ``" Yes"``, ...) and keeping the first token when it decodes to the whole word,
+    and looking the word up directly with each tokenizer family's space marker (``▁`` SentencePiece,
+    ``Ġ`` byte-level BPE). Summing probabilities over all of them is what makes p_yes comparable across
+    families (DESIGN.md section 2).
+    """
+    casings = {word.lower(), word.capitalize(), word.upper()}
+    found: set[int] = set()
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for casing in casings:
+        for text in (casing, " " + casing):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids[0] != unk and tokenizer.decode([ids[0]]).strip() == casing:
+                found.add(int(ids[0]))
+        for marker in ("", "▁", "Ġ", " "):
+            token_id = tokenizer.convert_tokens_to_ids(marker + casing)
+            if isinstance(token_id, int) and token_id != unk and token_id >= 0:
+                found.add(token_id)
+    return sorted(found)
+
+
+def _resolve(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """``model.get_submodule`` with an error that names the family path that failed."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise AttributeError(
+            f"module path {path!r} does not exist in {type(model).__name__}; the family table in "
+            "vrp/ingest/models does not match this transformers version"
+        ) from err
+
+
+class Adapter:
+    """Family-independent view of a loaded VLM.
+
+    Usage::
+
+        adapter = load_adapter("toy-llava")
+        enc = adapter.encode([image], ["Is there a red circle in the image?"])
+        logits = adapter.model(**enc.inputs).logits[torch.arange(1), enc.answer_pos]
+    """
+
+    spec: ClassVar[FamilySpec]
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        *,
+        source: str,
+        name: str,
+        revision: str | None,
+        dtype: str,
+        device: str,
+        settings: dict[str, Any] | None = None,
+        prompt_template: str | None = None,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.source = source
+        self.name = name
+        self.revision = revision
+        self.dtype = dtype
+        self.device = device
+        self._template = prompt_template if prompt_template is not None else self.spec.prompt_template
+
+        config = model.config
+        text = config.get_text_config()
+        self.image_token_id = int(getattr(config, self.spec.image_token_attr))
+        processor_image_id = getattr(processor, "image_token_id", None)
+        if processor_image_id is not None and int(processor_image_id) != self.image_token_id:
+            raise ValueError(
+                f"processor image token id {processor_image_id} != model config {self.spec.image_token_attr} "
+                f"{self.image_token_id}: the checkpoint's processor and model disagree"
+            )
+        self.num_layers = int(text.num_hidden_layers)
+        self.hidden_size = int(text.hidden_size)
+        self.num_heads = int(text.num_attention_heads)
+        self.num_kv_heads = int(getattr(text, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(text, "head_dim", None) or self.hidden_size // self.num_heads)
+        self.vocab_size = int(text.vocab_size)
+        self.yes_ids = answer_token_ids(self.tokenizer, "yes")
+        self.no_ids = answer_token_ids(self.tokenizer, "no")
+        if not self.yes_ids or not self.no_ids:
+            raise ValueError(f"tokenizer of {source} has no single-token 'yes'/'no'; yes/no margins are undefined")
+        self.settings: dict[str, Any] = {
+            "family": self.spec.family,
+            "prompt_template": self.prompt_template_record(),
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "image_processor": self._image_processor_settings(),
+            "yes_ids": self.yes_ids,
+            "no_ids": self.no_ids,
+            **(settings or {}),
+        }
+
+    # ----- prompts -----------------------------------------------------------------------------------
+    def prompt_template_record(self) -> str:
+        """The prompt as recorded in the run config: the template with ``{question}`` left in."""
+        return self._template or ""
+
+    def prompt(self, question: str) -> str:
+        """The text handed to the processor for one question (image placeholder included)."""
+        image_token = getattr(self.processor, "image_token", "<image>")
+        return self._template.replace("{image}", image_token).replace("{question}", question)
+
+    # ----- encoding ----------------------------------------------------------------------------------
+    def encode(self, images: Sequence[Image.Image], questions: Sequence[str]) -> Encoded:
+        """Process a batch with left padding and derive every per-row geometric fact from the ids."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images for {len(questions)} questions")
+        if not images:
+            raise ValueError("encode needs at least one sample")
+        prompts = [self.prompt(q) for q in questions]
+        batch = self.processor(images=list(images), text=prompts, padding=True, return_tensors="pt")
+        input_ids = batch["input_ids"]
+        mask = batch["attention_mask"]
+        positions = torch.arange(input_ids.shape[1])
+        answer_pos = torch.where(mask.bool(), positions, -1).max(dim=1).values
+        image_pos, grids, image_sizes, cell_sizes = [], [], [], []
+        for row in range(input_ids.shape[0]):
+            pos = torch.nonzero(input_ids[row] == self.image_token_id).flatten()
+            image_size, cell = self._row_geometry(batch, row)
+            grid = (image_size[0] // cell[0], image_size[1] // cell[1])
+            if pos.numel() != grid[0] * grid[1]:
+                raise ValueError(
+                    f"row {row}: {pos.numel()} image tokens but the {self.spec.family} geometry gives a "
+                    f"{grid[0]}x{grid[1]} grid; {self._geometry_hint()}"
+                )
+            image_pos.append(pos)
+            grids.append(grid)
+            image_sizes.append(image_size)
+            cell_sizes.append(cell)
+        model_dtype = next(self.model.parameters()).dtype
+        inputs: dict[str, torch.Tensor] = {}
+        for key, value in batch.items():
+            if key in self.spec.drop_inputs or not isinstance(value, torch.Tensor):
+                continue
+            if value.is_floating_point():
+                value = value.to(model_dtype)
+            inputs[key] = value.to(self.device)
+        return Encoded(
+            inputs=inputs,
+            answer_pos=answer_pos.to(self.device),
+            image_pos=image_pos,
+            grids=grids,
+            image_sizes=image_sizes,
+            cell_sizes=cell_sizes,
+            original_sizes=[(im.height, im.width) for im in images],
+            prompts=prompts,
+        )
+
+    def _row_geometry(self, batch: Any, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(preprocessed image (h, w), grid cell (h, w)) in pixels; fixed-resolution default.
+
+        One image token per vision patch: the cell is the vision tower's patch and the image is the
+        ``pixel_values`` tensor's spatial size (so any resize or crop the processor did is accounted for).
+        """
+        height, width = batch["pixel_values"].shape[-2:]
+        patch = int(self.model.config.vision_config.patch_size)
+        return (int(height), int(width)), (patch, patch)
+
+    def _geometry_hint(self) -> str:
+        return "the processor and model config disagree on the image token count"
+
+    # ----- geometry ----------------------------------------------------------------------------------
+    def cell_of(self, enc: Encoded, row: int, position: int) -> int:
+        """Grid cell (row-major index) of the image token at sequence ``position`` of batch row ``row``."""
+        hits = torch.nonzero(enc.image_pos[row] == position).flatten()
+        if hits.numel() != 1:
+            raise ValueError(f"position {position} of row {row} is not an image token")
+        return int(hits[0])
+
+    def position_of(self, enc: Encoded, row: int, cell: int) -> int:
+        """Sequence position of grid cell ``cell`` (row-major) in batch row ``row``."""
+        return int(enc.image_pos[row][cell])
+
+    def patch_box(self, enc: Encoded, row: int, cell: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1), end-exclusive, of grid cell ``cell`` in the preprocessed image's pixels."""
+        grid_h, grid_w = enc.grids[row]
+        if not 0 <= cell < grid_h * grid_w:
+            raise IndexError(f"cell {cell} outside the {grid_h}x{grid_w} grid")
+        r, c = divmod(cell, grid_w)
+        cell_h, cell_w = enc.cell_sizes[row]
+        return (c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h)
+
+    def cell_at(self, enc: Encoded, row: int, x: float, y: float) -> int:
+        """Row-major grid cell that contains preprocessed pixel (x, y)."""
+        cell_h, cell_w = enc.cell_sizes[row]
+        grid_h, grid_w = enc.grids[row]
+        r, c = int(y // cell_h), int(x // cell_w)
+        if not (0 <= r < grid_h and 0 <= c < grid_w):
+            raise IndexError(f"pixel ({x}, {y}) outside the preprocessed {enc.image_sizes[row]} image")
+        return r * grid_w + c
+
+    def pixel_box_to_original(
+        self, enc: Encoded, row: int, box: tuple[float, float, float, float]
+    ) -> tuple[int, int, int, int]:
+        """Map a preprocessed-pixel box back to the original image's pixels (clipped, outward-rounded).
+
+        Used to mask patches in the image a user sees: grey out the returned box, re-process, and the
+        processor's own resize/crop lands the grey on the same patch.
+        """
+        orig_h, orig_w = enc.original_sizes[row]
+        scale_y, scale_x, off_y, off_x = self._to_preprocessed(orig_h, orig_w, enc.image_sizes[row])
+        x0, y0, x1, y1 = box
+        ox0 = (x0 + off_x) / scale_x
+        oy0 = (y0 + off_y) / scale_y
+        ox1 = (x1 + off_x) / scale_x
+        oy1 = (y1 + off_y) / scale_y
+        return (
+            max(0, int(ox0)),
+            max(0, int(oy0)),
+            min(orig_w, int(-(-ox1 // 1))),
+            min(orig_h, int(-(-oy1 // 1))),
+        )
+
+    def _to_preprocessed(
+        self, orig_h: int, orig_w: int, final: tuple[int, int]
+    ) -> tuple[float, float, float, float]:
+        """(scale_y, scale_x, crop_top, crop_left): preprocessed = original * scale - crop offset.
+
+        Reads the image processor's own settings: optional pad-to-square (LLaVA's image processor),
+        resize (shortest edge, or straight to height x width), and optional centre crop.
+        """
+        ip = self.processor.image_processor
+        pad_y = pad_x = 0.0
+        h, w = float(orig_h), float(orig_w)
+        if getattr(ip, "do_pad", False) and hasattr(ip, "pad_to_square"):
+            side = max(h, w)
+            pad_y, pad_x = (side - h) // 2, (side - w) // 2
+            h = w = side
+        size = dict(getattr(ip, "size", None) or {})
+        if getattr(ip, "do_resize", True) and size.get("shortest_edge") and not size.get("longest_edge"):
+            short = int(size["shortest_edge"])
+            if h <= w:
+                new_h, new_w = short, int(short * w / h)
+            else:
+                new_h, new_w = int(short * h / w), short
+        else:
+            new_h, new_w = final
+        scale_y, scale_x = new_h / h, new_w / w
+        top = left = 0.0
+        crop = dict(getattr(ip, "crop_size", None) or {})
+        if getattr(ip, "do_center_crop", False) and crop:
+            top = int((new_h - int(crop["height"])) / 2.0)
+            left = int((new_w - int(crop["width"])) / 2.0)
+        return scale_y, scale_x, top - pad_y * scale_y, left - pad_x * scale_x
+
+    def _image_processor_settings(self) -> dict[str, Any]:
+        """The image-processor settings that change pixels or the grid (hashed into the run id)."""
+        ip = self.processor.image_processor
+        keys = (
+            "size", "crop_size", "do_center_crop", "do_pad", "do_resize", "resample", "image_mean",
+            "image_std", "patch_size", "merge_size", "temporal_patch_size", "image_seq_length",
+        )
+        out: dict[str, Any] = {"class": type(ip).__name__}
+        for key in keys:
+            value = getattr(ip, key, None)
+            if value is None:
+                continue
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            if hasattr(value, "items"):
+                value = {k: v for k, v in dict(value).items() if v is not None}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[key] = value if isinstance(value, (int, float, str, bool, list, dict)) else str(value)
+        return out
+
+    # ----- modules -----------------------------------------------------------------------------------
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        return list(_resolve(self.model, self.spec.decoder_layers))
+
+    def final_norm(self) -> torch.nn.Module:
+        return _resolve(self.model, self.spec.final_norm)
+
+    def final_norm_scale(self) -> torch.Tensor:
+        """The final norm's effective per-coordinate scale in float32 (weight + the family's offset)."""
+        return self.final_norm().weight.detach().float() + self.spec.norm_offset
+
+    def unembedding(self) -> torch.nn.Module:
+        return _resolve(self.model, self.spec.unembedding)
+
+    def attn(self, layer: int) -> torch.nn.Module:
+        return _resolve(self.decoder_layers()[layer], self.spec.attn)
+
+    def mlp(self, layer: int) -> torch.nn.Module:
+        return _resolve(self.decoder_layers()[layer], self.spec.mlp)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, source={self.source!r}, layers={self.num_layers}, "
+            f"hidden={self.hidden_size}, dtype={self.dtype}, device={self.device})"
+        )
