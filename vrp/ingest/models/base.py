@@ -161,7 +161,9 @@ class Adapter:
         self.yes_ids = answer_token_ids(self.tokenizer, "yes")
         self.no_ids = answer_token_ids(self.tokenizer, "no")
         if not self.yes_ids or not self.no_ids:
-            raise ValueError(f"tokenizer of {source} has no single-token 'yes'/'no'; yes/no margins are undefined")
+            raise ValueError(
+                f"tokenizer of {source} has no single-token 'yes'/'no'; yes/no margins are undefined"
+            )
         self.settings: dict[str, Any] = {
             "family": self.spec.family,
             "prompt_template": self.prompt_template_record(),
@@ -329,8 +331,18 @@ class Adapter:
         """The image-processor settings that change pixels or the grid (hashed into the run id)."""
         ip = self.processor.image_processor
         keys = (
-            "size", "crop_size", "do_center_crop", "do_pad", "do_resize", "resample", "image_mean",
-            "image_std", "patch_size", "merge_size", "temporal_patch_size", "image_seq_length",
+            "size",
+            "crop_size",
+            "do_center_crop",
+            "do_pad",
+            "do_resize",
+            "resample",
+            "image_mean",
+            "image_std",
+            "patch_size",
+            "merge_size",
+            "temporal_patch_size",
+            "image_seq_length",
         )
         out: dict[str, Any] = {"class": type(ip).__name__}
         for key in keys:

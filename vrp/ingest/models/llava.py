@@ -24,8 +24,8 @@ LLAVA = FamilySpec(
     prompt_template="USER: {image}\n{question}\nASSISTANT:",
     notes=(
         "prompt 'USER: <image>\\n{question}\\nASSISTANT:' as in the study's code",
-        "grid = pixel_values / vision patch (24x24 for 336/14); needs vision_feature_select_strategy='default'"
-        " (CLS dropped), else the CLS token has no grid cell",
+        "grid = pixel_values / vision patch (24x24 for 336/14); needs "
+        "vision_feature_select_strategy='default' (CLS dropped), else the CLS token has no grid cell",
     ),
 )
 

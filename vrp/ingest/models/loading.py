@@ -43,7 +43,11 @@ REGISTRY: dict[str, str] = {
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, PaliGemmaAdapter, Qwen2VLAdapter)
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 # Sizes at and below which a weight file is hashed whole; larger files contribute header + size + samples.
 _FULL_HASH_LIMIT = 256 * 2**20
@@ -56,7 +60,9 @@ def adapter_class(model_type: str) -> type[Adapter]:
         if model_type in cls.spec.model_types:
             return cls
     known = sorted(t for cls in ADAPTERS for t in cls.spec.model_types)
-    raise ValueError(f"model_type {model_type!r} is not a supported VLM family (supported: {', '.join(known)})")
+    raise ValueError(
+        f"model_type {model_type!r} is not a supported VLM family (supported: {', '.join(known)})"
+    )
 
 
 def resolve_source(name_or_path: str) -> tuple[str, str]:
@@ -65,8 +71,9 @@ def resolve_source(name_or_path: str) -> tuple[str, str]:
         source = REGISTRY[name_or_path]
         if name_or_path.startswith("toy-") and not (Path(source) / "config.json").is_file():
             raise FileNotFoundError(
-                f"toy model {name_or_path!r} is not built: expected a checkpoint at {source}. Build the toy zoo "
-                "first (`vrp toy` commands) or pass a directory made by vrp.ingest.models.tiny.build_tiny"
+                f"toy model {name_or_path!r} is not built: expected a checkpoint at {source}. Build the "
+                "toy zoo first (`vrp toy` commands) or pass a directory made by "
+                "vrp.ingest.models.tiny.build_tiny"
             )
         return source, name_or_path
     path = Path(name_or_path).expanduser()
@@ -76,8 +83,8 @@ def resolve_source(name_or_path: str) -> tuple[str, str]:
         return str(path.resolve()), _sanitise(path.resolve().name)
     if path.suffix or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise FileNotFoundError(
-            f"{name_or_path!r} is not a registry name ({', '.join(sorted(REGISTRY))}), an existing directory, "
-            "or a hub id of the form owner/name"
+            f"{name_or_path!r} is not a registry name ({', '.join(sorted(REGISTRY))}), an existing "
+            "directory, or a hub id of the form owner/name"
         )
     return name_or_path, _sanitise(name_or_path.replace("/", "--"))
 
@@ -123,12 +130,16 @@ def _torchvision_missing() -> bool:
 
 
 def load_processor(source: str, family: str) -> tuple[Any, bool]:
-    """(processor, built_image_only): ``AutoProcessor``, or for Qwen2-VL without torchvision an image-only one."""
+    """(processor, built_image_only): ``AutoProcessor``, or Qwen2-VL's image-only one without torchvision."""
     try:
         return transformers.AutoProcessor.from_pretrained(source), False
     except (ImportError, OSError, ValueError) as err:
         message = str(err).lower()
-        if not (family == "qwen2vl" and _torchvision_missing() and ("video" in message or "torchvision" in message)):
+        if not (
+            family == "qwen2vl"
+            and _torchvision_missing()
+            and ("video" in message or "torchvision" in message)
+        ):
             raise
     image_processor = transformers.AutoImageProcessor.from_pretrained(source)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)

@@ -28,11 +28,67 @@ __all__ = ["BASE_WORDS", "FAMILY_DEFAULTS", "build_tiny", "tiny_vocabulary"]
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 BASE_WORDS: tuple[str, ...] = (
-    "yes", "no", "is", "there", "a", "an", "in", "the", "image", "picture", "?", ".", ",", ":", "!",
-    "what", "which", "objects", "object", "are", "and", "of", "on", "with", "one", "two", "three", "four",
-    "shape", "shapes", "colour", "color", "answer", "en", "single", "word", "or", "phrase", "describe",
-    "this", "it", "not", "i", "see", "nothing", "empty", "background", "left", "right", "top", "bottom",
-    "big", "small", "large", "user", "assistant", "system", "you", "helpful", *COLOURS, *SHAPES,
+    "yes",
+    "no",
+    "is",
+    "there",
+    "a",
+    "an",
+    "in",
+    "the",
+    "image",
+    "picture",
+    "?",
+    ".",
+    ",",
+    ":",
+    "!",
+    "what",
+    "which",
+    "objects",
+    "object",
+    "are",
+    "and",
+    "of",
+    "on",
+    "with",
+    "one",
+    "two",
+    "three",
+    "four",
+    "shape",
+    "shapes",
+    "colour",
+    "color",
+    "answer",
+    "en",
+    "single",
+    "word",
+    "or",
+    "phrase",
+    "describe",
+    "this",
+    "it",
+    "not",
+    "i",
+    "see",
+    "nothing",
+    "empty",
+    "background",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "big",
+    "small",
+    "large",
+    "user",
+    "assistant",
+    "system",
+    "you",
+    "helpful",
+    *COLOURS,
+    *SHAPES,
 )
 
 QWEN_CHAT_TEMPLATE = (
@@ -60,8 +116,16 @@ _SPECIALS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
         {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
     ),
     "qwen2vl": (
-        ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-         "<|image_pad|>", "<|video_pad|>", "<unk>"),
+        (
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<unk>",
+        ),
         {"unk_token": "<unk>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     ),
 }
@@ -119,7 +183,11 @@ def _text_rope(head_dim: int) -> dict[str, Any]:
     half = head_dim // 2
     temporal = max(1, half // 4)
     height = (half - temporal) // 2
-    return {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [temporal, height, half - temporal - height]}
+    return {
+        "rope_type": "default",
+        "rope_theta": 1_000_000.0,
+        "mrope_section": [temporal, height, half - temporal - height],
+    }
 
 
 def _llava(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
@@ -148,20 +216,34 @@ def _llava(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
         image_token="<image>",
     )
     vision = CLIPVisionConfig(
-        hidden_size=opts["vision_hidden_size"], intermediate_size=2 * opts["vision_hidden_size"],
-        num_hidden_layers=opts["vision_layers"], num_attention_heads=opts["vision_heads"],
-        image_size=size, patch_size=patch, projection_dim=opts["vision_hidden_size"],
+        hidden_size=opts["vision_hidden_size"],
+        intermediate_size=2 * opts["vision_hidden_size"],
+        num_hidden_layers=opts["vision_layers"],
+        num_attention_heads=opts["vision_heads"],
+        image_size=size,
+        patch_size=patch,
+        projection_dim=opts["vision_hidden_size"],
     )
     text = LlamaConfig(**_text_kwargs(tokenizer, opts))
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(size // patch) ** 2, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(size // patch) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
     return LlavaForConditionalGeneration(config), processor
 
 
 def _paligemma(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
-    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipVisionConfig
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipVisionConfig,
+    )
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     size, patch = opts["image_size"], opts["patch_size"]
@@ -171,16 +253,24 @@ def _paligemma(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
     image_processor.image_seq_length = (size // patch) ** 2
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     vision = SiglipVisionConfig(
-        hidden_size=opts["vision_hidden_size"], intermediate_size=2 * opts["vision_hidden_size"],
-        num_hidden_layers=opts["vision_layers"], num_attention_heads=opts["vision_heads"],
-        image_size=size, patch_size=patch, vision_use_head=False,
+        hidden_size=opts["vision_hidden_size"],
+        intermediate_size=2 * opts["vision_hidden_size"],
+        num_hidden_layers=opts["vision_layers"],
+        num_attention_heads=opts["vision_heads"],
+        image_size=size,
+        patch_size=patch,
+        vision_use_head=False,
     )
     text_kwargs = _text_kwargs(processor.tokenizer, opts)
     text_kwargs["head_dim"] = opts["hidden_size"] // opts["num_heads"]
     text = GemmaConfig(**text_kwargs)
     config = PaliGemmaConfig(
-        vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
-        vocab_size=text.vocab_size, projection_dim=opts["hidden_size"], hidden_size=opts["hidden_size"],
+        vision_config=vision,
+        text_config=text,
+        image_token_index=processor.image_token_id,
+        vocab_size=text.vocab_size,
+        projection_dim=opts["hidden_size"],
+        hidden_size=opts["hidden_size"],
     )
     return PaliGemmaForConditionalGeneration(config), processor
 
@@ -196,9 +286,13 @@ def _qwen2vl(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
     if size % cell:
         raise ValueError(f"image_size {size} must be a multiple of patch_size * spatial_merge_size = {cell}")
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch, merge_size=merge, temporal_patch_size=2,
-        min_pixels=opts.get("min_pixels") or (2 * cell) ** 2, max_pixels=opts.get("max_pixels") or size * size,
-        image_mean=opts["image_mean"], image_std=opts["image_std"],
+        patch_size=patch,
+        merge_size=merge,
+        temporal_patch_size=2,
+        min_pixels=opts.get("min_pixels") or (2 * cell) ** 2,
+        max_pixels=opts.get("max_pixels") or size * size,
+        image_mean=opts["image_mean"],
+        image_std=opts["image_std"],
     )
     processor = ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
     text_kwargs = _text_kwargs(tokenizer, opts)
@@ -208,12 +302,19 @@ def _qwen2vl(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
     config = Qwen2VLConfig(
         text_config=text_kwargs,
         vision_config={
-            "depth": opts["vision_layers"], "embed_dim": opts["vision_hidden_size"], "hidden_size": opts["hidden_size"],
-            "num_heads": opts["vision_heads"], "mlp_ratio": 2, "patch_size": patch, "spatial_merge_size": merge,
+            "depth": opts["vision_layers"],
+            "embed_dim": opts["vision_hidden_size"],
+            "hidden_size": opts["hidden_size"],
+            "num_heads": opts["vision_heads"],
+            "mlp_ratio": 2,
+            "patch_size": patch,
+            "spatial_merge_size": merge,
             "temporal_patch_size": 2,
         },
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
     )
     return Qwen2VLForConditionalGeneration(config), processor
 
@@ -310,7 +411,9 @@ def build_tiny(
         raise TypeError(f"unknown build_tiny options: {', '.join(sorted(unknown))}")
     opts.update(overrides)
     if family != "qwen2vl" and opts["image_size"] % opts["patch_size"]:
-        raise ValueError(f"image_size {opts['image_size']} must be a multiple of patch_size {opts['patch_size']}")
+        raise ValueError(
+            f"image_size {opts['image_size']} must be a multiple of patch_size {opts['patch_size']}"
+        )
 
     tokenizer = _tokenizer(family, vocab_words)
     torch.manual_seed(seed)
