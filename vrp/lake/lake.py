@@ -133,12 +133,12 @@ class Lake:
         return self.dataset(name).to_table(filter=_filter_expression(filter), columns=columns)
 
     def table(self, name: str) -> pl.LazyFrame:
-        """A Polars lazy frame of the committed snapshot (files listed by the Delta log)."""
-        spec = _spec(name)
-        dt = self._tables.get(name)
-        if dt is None:
-            return pl.from_arrow(spec.schema.empty_table()).lazy()
-        return pl.scan_delta(dt)
+        """A Polars lazy frame over the committed snapshot's Arrow dataset.
+
+        Through the Arrow dataset rather than ``pl.scan_delta``: on a damaged file the latter
+        panics (polars 2.1) where the dataset raises an error naming the file.
+        """
+        return pl.scan_pyarrow_dataset(self.dataset(name))
 
     def connect(self, *, safe: bool = False) -> duckdb.DuckDBPyConnection:
         """A new DuckDB connection with one view per table (empty for absent tables).

@@ -1,0 +1,274 @@
+"""`vrp query` (read-only SQL over the lake) and `vrp lake ...` (info, check, vacuum, compact, drop-run)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from datetime import date, datetime
+from typing import Any
+
+import click
+import pyarrow as pa
+
+from vrp.lake import maintenance
+from vrp.lake.errors import LakeError
+from vrp.lake.lake import Lake, open_lake, resolve_lake_root
+from vrp.lake.query import list_queries, named_query, run_query
+
+TABLE_ROWS_ON_SCREEN = 200
+
+lake_option = click.option(
+    "--lake",
+    "lake_dir",
+    default=None,
+    metavar="DIR",
+    help="Lake directory (default: $VRP_LAKE, else ./vrp-lake).",
+)
+
+
+def _open(lake_dir: str | None) -> Lake:
+    root = resolve_lake_root(lake_dir)
+    if not os.path.isdir(root):
+        raise click.ClickException(
+            f"no lake at {root}: ingest a run first (vrp ingest run), or pass --lake DIR / set VRP_LAKE"
+        )
+    try:
+        return open_lake(root)
+    except LakeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value: non-finite floats become null, times ISO strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps(_plain(value))
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return str(value)
+
+
+def format_result(table: pa.Table, fmt: str, *, limit_rows: bool) -> str:
+    """Render a result as text: an aligned table, CSV (vectors as JSON lists) or a JSON array."""
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(table.column_names)
+        for row in table.to_pylist():
+            writer.writerow([_csv_cell(v) for v in row.values()])
+        return buffer.getvalue()
+    if fmt == "json":
+        return json.dumps([_plain(r) for r in table.to_pylist()], indent=1, allow_nan=False) + "\n"
+    import polars as pl
+
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    shown = frame.head(TABLE_ROWS_ON_SCREEN) if limit_rows else frame
+    config = {"tbl_rows": -1, "tbl_cols": -1, "fmt_str_lengths": 60, "tbl_width_chars": 200}
+    with pl.Config(**config, tbl_hide_dataframe_shape=True):
+        text = str(shown)
+    note = f"\n{frame.height} rows"
+    if shown.height < frame.height:
+        note += f" (first {TABLE_ROWS_ON_SCREEN} shown; use --format csv or --out)"
+    return text + note + "\n"
+
+
+@click.command()
+@lake_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+    help="Output format (parquet needs --out).",
+)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result to this file.")
+@click.option("--name", default=None, help="Run the named query vrp/queries/NAME.sql instead of SQL.")
+@click.option("--list", "list_names", is_flag=True, help="List the named queries and exit.")
+@click.argument("sql", required=False)
+def query(
+    lake_dir: str | None, fmt: str, out: str | None, name: str | None, list_names: bool, sql: str | None
+) -> None:
+    """Run one read-only SQL statement (SELECT or EXPLAIN) over the lake's tables.
+
+    Tables: runs, samples, failures, layers, heads, attention_maps, hidden, generations,
+    probe_layers, probe_neurons, interventions. Join on run_id and sample_id. SQL "-" reads
+    the statement from stdin. Vectors come back as FLOAT[]; cast (h::FLOAT[n]) for array_* functions.
+    """
+    if list_names:
+        for query_name, title in list_queries():
+            click.echo(f"{query_name:32s} {title}")
+        return
+    if name is not None and sql is not None:
+        raise click.UsageError("give either SQL or --name, not both")
+    try:
+        if name is not None:
+            sql = named_query(name)
+        elif sql == "-":
+            sql = sys.stdin.read()
+        if sql is None:
+            raise click.UsageError("give a SQL statement, --name NAME or --list")
+        if fmt == "parquet" and out is None:
+            raise click.UsageError("--format parquet needs --out FILE")
+        lake = _open(lake_dir)
+        result = run_query(lake, sql)
+    except LakeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(result, out, compression="zstd")
+        click.echo(f"wrote {result.num_rows} rows to {out}", err=True)
+        return
+    text = format_result(result, fmt, limit_rows=out is None)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        click.echo(f"wrote {result.num_rows} rows to {out}", err=True)
+
+
+@click.group()
+def lake() -> None:
+    """Inspect and maintain the activation lake (a folder of Delta tables)."""
+
+
+@lake.command()
+@lake_option
+def info(lake_dir: str | None) -> None:
+    """Tables (version, files, rows, bytes) and runs."""
+    the_lake = _open(lake_dir)
+    click.echo(f"lake {the_lake.root}")
+    click.echo(f"{'table':16s} {'version':>7s} {'files':>6s} {'rows':>10s} {'size':>10s}")
+    for t in maintenance.table_info(the_lake):
+        click.echo(f"{t.name:16s} {t.version:7d} {t.files:6d} {t.rows:10d} {_human_bytes(t.bytes):>10s}")
+    if the_lake.has_table("runs"):
+        runs = the_lake.sql(
+            "SELECT run_id, model, dataset, split, status, n_done, n_failed, base_run_id "
+            "FROM runs ORDER BY started_at"
+        ).to_arrow_table()
+        click.echo(f"\nruns ({runs.num_rows})")
+        for r in runs.to_pylist():
+            base = f" base={r['base_run_id']}" if r["base_run_id"] else ""
+            click.echo(
+                f"  {r['run_id']}  {r['model']}  {r['dataset']}/{r['split']}  {r['status']}  "
+                f"done={r['n_done']} failed={r['n_failed']}{base}"
+            )
+
+
+@lake.command()
+@lake_option
+def check(lake_dir: str | None) -> None:
+    """Verify every committed file (exists, size as logged, Parquet footer reads); list orphans."""
+    the_lake = _open(lake_dir)
+    problems, orphans = maintenance.check(the_lake)
+    for p in problems:
+        click.echo(f"DAMAGED {p.table}: {p.path}: {maintenance_one_line(p.problem)}")
+    for o in orphans:
+        click.echo(f"ORPHAN  {o.table}: {o.path} ({_human_bytes(o.bytes)}, {o.age_s / 60:.0f} min old)")
+    n_files = sum(t.files for t in maintenance.table_info(the_lake))
+    click.echo(f"checked {n_files} committed files: {len(problems)} damaged, {len(orphans)} orphan(s)")
+    if orphans:
+        click.echo("orphans are files no commit references (killed writers); `vrp lake vacuum` removes them")
+    if problems:
+        raise click.ClickException(
+            f"{len(problems)} damaged file(s): restore them from a backup, or drop the affected run "
+            "(vrp lake drop-run) and ingest it again"
+        )
+
+
+def maintenance_one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@lake.command()
+@lake_option
+@click.option("--yes", is_flag=True, help="Really delete (default: dry run, only list).")
+@click.option(
+    "--min-age-minutes",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Only orphans older than this (a running writer's files are orphans until it commits).",
+)
+@click.option(
+    "--retain-hours",
+    type=int,
+    default=None,
+    help="Also delete files the log removed (compact, drop-run) more than this many hours ago; "
+    "time travel before then stops working.",
+)
+def vacuum(lake_dir: str | None, yes: bool, min_age_minutes: float, retain_hours: int | None) -> None:
+    """Remove orphan files left by killed writers (dry run unless --yes)."""
+    the_lake = _open(lake_dir)
+    orphans = maintenance.vacuum(the_lake, dry_run=not yes, min_age_s=min_age_minutes * 60)
+    verb = "removed" if yes else "would remove"
+    for o in orphans:
+        click.echo(f"{verb} {o.path} ({_human_bytes(o.bytes)})")
+    click.echo(f"{verb} {len(orphans)} orphan file(s), {_human_bytes(sum(o.bytes for o in orphans))}")
+    if retain_hours is not None:
+        history = maintenance.vacuum_history(the_lake, retain_hours=retain_hours, dry_run=not yes)
+        n = sum(len(v) for v in history.values())
+        click.echo(f"{verb} {n} file(s) removed from the log more than {retain_hours} h ago")
+    if not yes and orphans:
+        click.echo("dry run: pass --yes to delete")
+
+
+@lake.command()
+@lake_option
+def compact(lake_dir: str | None) -> None:
+    """Merge small files (Delta optimize) in every table; readers see the same rows."""
+    the_lake = _open(lake_dir)
+    for name, metrics in maintenance.compact(the_lake).items():
+        removed, added = metrics.get("numFilesRemoved", 0), metrics.get("numFilesAdded", 0)
+        click.echo(f"{name:16s} files removed {removed}, added {added}")
+    click.echo("old files stay for time travel; `vrp lake vacuum --retain-hours H --yes` deletes them")
+
+
+@lake.command("drop-run")
+@lake_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.argument("run_id")
+def drop_run(lake_dir: str | None, yes: bool, run_id: str) -> None:
+    """Delete every row of RUN_ID from every table (after a confirmation)."""
+    the_lake = _open(lake_dir)
+    counts = maintenance.run_rows(the_lake, run_id)
+    if not counts:
+        raise click.ClickException(f"no rows of run {run_id} in {the_lake.root} (see vrp lake info)")
+    click.echo(f"run {run_id}: " + ", ".join(f"{n} rows in {t}" for t, n in counts.items()))
+    if not yes:
+        click.confirm("delete them?", abort=True)
+    deleted = maintenance.drop_run(the_lake, run_id)
+    click.echo(f"deleted {sum(deleted.values())} rows of run {run_id} from {len(deleted)} table(s)")

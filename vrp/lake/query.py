@@ -1,0 +1,97 @@
+"""Read-only SQL for `vrp query`: one SELECT/EXPLAIN statement on a locked-down DuckDB connection.
+
+Two fences, because either alone has holes (reference/lake.md 5.3): DuckDB's own parser
+classifies the input, so ``SELECT 1; DROP ...`` shows up as two statements and COPY, ATTACH,
+INSTALL/LOAD, SET, PRAGMA and CALL are refused by type; and the connection runs with external
+access disabled and its configuration locked, so a SELECT cannot read files such as
+``read_csv('/etc/passwd')`` either. The lake itself is read through Arrow views, which need no
+file access from DuckDB.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from vrp.lake.errors import LakeError
+from vrp.lake.lake import Lake
+
+ALLOWED = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+
+QUERIES_DIR = Path(__file__).resolve().parent.parent / "queries"
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class QueryRejected(LakeError):
+    """User SQL that `vrp query` refuses to run (the message says why, on one line)."""
+
+
+def one_line(message: str) -> str:
+    """The first non-empty line of an error message."""
+    for line in str(message).splitlines():
+        if line.strip():
+            return line.strip()
+    return str(message).strip()
+
+
+def check_query(sql: str) -> None:
+    """Raise QueryRejected unless `sql` is exactly one SELECT or EXPLAIN statement."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryRejected(f"rejected: the SQL does not parse: {one_line(str(exc))}") from exc
+    if not statements:
+        raise QueryRejected("rejected: no SQL statement given")
+    if len(statements) > 1:
+        kinds = ", ".join(s.type.name for s in statements)
+        raise QueryRejected(
+            f"rejected: {len(statements)} statements ({kinds}); vrp query runs exactly one SELECT or EXPLAIN"
+        )
+    kind = statements[0].type
+    if kind not in ALLOWED:
+        raise QueryRejected(
+            f"rejected: {kind.name} statements are not allowed; "
+            "vrp query is read-only and runs only SELECT or EXPLAIN"
+        )
+
+
+def run_query(lake: Lake, sql: str) -> pa.Table:
+    """Check and run one read-only statement over the lake's views; errors come back on one line."""
+    check_query(sql)
+    con = lake.connect(safe=True)
+    try:
+        return con.sql(sql).to_arrow_table()
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        message = one_line(str(exc))
+        if "Parquet" in message:
+            message += " (run `vrp lake check` to list damaged files)"
+        raise LakeError(message) from exc
+    finally:
+        con.close()
+
+
+def named_query(name: str) -> str:
+    """The SQL of ``vrp/queries/<name>.sql``."""
+    if not _NAME.match(name):
+        raise LakeError(f"bad query name {name!r}: use the file name without .sql (see vrp query --list)")
+    path = QUERIES_DIR / f"{name.removesuffix('.sql')}.sql"
+    if not path.is_file():
+        raise LakeError(f"no named query {name!r} in {QUERIES_DIR} (see vrp query --list)")
+    return path.read_text(encoding="utf-8")
+
+
+def list_queries() -> list[tuple[str, str]]:
+    """(name, first comment line) of every named query, sorted by name."""
+    out = []
+    for path in sorted(QUERIES_DIR.glob("*.sql")):
+        title = ""
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip().startswith("--"):
+                title = line.strip().lstrip("-").strip()
+                break
+        out.append((path.stem, title))
+    return out
