@@ -51,6 +51,7 @@ class FamilySpec:
     image_first: bool = False
     dynamic_resolution: bool = False
     drop_inputs: tuple[str, ...] = ()
+    decode_state: tuple[str, ...] = ()  # per-row tensors the model keeps from prefill to decoding (M-RoPE deltas)
     notes: tuple[str, ...] = ()
 
 

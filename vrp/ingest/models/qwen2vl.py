@@ -38,6 +38,7 @@ QWEN2VL = FamilySpec(
     ),
     prompt_template=None,
     dynamic_resolution=True,
+    decode_state=("model.rope_deltas",),
     notes=(
         "chat template: user content [image, text], add_generation_prompt=True",
         "grid = image_grid_thw (h, w) / spatial_merge_size; cell = merge*patch pixels",

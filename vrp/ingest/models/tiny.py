@@ -23,7 +23,7 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["BASE_WORDS", "FAMILY_DEFAULTS", "build_tiny", "tiny_vocabulary"]
+__all__ = ["BASE_WORDS", "FAMILY_DEFAULTS", "QWEN_CHAT_TEMPLATE", "build_tiny", "tiny_tokenizer", "tiny_vocabulary"]
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -149,7 +149,8 @@ def tiny_vocabulary(family: str, vocab_words: Sequence[str] | None = None) -> li
     return list(seen)
 
 
-def _tokenizer(family: str, vocab_words: Sequence[str] | None) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(family: str, vocab_words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer of a tiny ``family`` checkpoint (also used to test real-size geometry)."""
     specials, roles = _SPECIALS[family]
     vocab = {token: i for i, token in enumerate(tiny_vocabulary(family, vocab_words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=roles["unk_token"]))
@@ -415,7 +416,7 @@ def build_tiny(
             f"image_size {opts['image_size']} must be a multiple of patch_size {opts['patch_size']}"
         )
 
-    tokenizer = _tokenizer(family, vocab_words)
+    tokenizer = tiny_tokenizer(family, vocab_words)
     torch.manual_seed(seed)
     model, processor = _BUILDERS[family](tokenizer, opts)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
