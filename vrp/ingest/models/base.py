@@ -51,7 +51,8 @@ class FamilySpec:
     image_first: bool = False
     dynamic_resolution: bool = False
     drop_inputs: tuple[str, ...] = ()
-    decode_state: tuple[str, ...] = ()  # per-row tensors the model keeps from prefill to decoding (M-RoPE deltas)
+    # per-row tensors the model keeps from prefill to decoding (M-RoPE deltas), by dotted path
+    decode_state: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
 

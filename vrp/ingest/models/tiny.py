@@ -23,7 +23,14 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["BASE_WORDS", "FAMILY_DEFAULTS", "QWEN_CHAT_TEMPLATE", "build_tiny", "tiny_tokenizer", "tiny_vocabulary"]
+__all__ = [
+    "BASE_WORDS",
+    "FAMILY_DEFAULTS",
+    "QWEN_CHAT_TEMPLATE",
+    "build_tiny",
+    "tiny_tokenizer",
+    "tiny_vocabulary",
+]
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
