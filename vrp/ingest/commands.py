@@ -49,3 +49,141 @@ def shapes_pope(out_dir: Path, images: int, seed: int, image_size: int) -> None:
         with open(folder / f"{split}.jsonl", encoding="utf-8") as handle:
             counts.append(f"{split} {sum(1 for _ in handle)}")
     click.echo(f"wrote {images} images to {folder} (questions: {', '.join(counts)})")
+
+
+def _parse_layers(value: str | None) -> tuple[int, ...] | None:
+    if value is None or value == "all":
+        return None
+    try:
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers or 'all', got {value!r}") from exc
+
+
+def _parse_shard(value: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError as exc:
+        raise click.BadParameter(f"expected I/N such as 1/3, got {value!r}") from exc
+    if not 1 <= index <= count:
+        raise click.BadParameter(f"shard {value}: I must be between 1 and N")
+    return index - 1, count
+
+
+@click.group()
+def ingest() -> None:
+    """Run a model over a benchmark once and write every signal into the lake."""
+
+
+@ingest.command("run")
+@click.option(
+    "--model", required=True, help="Registry name (toy-llava, llava-1.5-7b, ...), local directory or hub id."
+)
+@click.option(
+    "--dataset", type=click.Choice(["shapes-pope", "pope"]), default="shapes-pope", show_default=True
+)
+@click.option(
+    "--split", type=click.Choice(["random", "popular", "adversarial"]), help="One split (default: all)."
+)
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), help="A shapes-POPE folder (default: generated)."
+)
+@click.option("--pope-file", type=click.Path(dir_okay=False), help="POPE questions (JSON lines or array).")
+@click.option("--image-dir", type=click.Path(file_okay=False), help="Folder of the POPE images.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--layers", help="Layers whose hidden states and maps are stored, e.g. '-1,-2' (default: all).")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--self-consistency",
+    "k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="K samples; 0 = off.",
+)
+@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Base seed of the self-consistency draws."
+)
+@click.option(
+    "--min-pixels", type=click.IntRange(min=1), help="Qwen2-VL: lower bound on the resized image area."
+)
+@click.option(
+    "--max-pixels", type=click.IntRange(min=1), help="Qwen2-VL: upper bound on the resized image area."
+)
+@click.option(
+    "--max-bytes", default="50GiB", show_default=True, help="Refuse runs estimated larger than this."
+)
+@click.option("--yes", "assume_yes", is_flag=True, help="Write even when the estimate exceeds --max-bytes.")
+@click.option("--strict", is_flag=True, help="Stop at the first failed sample instead of recording it.")
+@click.option("--shard", default="1/1", show_default=True, help="Process shard I of N (for job arrays).")
+@click.option("--lake", envvar="VRP_LAKE", help="Lake directory (default $VRP_LAKE or ./vrp-lake).")
+def ingest_run(**params: object) -> None:
+    """Capture hidden states, image attention, logit lens, answers and K samples into the lake.
+
+    A rerun of the same configuration adds nothing; an interrupted run resumes where it stopped.
+    """
+    from vrp.ingest.run import IngestError, IngestOptions, run_ingest
+    from vrp.lake import resolve_lake_root
+
+    lake = resolve_lake_root(params.pop("lake"))
+    options = IngestOptions(
+        model=params["model"],
+        dataset=params["dataset"],
+        split=params["split"],
+        data_dir=params["data_dir"],
+        pope_file=params["pope_file"],
+        image_dir=params["image_dir"],
+        limit=params["limit"],
+        batch_size=params["batch_size"],
+        layers=_parse_layers(params["layers"]),
+        dtype=params["dtype"],
+        device=params["device"],
+        max_new_tokens=params["max_new_tokens"],
+        self_consistency=params["k"],
+        temperature=params["temperature"],
+        top_p=params["top_p"],
+        seed=params["seed"],
+        min_pixels=params["min_pixels"],
+        max_pixels=params["max_pixels"],
+        strict=params["strict"],
+        max_bytes=_parse_bytes(str(params["max_bytes"])),
+        shard=_parse_shard(str(params["shard"])),
+    )
+    if options.dataset == "pope" and not (options.pope_file and options.image_dir):
+        raise click.UsageError("--dataset pope needs --pope-file and --image-dir")
+    try:
+        summary = run_ingest(options, lake, echo=click.echo, confirm_bytes=bool(params["assume_yes"]))
+    except (IngestError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in summary.lines():
+        click.echo(line)
+
+
+def _parse_bytes(value: str) -> int:
+    units = {
+        "": 1,
+        "B": 1,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+    }
+    text = value.strip().upper()
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number) :]
+    if unit not in units:
+        raise click.BadParameter(f"unknown size unit in {value!r}; use e.g. 500MiB or 20GiB")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError as exc:
+        raise click.BadParameter(f"expected a size such as 20GiB, got {value!r}") from exc

@@ -118,10 +118,12 @@ def sample_answers(
     # gives the first sampled token's logits without touching the image again.
     cache.crop(-(cache.get_seq_length() - (prompt_len - 1)))
     cache.batch_repeat_interleave(k)
+    # Every per-row input but the pixels (the image is already in the cache): token types for
+    # PaliGemma's prefix mask, M-RoPE's grid and token types for Qwen2-VL.
     extra = {
         name: value.repeat_interleave(k, dim=0)
         for name, value in enc.inputs.items()
-        if name in adapter.spec.decode_inputs
+        if name not in ("input_ids", "attention_mask") and not name.startswith("pixel_values")
     }
     saved = _expand_state(model, adapter.spec.decode_state, k)
     try:

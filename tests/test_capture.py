@@ -1,0 +1,136 @@
+"""The capture engine against transformers' own eager attention and hidden states, per family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vrp.ingest.capture import TraceModules, capture_attention, capture_batch, logit_lens
+from vrp.ingest.models import load_adapter
+from vrp.ingest.models.tiny import build_tiny
+
+FAMILIES = ("llava", "paligemma", "qwen2vl")
+QUESTIONS = ["Is there a red circle in the image?", "Is there a square?"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def adapter(request, tmp_path_factory):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    path = build_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=0, num_layers=3)
+    return load_adapter(str(path))
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(2)]
+
+
+def test_left_padding_is_exercised(adapter) -> None:
+    enc = adapter.encode(_images(), QUESTIONS)
+    assert (enc.inputs["attention_mask"] == 0).any(), "the test batch must contain left padding"
+
+
+def test_attention_rows_equal_eager(adapter) -> None:
+    """Answer-row attention from the SDPA wrapper == eager's output_attentions, every layer and head."""
+    model = adapter.model
+    enc = adapter.encode(_images(), QUESTIONS)
+    prompt_len = enc.inputs["input_ids"].shape[1]
+    with torch.no_grad(), capture_attention(adapter, enc.answer_pos, prompt_len) as rows:
+        model(**enc.inputs)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            eager = model(**enc.inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    assert len(eager.attentions) == adapter.num_layers
+    batch = torch.arange(len(QUESTIONS))
+    for layer in range(adapter.num_layers):
+        expected = eager.attentions[layer][batch, :, enc.answer_pos].float()  # [B, H, S]
+        torch.testing.assert_close(rows.rows[layer], expected, atol=1e-5, rtol=0)
+        # image columns carry real mass (the test would be vacuous if all rows were on text)
+        for b in range(len(QUESTIONS)):
+            assert rows.rows[layer][b][:, enc.image_pos[b]].sum() > 0
+
+
+def test_resid_equals_hidden_states_and_last_is_before_norm(adapter) -> None:
+    model = adapter.model
+    enc = adapter.encode(_images(), QUESTIONS)
+    prompt_len = enc.inputs["input_ids"].shape[1]
+    with (
+        torch.no_grad(),
+        TraceModules({"resid": adapter.decoder_layers()}, enc.answer_pos, prompt_len) as trace,
+    ):
+        out = model(**enc.inputs, output_hidden_states=True)
+    batch = torch.arange(len(QUESTIONS))
+    states = out.hidden_states  # embeddings first; the last entry is after the final norm
+    assert len(states) == adapter.num_layers + 1
+    for layer in range(adapter.num_layers - 1):
+        torch.testing.assert_close(
+            trace.values["resid"][layer], states[layer + 1][batch, enc.answer_pos].float()
+        )
+    last = trace.values["resid"][adapter.num_layers - 1]
+    normed = adapter.final_norm()(last)
+    torch.testing.assert_close(normed, states[-1][batch, enc.answer_pos].float(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(last, normed, atol=1e-3), "the stored last layer must be before the final norm"
+
+
+def test_capture_batch_signals(adapter) -> None:
+    enc = adapter.encode(_images(), QUESTIONS)
+    labels = ["yes", "no"]
+    cap = capture_batch(adapter, enc, labels, max_new_tokens=3)
+    with torch.no_grad():
+        logits = adapter.model(**enc.inputs).logits[torch.arange(2), enc.answer_pos].float()
+    for b in range(2):
+        sample = cap.samples[b]
+        yes = torch.logsumexp(logits[b, adapter.yes_ids], 0)
+        no = torch.logsumexp(logits[b, adapter.no_ids], 0)
+        # the logit lens at the last layer is the model's own next-token distribution
+        assert cap.layers[b][-1]["lens_yes_no_margin"] == pytest.approx(float(yes - no), abs=1e-4)
+        assert sample["yes_no_margin"] == pytest.approx(float(yes - no), abs=1e-4)
+        probs = torch.softmax(logits[b], -1)
+        assert sample["p_yes"] == pytest.approx(float(probs[adapter.yes_ids].sum()), abs=1e-6)
+        assert sample["top1_prob"] == pytest.approx(float(probs.max()), abs=1e-6)
+        assert cap.layers[b][-1]["lens_answer_rank"] == 0
+        assert sample["n_image_tokens"] == len(enc.image_pos[b]) == sample["grid_h"] * sample["grid_w"]
+        for layer in range(adapter.num_layers):
+            assert cap.maps[b][layer].sum() == pytest.approx(1.0, abs=1e-5)
+        assert cap.nonfinite[b] is None
+
+
+def test_direct_contributions_add_up_to_the_residual_update(adapter) -> None:
+    """attn + MLP contribution of layer l == the change of the residual, read through the truth column."""
+    enc = adapter.encode(_images(), QUESTIONS)
+    labels = ["yes", "no"]
+    cap = capture_batch(adapter, enc, labels, max_new_tokens=1)
+    norm = adapter.final_norm()
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    weight = norm.weight.detach().float() + adapter.spec.norm_offset
+    lm = adapter.unembedding().weight.detach().float()
+    with torch.no_grad():
+        logits = adapter.model(**enc.inputs).logits[torch.arange(2), enc.answer_pos].float()
+    for b, label in enumerate(labels):
+        resid = torch.from_numpy(cap.hidden[b]["resid"]).float()
+        ids = adapter.yes_ids if label == "yes" else adapter.no_ids
+        truth = ids[int(logits[b, ids].argmax())]
+        scale = weight / torch.sqrt(resid[-1].pow(2).mean() + eps)
+        for layer in range(1, adapter.num_layers):
+            update = float(((resid[layer] - resid[layer - 1]) * scale) @ lm[truth])
+            row = cap.layers[b][layer]
+            assert row["attn_contrib"] + row["mlp_contrib"] == pytest.approx(update, rel=1e-4, abs=1e-4)
+
+
+def test_logit_lens_last_layer_equals_model_logits(adapter) -> None:
+    enc = adapter.encode(_images(), QUESTIONS)
+    prompt_len = enc.inputs["input_ids"].shape[1]
+    with (
+        torch.no_grad(),
+        TraceModules({"resid": adapter.decoder_layers()}, enc.answer_pos, prompt_len) as trace,
+    ):
+        logits = adapter.model(**enc.inputs).logits[torch.arange(2), enc.answer_pos].float()
+    resid = torch.stack([trace.values["resid"][i] for i in range(adapter.num_layers)])
+    torch.testing.assert_close(logit_lens(adapter, resid)[-1], logits, atol=1e-5, rtol=1e-5)

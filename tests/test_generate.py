@@ -1,0 +1,130 @@
+"""Self-consistency from a shared prefill: same distribution as fresh decoding, seeded per sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+from vrp.ingest.capture import capture_batch
+from vrp.ingest.generate import SeededSampler, sample_answers, sample_seed, top_p_filter
+from vrp.ingest.models import load_adapter
+from vrp.ingest.models.tiny import build_tiny
+
+FAMILIES = ("llava", "paligemma", "qwen2vl")
+QUESTIONS = ["Is there a red circle in the image?", "Is there a square?"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def adapter(request, tmp_path_factory):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    path = build_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=1, num_layers=2)
+    return load_adapter(str(path))
+
+
+def _encode(adapter, questions=QUESTIONS):
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in QUESTIONS]
+    return adapter.encode(images[: len(questions)], list(questions))
+
+
+def _draw(adapter, seeds, return_logits=False, questions=QUESTIONS):
+    enc = _encode(adapter, questions)
+    cap = capture_batch(adapter, enc, ["yes", "no"][: len(questions)], max_new_tokens=2, keep_cache=True)
+    texts, out = sample_answers(
+        adapter, enc, cap.greedy_output, seeds, max_new_tokens=4, return_logits=return_logits, temperature=1.5
+    )
+    return enc, texts, out
+
+
+def test_shared_prefill_logits_equal_fresh_forward(adapter) -> None:
+    """At every step each unfinished sequence's logits equal a fresh pass over its whole prefix."""
+    k = 3
+    seeds = [[sample_seed(0, f"s{b}", i) for i in range(k)] for b in range(2)]
+    enc, _texts, out = _draw(adapter, seeds, return_logits=True)
+    prompt_len = enc.inputs["input_ids"].shape[1]
+    rows = torch.arange(2).repeat_interleave(k)
+    fresh_inputs = {
+        name: value[rows] for name, value in enc.inputs.items() if not name.startswith("pixel_values")
+    }
+    pixel_rows = {name: value for name, value in enc.inputs.items() if name.startswith("pixel_values")}
+    eos = adapter.model.generation_config.eos_token_id
+    end = set(eos if isinstance(eos, list) else [eos]) | {adapter.tokenizer.pad_token_id}
+    for step, step_logits in enumerate(out.logits):
+        prefix = out.sequences[:, : prompt_len + step]
+        unfinished = torch.tensor(
+            [not (set(prefix[i, prompt_len:].tolist()) & end) for i in range(len(rows))]
+        )
+        inputs = dict(fresh_inputs)
+        inputs["input_ids"] = prefix
+        inputs["attention_mask"] = torch.cat(
+            [fresh_inputs["attention_mask"], torch.ones(len(rows), step, dtype=torch.long)], dim=1
+        )
+        # generated tokens are PaliGemma's causal suffix (type 1) and Qwen2-VL's text (mm type 0)
+        for name, value in (("token_type_ids", 1), ("mm_token_type_ids", 0)):
+            if name in inputs:
+                new = torch.full((len(rows), step), value, dtype=inputs[name].dtype)
+                inputs[name] = torch.cat([inputs[name], new], 1)
+        inputs.update(_repeat_pixels(adapter, pixel_rows, enc, k))
+        with torch.no_grad():
+            fresh = adapter.model(**inputs).logits[:, -1].float()
+        torch.testing.assert_close(step_logits.float()[unfinished], fresh[unfinished], atol=1e-5, rtol=1e-5)
+
+
+def _repeat_pixels(adapter, pixel_rows, enc, k):
+    """Pixels for the K-times repeated batch (Qwen2-VL flattens patches of all images into one tensor)."""
+    out = {}
+    for name, value in pixel_rows.items():
+        if "image_grid_thw" in enc.inputs:
+            per_image = enc.inputs["image_grid_thw"].prod(-1).tolist()
+            chunks = torch.split(value, per_image)
+            out[name] = torch.cat([chunk for chunk in chunks for _ in range(k)])
+        else:
+            out[name] = value.repeat_interleave(k, dim=0)
+    if "image_grid_thw" in enc.inputs:
+        out["image_grid_thw"] = enc.inputs["image_grid_thw"].repeat_interleave(k, dim=0)
+    return out
+
+
+def test_same_seed_same_answers_other_seed_other_draw(adapter) -> None:
+    k = 6
+    seeds = [[sample_seed(7, f"q{b}", i) for i in range(k)] for b in range(2)]
+    _, first, _ = _draw(adapter, seeds)
+    _, again, _ = _draw(adapter, seeds)
+    assert first == again
+    other = [[sample_seed(8, f"q{b}", i) for i in range(k)] for b in range(2)]
+    _, different, _ = _draw(adapter, other)
+    assert different != first
+
+
+def test_draws_do_not_depend_on_batch_composition(adapter) -> None:
+    seeds = [[sample_seed(3, f"q{b}", i) for i in range(4)] for b in range(2)]
+    _, batch, _ = _draw(adapter, seeds)
+    _, alone, _ = _draw(adapter, seeds[:1], questions=QUESTIONS[:1])
+    assert alone[0] == batch[0]
+
+
+def test_first_token_draws_match_temperature_top_p_distribution() -> None:
+    """2,000 draws of SeededSampler vs the exact temperature / top-p distribution (chi-square)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    temperature, top_p = 0.7, 0.9
+    expected = top_p_filter(logits, temperature, top_p)[0].numpy()
+    n = 2000
+    sampler = SeededSampler([sample_seed(0, "chi", i) for i in range(n)], temperature, top_p)
+    chosen = sampler(torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1)).argmax(-1).numpy()
+    counts = np.bincount(chosen, minlength=12)
+    support = expected > 0
+    assert counts[~support].sum() == 0, "a token outside the nucleus was drawn"
+    _, p_value = stats.chisquare(counts[support], expected[support] * n)
+    assert p_value > 0.01
+
+
+def test_top_p_filter_against_hand_example() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = top_p_filter(logits, temperature=1.0, top_p=0.75)
+    # 0.5 < 0.75 so the second token is needed; 0.8 >= 0.75 so the nucleus is {0, 1}
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
