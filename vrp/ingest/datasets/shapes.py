@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -109,11 +110,25 @@ def question_for(object_name: str) -> str:
     return QUESTION_TEMPLATE.format(article=article, object=object_name)
 
 
+CAPTION_QUESTION = "What is in the image?"
+
+
+def caption_for(classes: Sequence[int]) -> str:
+    """The answer to :data:`CAPTION_QUESTION`: the objects present, in class order ("red circle and
+    blue square"); the toy trainer's auxiliary task."""
+    return " and ".join(CLASSES[c].name for c in sorted(set(classes)))
+
+
 def vocabulary() -> list[str]:
-    """Every word shapes-POPE questions, answers and captions use (for word-level tokenizers)."""
-    words = {"is", "there", "a", "an", "in", "the", "image", "?", "yes", "no", "what", "and", ","}
-    for name in CLASS_NAMES:
-        words.update(name.split())
+    """Every word and punctuation token of shapes-POPE questions, answers and captions (for
+    word-level tokenizers), in sorted order."""
+    texts = [question_for(name) for name in CLASS_NAMES] + [
+        CAPTION_QUESTION,
+        caption_for(range(len(CLASSES))),
+    ]
+    words = {"yes", "no", "Yes", "No"}
+    for text in texts:
+        words.update(re.findall(r"\w+|[^\w\s]", text))
     return sorted(words)
 
 

@@ -1,0 +1,415 @@
+"""Train a toy VLM of one family on shapes-POPE, with plain PyTorch on the CPU.
+
+Random-init models answer at chance, so nothing VRP measures on them means anything. A toy model
+is a real ``LlavaForConditionalGeneration`` / ``PaliGemmaForConditionalGeneration`` /
+``Qwen2VLForConditionalGeneration`` at a tiny size (built by ``vrp.ingest.models.tiny.build_tiny``)
+trained until it answers shapes-POPE questions well but not perfectly.
+
+What made such training work (DESIGN.md section 7), all done here:
+
+- pixels normalised with the training images' own per-channel mean/std (with 0.5/0.5 the vision
+  features collapse), built into the saved image processor so inference sees the same;
+- shapes-POPE's class colours (base colour + jitter) rather than arbitrary colours;
+- an auxiliary captioning task ("What is in the image?" -> "red circle and blue square") mixed
+  into the yes/no questions, which forces the vision features to carry every object;
+- answers taught as the tokens after the prompt the adapter builds for inference, followed by the
+  end token; for PaliGemma they get ``token_type_ids`` 1 (what the processor's ``suffix=`` does),
+  so the answer never leaks into the bidirectionally attended prefix.
+
+Training is deterministic given the seed, the number of steps and the thread count: batch ``s``
+is built from images ``s * batch .. (s + 1) * batch - 1`` of the training seed and from per-step
+random generators. With ``minutes`` instead of ``steps`` the step count is fixed after a short
+calibration and recorded in the card, so ``steps=`` reproduces the run.
+
+Usage::
+
+    card = train_toy(ToyTrainConfig(family="llava", minutes=15), "toys/llava")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vrp.ingest.datasets.pope import SPLITS
+from vrp.ingest.datasets.shapes import (
+    CAPTION_QUESTION,
+    CLASSES,
+    DEFAULT_SEED,
+    caption_for,
+    class_statistics,
+    make_questions,
+    negatives,
+    question_for,
+    render_image,
+    render_images,
+    vocabulary,
+)
+
+FAMILIES: tuple[str, ...] = ("llava", "paligemma", "qwen2vl")
+EVAL_SEED_OFFSET = 900_001  # held-out images: seed + offset, never a training seed's stream
+STATS_IMAGES = 512  # images used for the pixel mean/std and for the negative-sampling statistics
+CARD_FILE = "card.json"
+
+
+@dataclass(frozen=True)
+class ToyTrainConfig:
+    """Everything that decides a toy model (recorded in its card)."""
+
+    family: str
+    seed: int = 0
+    minutes: float | None = 15.0
+    steps: int | None = None
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    caption_share: float = 0.25
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    image_size: int = 80
+    patch_size: int = 8
+    vision_hidden_size: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    eval_images: int = 100
+    evals: int = 5
+    threads: int = 1
+    build_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {', '.join(FAMILIES)}")
+        if self.steps is None and self.minutes is None:
+            raise ValueError("give a number of steps or of minutes")
+        if self.warmup_steps < 1:
+            raise ValueError("warmup_steps must be at least 1")
+        if self.seed == DEFAULT_SEED:
+            raise ValueError(
+                f"seed {DEFAULT_SEED} is the default evaluation benchmark's; train on another seed"
+            )
+
+    @property
+    def eval_seed(self) -> int:
+        return self.seed + EVAL_SEED_OFFSET
+
+
+@dataclass
+class Batch:
+    """One training batch: images, questions and the answer text each should be followed by."""
+
+    images: list[Image.Image]
+    questions: list[str]
+    answers: list[str]
+
+
+def pixel_stats(images: Sequence[Image.Image]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of the images' pixels, on the 0-1 scale."""
+    pixels = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0 for im in images])
+    flat = pixels.reshape(-1, 3)
+    return flat.mean(axis=0).tolist(), flat.std(axis=0).tolist()
+
+
+def make_batch(
+    seed: int,
+    step: int,
+    batch_size: int,
+    caption_share: float,
+    frequency: np.ndarray,
+    cooccurrence: np.ndarray,
+    image_size: int,
+) -> Batch:
+    """Training batch number ``step``: fresh images, a caption or a yes/no question for each.
+
+    Yes and no are equally likely; a no question's object is chosen by one of POPE's three
+    negative strategies at random, so the model sees random, popular and adversarial negatives.
+    """
+    rng = np.random.default_rng([seed, step, 77])
+    batch = Batch([], [], [])
+    for j in range(batch_size):
+        shape = render_image(step * batch_size + j, seed, image_size=image_size)
+        batch.images.append(shape.image)
+        if rng.random() < caption_share:
+            batch.questions.append(CAPTION_QUESTION)
+            batch.answers.append(caption_for(shape.present))
+            continue
+        if rng.random() < 0.5:
+            cls = shape.present[int(rng.integers(len(shape.present)))]
+            batch.answers.append("yes")
+        else:
+            split = SPLITS[int(rng.integers(len(SPLITS)))]
+            cls = negatives(split, shape.present, 1, frequency, cooccurrence, rng)[0]
+            batch.answers.append("no")
+        batch.questions.append(question_for(CLASSES[cls].name))
+    return batch
+
+
+def _answer_ids(tokenizer: Any, answer: str) -> list[int]:
+    """Token ids of an answer followed by the end token (so generation stops after it)."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        raise ValueError(f"answer {answer!r} has words outside the toy tokenizer's vocabulary")
+    return [*ids, int(tokenizer.eos_token_id)]
+
+
+def with_answers(adapter: Any, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs with each row's answer appended after its prompt, and the next-token targets.
+
+    The prompt is encoded by the adapter exactly as at inference (left padded); the answers are
+    appended on the right (right padded, masked). ``targets[b, t]`` is the token that logits at
+    position ``t`` must predict, -100 where nothing is taught.
+    """
+    enc = adapter.encode(batch.images, batch.questions)
+    answers = [_answer_ids(adapter.tokenizer, a) for a in batch.answers]
+    size, prompt_len = len(answers), enc.inputs["input_ids"].shape[1]
+    width = max(len(a) for a in answers)
+    pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
+    extra = torch.full((size, width), int(pad), dtype=torch.long)
+    extra_mask = torch.zeros((size, width), dtype=enc.inputs["attention_mask"].dtype)
+    targets = torch.full((size, prompt_len + width), -100, dtype=torch.long)
+    for row, ids in enumerate(answers):
+        extra[row, : len(ids)] = torch.tensor(ids)
+        extra_mask[row, : len(ids)] = 1
+        # logits at the last prompt token predict the first answer token, and so on
+        targets[row, prompt_len - 1 : prompt_len - 1 + len(ids)] = torch.tensor(ids)
+    inputs = dict(enc.inputs)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], extra_mask], dim=1)
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        if key in inputs:
+            # answers are suffix / text tokens: PaliGemma's 1 keeps them out of the bidirectional prefix
+            fill = 1 if key == "token_type_ids" else 0
+            inputs[key] = torch.cat([inputs[key], torch.full_like(extra, fill)], dim=1)
+    return inputs, targets
+
+
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the taught positions."""
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+    )
+
+
+def lr_at(step: int, total: int, cfg: ToyTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step.
+
+    The warm-up does not depend on ``total``, so the calibration steps of a time-limited run have
+    the same learning rate as in a rerun with the recorded step count."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(adapter: Any, images: Sequence[Any], seed: int, *, batch_size: int = 64) -> dict[str, float]:
+    """Held-out accuracy per split: the answer is yes when p(yes) > p(no) at the answer position
+    (each summed over the tokenizer's yes/no variants), as VRP's first-token statistics define it."""
+    model = adapter.model
+    was_training = model.training
+    model.eval()
+    by_name = {im.name: im.image for im in images}
+    accuracy: dict[str, float] = {}
+    yes_ids = torch.tensor(adapter.yes_ids)
+    no_ids = torch.tensor(adapter.no_ids)
+    for split in SPLITS:
+        rows = make_questions(images, split, seed)
+        correct = 0
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            enc = adapter.encode([by_name[r["image"]] for r in chunk], [r["text"] for r in chunk])
+            logits = model(**enc.inputs).logits[torch.arange(len(chunk)), enc.answer_pos].float()
+            margin = logits[:, yes_ids].logsumexp(-1) - logits[:, no_ids].logsumexp(-1)
+            said_yes = (margin > 0).tolist()
+            correct += sum(int(yes == (r["label"] == "yes")) for yes, r in zip(said_yes, chunk, strict=True))
+        accuracy[split] = correct / len(rows)
+    model.train(was_training)
+    return accuracy
+
+
+def _build_kwargs(cfg: ToyTrainConfig, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """``build_tiny`` arguments: the toy size, the shapes-POPE vocabulary and the data's pixel stats."""
+    kwargs: dict[str, Any] = dict(
+        seed=cfg.seed,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        vocab_words=vocabulary(),
+        vision_hidden_size=cfg.vision_hidden_size,
+        vision_layers=cfg.vision_layers,
+        vision_heads=cfg.vision_heads,
+        image_mean=mean,
+        image_std=std,
+    )
+    if cfg.family == "qwen2vl":
+        kwargs["spatial_merge_size"] = 1  # one image token per 8 px patch: a 10x10 grid at 80 px
+    kwargs.update(cfg.build_overrides)
+    return kwargs
+
+
+def train_toy(
+    cfg: ToyTrainConfig,
+    out_dir: str | Path,
+    *,
+    log: Callable[[str], None] | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Build, train, evaluate and save one toy model into ``out_dir``; returns its card.
+
+    ``out_dir`` ends up as a normal checkpoint folder (safetensors weights, config, processor and
+    tokenizer files, loadable with ``load_adapter``) plus ``card.json``. ``log`` receives one line
+    per evaluation; ``progress`` shows a progress bar (default: when stderr is a terminal).
+    """
+    from tqdm import tqdm
+
+    from vrp.ingest.models import load_adapter
+    from vrp.ingest.models.tiny import build_tiny
+
+    say = log or (lambda _line: None)
+    out = Path(out_dir)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    reference = render_images(STATS_IMAGES, cfg.seed, image_size=cfg.image_size)
+    mean, std = pixel_stats([im.image for im in reference])
+    frequency, cooccurrence = class_statistics([im.present for im in reference])
+    build_tiny(cfg.family, out, **_build_kwargs(cfg, mean, std))
+    adapter = load_adapter(str(out))
+    model = adapter.model
+    model.train()
+    eval_images = render_images(cfg.eval_images, cfg.eval_seed, image_size=cfg.image_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def step_once(step: int, total: int) -> float:
+        batch = make_batch(
+            cfg.seed, step, cfg.batch_size, cfg.caption_share, frequency, cooccurrence, cfg.image_size
+        )
+        inputs, targets = with_answers(adapter, batch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, cfg)
+        loss = answer_loss(model(**inputs).logits, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{cfg.family}: training loss is not finite at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss.item()
+
+    started = time.perf_counter()
+    losses: list[float] = []
+    history: list[dict[str, Any]] = []
+    total = cfg.steps
+    if total is None:
+        # Calibrate on the first steps (all inside the warm-up, whose learning rate does not depend on
+        # the total), then fix the schedule; the card records it, so `steps=` reproduces the run.
+        assert cfg.minutes is not None
+        calibration = min(8, cfg.warmup_steps)
+        for step in range(calibration):
+            losses.append(step_once(step, calibration))
+        per_step = (time.perf_counter() - started) / calibration
+        probe = time.perf_counter()
+        evaluate(adapter, eval_images[: max(4, cfg.eval_images // 10)], cfg.eval_seed)
+        per_eval = (time.perf_counter() - probe) * cfg.eval_images / max(4, cfg.eval_images // 10)
+        budget = cfg.minutes * 60 - (time.perf_counter() - started) - per_eval * cfg.evals
+        total = calibration + max(1, int(budget / per_step))
+        say(f"{cfg.family}: {per_step:.2f} s/step, {per_eval:.0f} s/eval -> {total} steps")
+    eval_at = {round(total * k / cfg.evals) for k in range(1, cfg.evals + 1)} | {total}
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(range(len(losses), total), desc=f"toy {cfg.family}", disable=not show)
+    for step in bar:
+        losses.append(step_once(step, total))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if step + 1 in eval_at:
+            acc = evaluate(adapter, eval_images, cfg.eval_seed)
+            entry = {
+                "step": step + 1,
+                "seconds": round(time.perf_counter() - started, 1),
+                "loss": round(float(np.mean(losses[-50:])), 4),
+                "accuracy": acc,
+            }
+            history.append(entry)
+            accs = " ".join(f"{s} {a:.3f}" for s, a in acc.items())
+            where = f"{cfg.family} step {step + 1}/{total}"
+            say(f"{where} loss {entry['loss']:.3f} {accs} ({entry['seconds']:.0f}s)")
+    bar.close()
+    wall = time.perf_counter() - started
+    model.eval()
+    model.save_pretrained(out)
+    questions = {s: len(make_questions(eval_images, s, cfg.eval_seed)) for s in SPLITS}
+    card = _card(cfg, adapter, total, wall, (mean, std), history, losses, questions)
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return card
+
+
+def _card(
+    cfg: ToyTrainConfig,
+    adapter: Any,
+    steps: int,
+    wall: float,
+    pixels: tuple[list[float], list[float]],
+    history: list[dict[str, Any]],
+    losses: list[float],
+    questions: dict[str, int],
+) -> dict[str, Any]:
+    """The toy's card: what it is, how it was trained, and how well it answers held-out questions."""
+    import transformers
+
+    model = adapter.model
+    return {
+        "name": f"toy-{cfg.family}",
+        "family": cfg.family,
+        "model_class": type(model).__name__,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "config": {
+            "hidden_size": adapter.hidden_size,
+            "num_layers": adapter.num_layers,
+            "num_heads": adapter.num_heads,
+            "num_kv_heads": adapter.num_kv_heads,
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "vocab_size": adapter.vocab_size,
+        },
+        "training": {
+            **{k: v for k, v in asdict(cfg).items() if k != "family"},
+            "data": "shapes-pope rendered in memory from the training seed",
+            "steps": steps,
+            "minutes": round(wall / 60, 2),
+            "final_loss": round(float(np.mean(losses[-50:])), 4),
+            "pixel_mean": pixels[0],
+            "pixel_std": pixels[1],
+        },
+        "evaluation": {
+            "dataset": "shapes-pope",
+            "seed": cfg.eval_seed,
+            "images": cfg.eval_images,
+            "questions": questions,
+            "accuracy": history[-1]["accuracy"],
+            "rule": "yes when p(yes) > p(no) at the answer position",
+        },
+        "history": history,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }
