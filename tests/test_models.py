@@ -21,7 +21,7 @@ from vrp.ingest.models import FAMILIES, REGISTRY, answer_token_ids, load_adapter
 from vrp.ingest.models.loading import _torchvision_missing, checkpoint_revision
 from vrp.ingest.models.tiny import build_tiny
 
-FAMILY_NAMES = ("llava", "paligemma", "qwen2vl")
+FAMILY_NAMES = ("llava", "paligemma", "qwen2vl", "qwen2_5vl")
 QUESTIONS = ("Is there a red circle in the image?", "A star?")
 
 
@@ -59,6 +59,7 @@ EXPECTED = {
     "llava": {"grids": [(4, 4), (4, 4)], "sizes": [(32, 32), (32, 32)], "cell": 8},
     "paligemma": {"grids": [(4, 4), (4, 4)], "sizes": [(32, 32), (32, 32)], "cell": 8},
     "qwen2vl": {"grids": [(3, 4), (4, 4)], "sizes": [(24, 32), (32, 32)], "cell": 8},
+    "qwen2_5vl": {"grids": [(3, 4), (4, 4)], "sizes": [(24, 32), (32, 32)], "cell": 8},
 }
 
 
@@ -151,7 +152,7 @@ def _patch_rows_reached(adapter, family, enc, row, box) -> list[int]:
     """Image-token slots that a pixel edit inside ``box`` reaches through the vision tower's own patching."""
     inputs = enc.inputs
     x0, y0, x1, y1 = box
-    if family == "qwen2vl":
+    if family.startswith("qwen"):
         # Qwen2-VL's processor flattens patches; rebuild this row's pixels from a painted image instead.
         image = Image.new("RGB", (enc.image_sizes[row][1], enc.image_sizes[row][0]), (128, 128, 128))
         painted = image.copy()
@@ -195,7 +196,7 @@ def test_pixel_box_to_original_lands_on_the_cell(adapters, family):
     painted.paste((255, 255, 0), box)
     processed = adapter.processor.image_processor(images=[original, painted], return_tensors="pt")
     pv = processed["pixel_values"]
-    if family == "qwen2vl":
+    if family.startswith("qwen"):
         per_token = (pv.view(2, -1, pv.shape[-1])[1] - pv.view(2, -1, pv.shape[-1])[0]).abs()
         merge2 = adapter.model.config.vision_config.spatial_merge_size**2
         change = per_token.view(-1, merge2 * pv.shape[-1]).mean(-1)
@@ -301,6 +302,13 @@ def test_prefix_bidirectional_matches_the_model(adapters, family):
     pos = a.image_pos[0]
     moved = (seen[0][0, pos] - seen[1][0, pos]).abs().max() > 1e-6
     assert bool(moved) == adapter.spec.prefix_bidirectional
+
+
+def test_qwen2_5_vl_is_served_by_the_qwen2vl_adapter(adapters):
+    adapter = adapters["qwen2_5vl"]
+    assert adapter.model.config.model_type == "qwen2_5_vl"
+    assert type(adapter.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert adapter.spec.family == "qwen2vl"
 
 
 def test_settings_record_prompt_and_processor(adapters):

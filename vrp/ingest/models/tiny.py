@@ -137,10 +137,13 @@ _SPECIALS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     ),
 }
 
+_SPECIALS["qwen2_5vl"] = _SPECIALS["qwen2vl"]
+
 FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
     "llava": {"image_size": 32, "patch_size": 8},
     "paligemma": {"image_size": 32, "patch_size": 8},
     "qwen2vl": {"image_size": 32, "patch_size": 4},
+    "qwen2_5vl": {"image_size": 32, "patch_size": 4},
 }
 
 
@@ -283,8 +286,13 @@ def _paligemma(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
     return PaliGemmaForConditionalGeneration(config), processor
 
 
-def _qwen2vl(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def _qwen2vl(tokenizer: Any, opts: dict[str, Any], *, v2_5: bool = False) -> tuple[Any, Any]:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from .qwen2vl import ImageOnlyQwen2VLProcessor
@@ -307,24 +315,43 @@ def _qwen2vl(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
     text_kwargs["rope_parameters"] = _text_rope(opts["hidden_size"] // opts["num_heads"])
     text_kwargs["bos_token_id"] = None
     ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
+    vision: dict[str, Any] = {
+        "depth": opts["vision_layers"],
+        "num_heads": opts["vision_heads"],
+        "patch_size": patch,
+        "spatial_merge_size": merge,
+        "temporal_patch_size": 2,
+    }
+    if v2_5:
+        # Qwen2.5-VL: windowed vision attention (window in pixels, a multiple of the merged cell) with
+        # full attention in the last block; the merger projects to the LLM width via out_hidden_size.
+        vision.update(
+            hidden_size=opts["vision_hidden_size"],
+            intermediate_size=2 * opts["vision_hidden_size"],
+            out_hidden_size=opts["hidden_size"],
+            window_size=2 * cell,
+            fullatt_block_indexes=[opts["vision_layers"] - 1],
+        )
+    else:
+        vision.update(embed_dim=opts["vision_hidden_size"], hidden_size=opts["hidden_size"], mlp_ratio=2)
+    config_class, model_class = (
+        (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+        if v2_5
+        else (Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+    )
+    config = config_class(
         text_config=text_kwargs,
-        vision_config={
-            "depth": opts["vision_layers"],
-            "embed_dim": opts["vision_hidden_size"],
-            "hidden_size": opts["hidden_size"],
-            "num_heads": opts["vision_heads"],
-            "mlp_ratio": 2,
-            "patch_size": patch,
-            "spatial_merge_size": merge,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
-    return Qwen2VLForConditionalGeneration(config), processor
+    return model_class(config), processor
+
+
+def _qwen2_5vl(tokenizer: Any, opts: dict[str, Any]) -> tuple[Any, Any]:
+    return _qwen2vl(tokenizer, opts, v2_5=True)
 
 
 def _text_kwargs(tokenizer: Any, opts: dict[str, Any]) -> dict[str, Any]:
@@ -342,11 +369,13 @@ def _text_kwargs(tokenizer: Any, opts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_BUILDERS = {"llava": _llava, "paligemma": _paligemma, "qwen2vl": _qwen2vl}
+_QWEN_PROCESSORS = {"qwen2vl": "Qwen2VLProcessor", "qwen2_5vl": "Qwen2_5_VLProcessor"}
+
+_BUILDERS = {"llava": _llava, "paligemma": _paligemma, "qwen2vl": _qwen2vl, "qwen2_5vl": _qwen2_5vl}
 
 
-def _fix_qwen_processor_files(out: Path, processor: Any) -> None:
-    """Make the saved files name the stock ``Qwen2VLProcessor`` and carry a video-processor config.
+def _fix_qwen_processor_files(out: Path, processor: Any, processor_class: str) -> None:
+    """Make the saved files name the stock Qwen processor class and carry a video-processor config.
 
     The checkpoint is then what a hub checkpoint is: with torchvision ``AutoProcessor`` builds the
     full processor, without it ``load_adapter`` builds the image-only one.
@@ -355,7 +384,7 @@ def _fix_qwen_processor_files(out: Path, processor: Any) -> None:
         path = out / name
         if path.is_file():
             data = json.loads(path.read_text())
-            data["processor_class"] = "Qwen2VLProcessor"
+            data["processor_class"] = processor_class
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     ip = processor.image_processor
     video = {
@@ -366,7 +395,7 @@ def _fix_qwen_processor_files(out: Path, processor: Any) -> None:
         "size": dict(ip.size),
         "image_mean": list(ip.image_mean),
         "image_std": list(ip.image_std),
-        "processor_class": "Qwen2VLProcessor",
+        "processor_class": processor_class,
     }
     (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
 
@@ -386,6 +415,9 @@ def build_tiny(
     **overrides: Any,
 ) -> Path:
     """Build and save a tiny random-weight checkpoint of ``family``; returns ``out_dir``.
+
+    ``family`` is ``llava``, ``paligemma``, ``qwen2vl`` or ``qwen2_5vl`` (Qwen2.5-VL, served by the
+    Qwen2-VL adapter).
 
     Overrides: ``vision_hidden_size`` (32), ``vision_layers`` (2), ``vision_heads`` (2),
     ``intermediate_size`` (2 * hidden), ``spatial_merge_size`` (Qwen2-VL, 2), ``min_pixels`` /
@@ -418,7 +450,7 @@ def build_tiny(
     if unknown:
         raise TypeError(f"unknown build_tiny options: {', '.join(sorted(unknown))}")
     opts.update(overrides)
-    if family != "qwen2vl" and opts["image_size"] % opts["patch_size"]:
+    if not family.startswith("qwen") and opts["image_size"] % opts["patch_size"]:
         raise ValueError(
             f"image_size {opts['image_size']} must be a multiple of patch_size {opts['patch_size']}"
         )
@@ -432,6 +464,6 @@ def build_tiny(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    if family == "qwen2vl":
-        _fix_qwen_processor_files(out, processor)
+    if family.startswith("qwen"):
+        _fix_qwen_processor_files(out, processor, _QWEN_PROCESSORS[family])
     return out
