@@ -418,19 +418,23 @@ def _first_nonfinite(
     maps: list[np.ndarray],
     hidden: dict[str, np.ndarray],
 ) -> str | None:
-    """Name the first captured signal that is NaN or inf, with its layer, or None if all are finite."""
-    for key, value in sample.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"samples.{key}"
-    for row in layer_rows + head_rows:
-        for key, value in row.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                return f"{key} at layer {row['layer']}"
-    for layer, values in enumerate(maps):
-        if not np.isfinite(values).all():
-            return f"attention map at layer {layer}"
+    """Name the captured signal where a NaN or inf first appears (earliest layer first), or None.
+
+    Hidden states are checked first: a NaN born in layer l spreads to every later signal, so the
+    earliest non-finite residual is where to look.
+    """
     for site, values in hidden.items():
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
             return f"hidden {site} at layer {int(np.argmax(bad))}"
+    for layer, values in enumerate(maps):
+        if not np.isfinite(values).all():
+            return f"attention map at layer {layer}"
+    for row in layer_rows + head_rows:
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"{key} at layer {row['layer']}"
+    for key, value in sample.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"samples.{key}"
     return None

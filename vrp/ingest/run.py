@@ -204,19 +204,17 @@ def run_ingest(
         "config": config,
     }
     lake = open_lake(lake_root)
-    writer = lake.writer(run_row, shard=options.shard, owned_sample_ids=[s.sample_id for s in samples])
-    done = writer.begin()
-    todo = [s for s in samples if s.sample_id not in done]
+    already = _committed_sample_ids(lake, run_id)
+    pending_ids = [s for s in samples if s.sample_id not in already]
     summary = IngestSummary(
-        run_id=run_id, model=adapter.name, total=len(samples), skipped_done=len(samples) - len(todo)
+        run_id=run_id, model=adapter.name, total=len(samples), skipped_done=len(samples) - len(pending_ids)
     )
-
-    probe_tokens = _image_tokens_per_sample(adapter, todo)
+    probe_tokens = _image_tokens_per_sample(adapter, pending_ids)
     summary.estimated_bytes = estimate_bytes(
-        adapter, len(todo), layers, probe_tokens, options.self_consistency
+        adapter, len(pending_ids), layers, probe_tokens, options.self_consistency
     )
     echo(
-        f"run {run_id}: {len(todo)} of {len(samples)} questions to ingest with {adapter.name} "
+        f"run {run_id}: {len(pending_ids)} of {len(samples)} questions to ingest with {adapter.name} "
         f"({adapter.num_layers} layers, hidden {adapter.hidden_size}); "
         f"about {summary.estimated_bytes / 2**20:.1f} MiB before compression"
     )
@@ -226,6 +224,11 @@ def run_ingest(
             f"({options.max_bytes / 2**30:.2f} GiB); store fewer layers with --layers, ingest fewer "
             "questions with --limit, or raise --max-bytes"
         )
+    # Nothing is written before this point: the writer first cleans up this shard's incomplete
+    # samples, then reports what is committed (the authority; the read above only sized the run).
+    writer = lake.writer(run_row, shard=options.shard, owned_sample_ids=[s.sample_id for s in samples])
+    done = writer.begin()
+    todo = [s for s in samples if s.sample_id not in done]
 
     failures = [
         {
@@ -279,6 +282,14 @@ def run_ingest(
     writer.finish("complete")
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _committed_sample_ids(lake: Any, run_id: str) -> set[str]:
+    """Sample ids of this run already committed, read without writing anything."""
+    if not lake.has_table("samples"):
+        return set()
+    rows = lake.sql(f"select sample_id from samples where run_id = '{run_id}'").fetchall()
+    return {row[0] for row in rows}
 
 
 def _tally(summary: IngestSummary, rows: list[dict[str, Any]]) -> None:
