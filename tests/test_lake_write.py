@@ -119,6 +119,17 @@ def test_a_commit_retried_after_a_failure_midway_is_stored_once(tmp_path, monkey
         assert counts[name] == 2 * per, name
 
 
+def test_rows_of_already_complete_samples_are_not_stored_again(tmp_path):
+    writer = open_lake(tmp_path).writer(make_run())
+    writer.begin()
+    writer.commit(batch_rows(["s0000", "s0001"]))
+    writer.commit(batch_rows(["s0001", "s0002"]))  # overlaps the first batch by one sample
+    lake = open_lake(tmp_path)
+    for name, per in ROWS_PER_SAMPLE.items():
+        got = dict(lake.sql(f"SELECT sample_id, count(*) FROM {name} GROUP BY 1").fetchall())
+        assert got == {"s0000": per, "s0001": per, "s0002": per}, name
+
+
 def test_the_same_configuration_twice_adds_nothing(tmp_path):
     run = make_run()
     ingest(str(tmp_path), run, sample_ids(5))

@@ -200,9 +200,11 @@ class RunWriter:
         delta.retry_commit(action)
 
     def _counts(self) -> tuple[int, int]:
+        """(complete samples, failed samples not completed since) of the run, over all shards."""
         done = self._completed_ids()
-        failed = {s for s in self._column_values("failures", "sample_id").to_pylist() if s is not None} - done
-        return len(done), len(failed)
+        failed_ids = self._column_values("failures", "sample_id").to_pylist()
+        unidentified = sum(1 for s in failed_ids if s is None)  # e.g. images that failed to load
+        return len(done), len({s for s in failed_ids if s is not None} - done) + unidentified
 
     def _cleanup(self, completed: set[str]) -> None:
         """Delete this writer's rows of samples that never got their `samples` row."""
@@ -273,17 +275,24 @@ class RunWriter:
     def commit(self, rows: Mapping[str, Rows]) -> None:
         """Commit one batch group: validate everything, then every other table, then `samples`.
 
-        A batch whose samples are all complete already is skipped; a commit retried after an
-        exception skips the tables its first attempt already committed.
+        Rows of samples that are already complete are dropped (they are stored already), so a
+        batch committed twice is stored once; a commit retried after an exception skips the
+        tables its first attempt already committed (their application transaction says so).
         """
         if self._seq is None:
             raise LakeError("call begin() before commit(): it cleans up an interrupted attempt first")
         prepared = self.prepare(rows)
+        if self._completed:
+            done = pa.array(sorted(self._completed), type=pa.string())
+            for name, (table, widths) in prepared.items():
+                if "sample_id" in table.column_names:
+                    keep = pc.invert(pc.fill_null(pc.is_in(table.column("sample_id"), value_set=done), False))
+                    prepared[name] = (table.filter(keep), widths)
+        if not any(table.num_rows for table, _ in prepared.values()):
+            return
         sample_ids: set[str] = set()
         if "samples" in prepared:
             sample_ids = set(prepared["samples"][0].column("sample_id").to_pylist())
-            if sample_ids and sample_ids <= self._completed:
-                return
         seq = self._seq + 1
         order = [n for n in prepared if n != "samples"] + (["samples"] if "samples" in prepared else [])
         for name in order:
