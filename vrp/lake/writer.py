@@ -307,9 +307,26 @@ class RunWriter:
         self._completed |= sample_ids
 
     def fail(self, rows: list[dict[str, Any]]) -> None:
-        """Record per-sample failures (sample_id, stage, error); a resume retries those samples."""
+        """Record per-sample failures (sample_id, stage, error); a resume retries those samples.
+
+        A failure already recorded for this run (same sample id and stage) is not recorded
+        again: load failures of questions no shard owns would otherwise pile up on every resume.
+        """
+        if self._seq is None:
+            raise LakeError("call begin() before fail()")
+        existing = self._table("failures")
+        existing.update_incremental()
+        recorded = existing.to_pyarrow_dataset().to_table(
+            filter=(pc.field("run_id") == self.run_id) & (pc.field("model") == self.model),
+            columns=["sample_id", "stage"],
+        )
+        seen = {(r["sample_id"], r["stage"]) for r in recorded.to_pylist()}
         now = _now()
-        self.commit({"failures": [{"failed_at": now, **row} for row in rows]})
+        fresh = [
+            {"failed_at": now, **row} for row in rows if (row.get("sample_id"), row.get("stage")) not in seen
+        ]
+        if fresh:
+            self.commit({"failures": fresh})
 
     def finish(self, status: str = "complete") -> None:
         """Set the run's status, finish time and counts (done, failed) over all shards (MERGE)."""
