@@ -309,7 +309,7 @@ class RunWriter:
     def fail(self, rows: list[dict[str, Any]]) -> None:
         """Record per-sample failures (sample_id, stage, error); a resume retries those samples.
 
-        A failure already recorded for this run (same sample id and stage) is not recorded
+        A failure already recorded for this run (same sample id, question id and stage) is not recorded
         again: load failures of questions no shard owns would otherwise pile up on every resume.
         """
         if self._seq is None:
@@ -318,12 +318,14 @@ class RunWriter:
         existing.update_incremental()
         recorded = existing.to_pyarrow_dataset().to_table(
             filter=(pc.field("run_id") == self.run_id) & (pc.field("model") == self.model),
-            columns=["sample_id", "stage"],
+            columns=["sample_id", "question_id", "stage"],
         )
-        seen = {(r["sample_id"], r["stage"]) for r in recorded.to_pylist()}
+        seen = {(r["sample_id"], r["question_id"], r["stage"]) for r in recorded.to_pylist()}
         now = _now()
         fresh = [
-            {"failed_at": now, **row} for row in rows if (row.get("sample_id"), row.get("stage")) not in seen
+            {"failed_at": now, **row}
+            for row in rows
+            if (row.get("sample_id"), row.get("question_id"), row.get("stage")) not in seen
         ]
         if fresh:
             self.commit({"failures": fresh})
