@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -391,3 +392,42 @@ def test_shapes_question_is_answered_through_the_adapter(adapters):
         probs = logits.softmax(-1)
         p_yes, p_no = probs[adapter.yes_ids].sum(), probs[adapter.no_ids].sum()
         assert 0 < float(p_yes) < 1 and 0 < float(p_no) < 1 and math.isfinite(float(p_yes / p_no))
+
+
+def test_hub_id_resolves_from_the_hub_cache_with_its_commit(tmp_path, monkeypatch):
+    """A hub id loads offline from the hub cache; its revision is the snapshot's commit hash."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--acme--tiny-llava"
+    build_tiny("llava", repo / "snapshots" / commit, seed=5)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    adapter = load_adapter("acme/tiny-llava")
+    assert (adapter.source, adapter.name, adapter.revision) == ("acme/tiny-llava", "acme--tiny-llava", commit)
+
+
+def test_llava_with_cls_kept_is_refused(tiny_dirs, tmp_path):
+    """With ``vision_feature_select_strategy='full'`` the CLS feature has no grid cell: encode must refuse."""
+    import shutil
+
+    path = Path(shutil.copytree(tiny_dirs["llava"], tmp_path / "full"))
+    for name in ("config.json", "processor_config.json"):
+        data = json.loads((path / name).read_text())
+        data["vision_feature_select_strategy"] = "full"
+        (path / name).write_text(json.dumps(data))
+    adapter = load_adapter(str(path))
+    with pytest.raises(ValueError, match=r"17 image tokens but .* 4x4 grid.*'default'"):
+        adapter.encode(_images()[:1], QUESTIONS[:1])
+
+
+def test_bfloat16_loading_casts_pixels_and_stays_finite(tiny_dirs):
+    adapter = load_adapter(str(tiny_dirs["paligemma"]), dtype="bfloat16")
+    assert {p.dtype for p in adapter.model.parameters()} == {torch.bfloat16}
+    enc = adapter.encode(_images(), list(QUESTIONS))
+    assert enc.inputs["pixel_values"].dtype == torch.bfloat16
+    assert enc.inputs["input_ids"].dtype == torch.long
+    with torch.no_grad():
+        logits = adapter.model(**enc.inputs).logits
+    assert torch.isfinite(logits.float()).all()

@@ -109,13 +109,20 @@ def _hash_file(digest: Any, path: Path) -> None:
 
 
 def checkpoint_revision(source: str, config: Any) -> str | None:
-    """Hub commit hash when known, else ``sha256:<16 hex>`` of a local checkpoint's files."""
-    commit = getattr(config, "_commit_hash", None)
-    if commit:
-        return str(commit)
+    """Hub commit hash when known, else ``sha256:<16 hex>`` of a local checkpoint's files.
+
+    A hub id is resolved through the local hub cache: the snapshot folder its ``config.json`` was read
+    from is named by the commit (transformers 5 does not keep ``_commit_hash`` on the model config).
+    """
     path = Path(source)
     if not path.is_dir():
-        return None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json")
+        if isinstance(cached, str) and Path(cached).parent.parent.name == "snapshots":
+            return Path(cached).parent.name
+        commit = getattr(config, "_commit_hash", None)
+        return str(commit) if commit else None
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors.index.json"):
         if (path / name).is_file():
