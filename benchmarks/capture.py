@@ -1,0 +1,178 @@
+"""Capture cost against a bare SDPA forward and against what existing tools do (eager + all outputs).
+
+For each family, a mid-size random-weight config (hidden 512, 8 decoder layers, 576 image
+tokens on a 24x24 grid) and batch sizes 1 and 8, three variants run side by side:
+
+  (a) sdpa     a bare forward with SDPA attention (the model's own cost)
+  (b) vrp      VRP's full capture: answer-row attention in float32, traced sites, logit lens,
+               the greedy first token (max_new_tokens=1) and every per-layer summary
+  (c) eager    eager attention with output_attentions=True, output_hidden_states=True
+
+Time is the median of several runs in one process. Memory is measured in a fresh process per
+variant: peak RSS minus the RSS after the model is loaded and one warm-up pass (on a GPU,
+torch.cuda.max_memory_allocated). Prints a table with the ratios (b)/(a), (c)/(a) and the
+extra-memory ratio ((c)-(a)) / ((b)-(a)).
+
+Usage:  python benchmarks/capture.py [--families llava,paligemma,qwen2vl] [--batches 1,8] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MID = {
+    "llava": {"image_size": 336, "patch_size": 14},
+    "paligemma": {"image_size": 384, "patch_size": 16},
+    "qwen2vl": {"image_size": 672, "patch_size": 14, "spatial_merge_size": 2, "max_pixels": 672 * 672},
+}
+
+
+def build(family: str, root: Path) -> Path:
+    from vrp.ingest.models.tiny import build_tiny
+
+    return build_tiny(
+        family,
+        root / family,
+        seed=0,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=8 if family == "llava" else 2,
+        vision_hidden_size=64,
+        vision_layers=1,
+        **MID[family],
+    )
+
+
+def _inputs(adapter, family: str, batch: int):
+    from PIL import Image
+
+    side = MID[family]["image_size"]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(batch)]
+    enc = adapter.encode(images, ["Is there a red circle in the image?"] * batch)
+    assert all(len(p) == 576 for p in enc.image_pos), [len(p) for p in enc.image_pos]
+    return enc
+
+
+def _runner(adapter, enc, variant: str):
+    from vrp.ingest.capture import capture_batch
+
+    model = adapter.model
+    if variant == "sdpa":
+        return lambda: model(**enc.inputs)
+    if variant == "vrp":
+        labels = ["yes"] * enc.batch_size
+        return lambda: capture_batch(adapter, enc, labels, max_new_tokens=1)
+    model.set_attn_implementation("eager")
+
+    def eager():
+        out = model(**enc.inputs, output_attentions=True, output_hidden_states=True)
+        assert len(out.attentions) == adapter.num_layers and out.attentions[0].ndim == 4
+        return out
+
+    return eager
+
+
+def measure(path: str, family: str, variant: str, batch: int, repeats: int) -> dict[str, float]:
+    """One variant in this process: median seconds and extra peak memory in MiB."""
+    import torch
+
+    from vrp.ingest.models import load_adapter
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    adapter = load_adapter(path, device=device)
+    enc = _inputs(adapter, family, batch)
+    run = _runner(adapter, enc, variant)
+    with torch.no_grad():
+        run()  # warm-up: lazy allocations and kernel selection are not the variant's cost
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _rss_mib()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    if device == "cuda":
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        extra = _peak_rss_mib() - base
+    return {"seconds": statistics.median(times), "extra_mib": max(extra, 0.0), "device": device}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--families", default="llava,paligemma,qwen2vl")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", nargs=5, metavar=("PATH", "FAMILY", "VARIANT", "BATCH", "REPEATS"))
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child:
+        path, family, variant, batch, repeats = args.child
+        print(json.dumps(measure(path, family, variant, int(batch), int(repeats))))
+        return
+
+    print(f"{'family':10} {'batch':>5} {'variant':8} {'median s':>9} {'extra MiB':>10}  ratio to sdpa")
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families.split(","):
+            path = build(family, Path(tmp))
+            for batch in (int(b) for b in args.batches.split(",")):
+                rows = {}
+                for variant in ("sdpa", "vrp", "eager"):
+                    # a fresh process per variant, so peak memory is that variant's alone
+                    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child"]
+                    cmd += [str(path), family, variant, str(batch), str(args.repeats)]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    rows[variant] = json.loads(out.strip().splitlines()[-1])
+                for variant, row in rows.items():
+                    ratio = row["seconds"] / rows["sdpa"]["seconds"]
+                    print(
+                        f"{family:10} {batch:5d} {variant:8} {row['seconds']:9.3f} {row['extra_mib']:10.1f}  "
+                        f"time x{ratio:.2f}"
+                    )
+                vrp_extra = rows["vrp"]["extra_mib"] - rows["sdpa"]["extra_mib"]
+                eager_extra = rows["eager"]["extra_mib"] - rows["sdpa"]["extra_mib"]
+                mem_ratio = eager_extra / max(vrp_extra, 1.0)
+                vrp_time = rows["vrp"]["seconds"] / rows["sdpa"]["seconds"]
+                eager_time = rows["eager"]["seconds"] / rows["sdpa"]["seconds"]
+                print(
+                    f"{family:10} {batch:5d} summary vrp/sdpa x{vrp_time:.2f} eager/sdpa x{eager_time:.2f}"
+                    f"  extra memory eager/vrp x{mem_ratio:.1f} (device {rows['sdpa']['device']})"
+                )
+
+
+if __name__ == "__main__":
+    main()
