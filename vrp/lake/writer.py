@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from vrp.lake.lake import Lake
 
 #: Columns a row may omit when the run already says them.
-_FILLED_FROM_RUN = ("run_id", "model", "dataset", "split", "base_run_id")
+_FILLED_FROM_RUN = ("run_id", "model", "dataset", "split", "base_run_id", "kind")
 
 #: Tables whose rows belong to one sample of a run (cleaned up on resume); `samples` is the marker.
 PER_SAMPLE_TABLES = tuple(
