@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from vrp.ingest.datasets.shapes import CLASSES, question_for, render_images
 from vrp.ingest.models import load_adapter
 from vrp.ingest.models.tiny import build_tiny
-from vrp.toys.train import STATS_IMAGES, ToyTrainConfig, _build_kwargs, pixel_stats, train_toy
+from vrp.toys.train import STATS_IMAGES, ToyTrainConfig, _build_kwargs, lr_at, pixel_stats, train_toy
 
 SMALL = dict(
     batch_size=16,
@@ -98,3 +98,11 @@ def test_training_is_deterministic(tmp_path: Path, family: str) -> None:
 def test_refuses_the_benchmark_seed() -> None:
     with pytest.raises(ValueError, match="default evaluation benchmark"):
         ToyTrainConfig(family="llava", seed=1234)
+
+
+def test_learning_rate_schedule_by_hand() -> None:
+    cfg = ToyTrainConfig(family="llava", steps=100, minutes=None, lr=1.0, min_lr_ratio=0.1, warmup_steps=4)
+    assert [lr_at(s, cfg, 60, 100) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(30, cfg, 60, 100) == 1.0 and lr_at(30, cfg, None, None) == 1.0
+    assert lr_at(80, cfg, 60, 100) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_at(100, cfg, 60, 100) == pytest.approx(0.1)

@@ -208,7 +208,7 @@ def toy() -> None:
     default=15.0,
     show_default=True,
     type=click.FloatRange(min=0.1),
-    help="Wall-clock budget; the step count is fixed after a short calibration.",
+    help="Wall-clock budget; the step count is fixed from the measured pace (see below).",
 )
 @click.option(
     "--steps",
@@ -219,6 +219,12 @@ def toy() -> None:
 @click.option(
     "--seed", default=0, show_default=True, type=int, help="Model initialisation and training data seed."
 )
+@click.option(
+    "--decay-start",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Step where the learning rate starts to decay (with --steps; a card records it).",
+)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--threads",
@@ -228,10 +234,26 @@ def toy() -> None:
     help="Torch CPU threads (results are deterministic for a given thread count).",
 )
 def toy_train(
-    family: str, out_dir: Path, minutes: float, steps: int | None, seed: int, batch_size: int, threads: int
+    family: str,
+    out_dir: Path,
+    minutes: float,
+    steps: int | None,
+    seed: int,
+    decay_start: int | None,
+    batch_size: int,
+    threads: int,
 ) -> None:
-    """Train one toy model on freshly generated shapes-POPE and save it with its card."""
+    """Train one toy model on freshly generated shapes-POPE and save it with its card.
+
+    With --minutes the learning rate stays constant until 30% of the budget is left, then decays
+    over the step count the measured pace allows; the card records both numbers, and
+    `--steps N --decay-start D` with the same seed and --threads reproduces the weights exactly.
+    """
+    from transformers.utils import logging as hf_logging
+
     from vrp.toys.train import ToyTrainConfig, train_toy
+
+    hf_logging.disable_progress_bar()  # our own bar and log lines only
 
     try:
         cfg = ToyTrainConfig(
@@ -239,6 +261,7 @@ def toy_train(
             seed=seed,
             minutes=None if steps else minutes,
             steps=steps,
+            decay_start=decay_start,
             batch_size=batch_size,
             threads=threads,
         )

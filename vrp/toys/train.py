@@ -76,6 +76,8 @@ class ToyTrainConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     warmup_steps: int = 50
+    decay_share: float = 0.3
+    decay_start: int | None = None
     caption_share: float = 0.25
     hidden_size: int = 128
     num_layers: int = 4
@@ -96,6 +98,8 @@ class ToyTrainConfig:
             raise ValueError(f"unknown family {self.family!r}; expected one of {', '.join(FAMILIES)}")
         if self.steps is None and self.minutes is None:
             raise ValueError("give a number of steps or of minutes")
+        if not 0 < self.decay_share < 1:
+            raise ValueError("decay_share must be between 0 and 1")
         if self.warmup_steps < 1:
             raise ValueError("warmup_steps must be at least 1")
         if self.seed == DEFAULT_SEED:
@@ -205,14 +209,17 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     )
 
 
-def lr_at(step: int, total: int, cfg: ToyTrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step.
+def lr_at(step: int, cfg: ToyTrainConfig, decay_start: int | None, total: int | None) -> float:
+    """Warm-up, stable, decay: linear warm-up to ``lr``, constant until ``decay_start``, then
+    cosine decay to ``min_lr_ratio * lr`` at step ``total``.
 
-    The warm-up does not depend on ``total``, so the calibration steps of a time-limited run have
-    the same learning rate as in a rerun with the recorded step count."""
+    Until a time-limited run fixes ``decay_start`` and ``total`` (None), the rate depends on the
+    step alone, so a rerun with the card's recorded numbers reproduces every step exactly."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if decay_start is None or total is None or step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -299,13 +306,13 @@ def train_toy(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def step_once(step: int, total: int) -> float:
+    def step_once(step: int, decay_start: int | None, total: int | None) -> float:
         batch = make_batch(
             cfg.seed, step, cfg.batch_size, cfg.caption_share, frequency, cooccurrence, cfg.image_size
         )
         inputs, targets = with_answers(adapter, batch)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
+            group["lr"] = lr_at(step, cfg, decay_start, total)
         loss = answer_loss(model(**inputs).logits, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{cfg.family}: training loss is not finite at step {step}")
@@ -315,48 +322,65 @@ def train_toy(
         optimizer.step()
         return loss.item()
 
-    started = time.perf_counter()
     losses: list[float] = []
     history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def evaluate_now(step: int, images: Sequence[Any]) -> dict[str, float]:
+        acc = evaluate(adapter, images, cfg.eval_seed)
+        entry = {
+            "step": step,
+            "seconds": round(time.perf_counter() - started, 1),
+            "loss": round(float(np.mean(losses[-50:])), 4),
+            "images": len(images),
+            "accuracy": acc,
+        }
+        history.append(entry)
+        accs = " ".join(f"{s} {a:.3f}" for s, a in acc.items())
+        say(f"{cfg.family} step {step} loss {entry['loss']:.3f} {accs} ({entry['seconds']:.0f}s)")
+        return acc
+
+    # Steps mode: everything is known. Minutes mode: train at the stable rate until the decay share
+    # of the budget is left, then fix the remaining step count from the measured pace (evaluations
+    # included) and decay over it; both numbers go into the card.
     total = cfg.steps
-    if total is None:
-        # Calibrate on the first steps (all inside the warm-up, whose learning rate does not depend on
-        # the total), then fix the schedule; the card records it, so `steps=` reproduces the run.
-        assert cfg.minutes is not None
-        calibration = min(8, cfg.warmup_steps)
-        for step in range(calibration):
-            losses.append(step_once(step, calibration))
-        per_step = (time.perf_counter() - started) / calibration
-        probe = time.perf_counter()
-        evaluate(adapter, eval_images[: max(4, cfg.eval_images // 10)], cfg.eval_seed)
-        per_eval = (time.perf_counter() - probe) * cfg.eval_images / max(4, cfg.eval_images // 10)
-        budget = cfg.minutes * 60 - (time.perf_counter() - started) - per_eval * cfg.evals
-        total = calibration + max(1, int(budget / per_step))
-        say(f"{cfg.family}: {per_step:.2f} s/step, {per_eval:.0f} s/eval -> {total} steps")
-    eval_at = {round(total * k / cfg.evals) for k in range(1, cfg.evals + 1)} | {total}
+    decay_start = (
+        cfg.decay_start
+        if cfg.decay_start is not None
+        else (None if total is None else round(total * (1 - cfg.decay_share)))
+    )
+    budget = None if cfg.minutes is None else cfg.minutes * 60
+    interim = eval_images[: max(4, len(eval_images) // 3)]
+    next_eval = 1
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(range(len(losses), total), desc=f"toy {cfg.family}", disable=not show)
-    for step in bar:
-        losses.append(step_once(step, total))
+    bar = tqdm(total=total, desc=f"toy {cfg.family}", disable=not show)
+    step = 0
+    while total is None or step < total:
+        losses.append(step_once(step, decay_start, total))
+        step += 1
+        bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if step + 1 in eval_at:
-            acc = evaluate(adapter, eval_images, cfg.eval_seed)
-            entry = {
-                "step": step + 1,
-                "seconds": round(time.perf_counter() - started, 1),
-                "loss": round(float(np.mean(losses[-50:])), 4),
-                "accuracy": acc,
-            }
-            history.append(entry)
-            accs = " ".join(f"{s} {a:.3f}" for s, a in acc.items())
-            where = f"{cfg.family} step {step + 1}/{total}"
-            say(f"{where} loss {entry['loss']:.3f} {accs} ({entry['seconds']:.0f}s)")
+        elapsed = time.perf_counter() - started
+        if total is None and budget is not None and elapsed >= budget * (1 - cfg.decay_share):
+            decay_start = step
+            total = step + max(1, int((budget - elapsed) / (elapsed / step)))
+            bar.total = total
+            say(f"{cfg.family}: {elapsed / step:.2f} s/step so far; decaying over steps {step}..{total}")
+        due = (
+            step * cfg.evals >= next_eval * total
+            if total is not None
+            else (budget is not None and elapsed * cfg.evals >= next_eval * budget)
+        )
+        if due and step != total:
+            evaluate_now(step, interim)
+            next_eval += 1
     bar.close()
+    final = evaluate_now(step, eval_images)
     wall = time.perf_counter() - started
     model.eval()
     model.save_pretrained(out)
     questions = {s: len(make_questions(eval_images, s, cfg.eval_seed)) for s in SPLITS}
-    card = _card(cfg, adapter, total, wall, (mean, std), history, losses, questions)
+    card = _card(cfg, adapter, (step, decay_start), wall, (mean, std), history, losses, questions, final)
     (out / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return card
 
@@ -364,12 +388,13 @@ def train_toy(
 def _card(
     cfg: ToyTrainConfig,
     adapter: Any,
-    steps: int,
+    steps: tuple[int, int | None],
     wall: float,
     pixels: tuple[list[float], list[float]],
     history: list[dict[str, Any]],
     losses: list[float],
     questions: dict[str, int],
+    accuracy: dict[str, float],
 ) -> dict[str, Any]:
     """The toy's card: what it is, how it was trained, and how well it answers held-out questions."""
     import transformers
@@ -392,7 +417,8 @@ def _card(
         "training": {
             **{k: v for k, v in asdict(cfg).items() if k != "family"},
             "data": "shapes-pope rendered in memory from the training seed",
-            "steps": steps,
+            "steps": steps[0],
+            "decay_start": steps[1],
             "minutes": round(wall / 60, 2),
             "final_loss": round(float(np.mean(losses[-50:])), 4),
             "pixel_mean": pixels[0],
@@ -403,7 +429,7 @@ def _card(
             "seed": cfg.eval_seed,
             "images": cfg.eval_images,
             "questions": questions,
-            "accuracy": history[-1]["accuracy"],
+            "accuracy": accuracy,
             "rule": "yes when p(yes) > p(no) at the answer position",
         },
         "history": history,

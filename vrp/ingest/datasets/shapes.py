@@ -339,12 +339,14 @@ def generate_shapes_pope(
     seed: int,
     image_size: int = DEFAULT_IMAGE_SIZE,
     max_pairs: int = DEFAULT_MAX_PAIRS,
+    replace: bool = True,
 ) -> Path:
     """Write a shapes-POPE folder; the same arguments always give the same bytes in every file.
 
     The folder is built beside ``out_dir`` and moved into place at the end, so a reader never
-    sees a half-written set. An existing shapes-POPE folder is replaced; any other non-empty
-    folder is refused rather than overwritten.
+    sees a half-written set. An existing shapes-POPE folder is replaced (with ``replace=False``
+    the final move fails with ``OSError`` instead); any other non-empty folder is refused rather
+    than overwritten.
     """
     if images < 1:
         raise ValueError(f"images must be at least 1, got {images}")
@@ -356,9 +358,9 @@ def generate_shapes_pope(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _write(staging, rendered, seed, image_size, max_pairs)
-        if out.exists():
+        if replace and out.exists() and any(out.iterdir()):
             shutil.rmtree(out)
-        os.replace(staging, out)
+        os.replace(staging, out)  # also onto an empty folder; fails if another writer got there first
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -382,8 +384,17 @@ def default_shapes_dir() -> Path:
 
 def ensure_shapes_dir(data_dir: str | Path | None = None) -> Path:
     """A complete shapes-POPE folder: ``data_dir`` if it already is one, else the default set
-    generated into ``data_dir`` (or the user cache when ``data_dir`` is None)."""
+    generated into ``data_dir`` (or the user cache when ``data_dir`` is None).
+
+    Two processes asking at once both generate; the second one's move fails because the folder is
+    no longer empty, and it then uses the (identical) set the first one wrote.
+    """
     folder = Path(data_dir) if data_dir is not None else default_shapes_dir()
-    if not is_shapes_dir(folder):
-        generate_shapes_pope(folder, images=DEFAULT_IMAGES, seed=DEFAULT_SEED)
+    if is_shapes_dir(folder):
+        return folder
+    try:
+        generate_shapes_pope(folder, images=DEFAULT_IMAGES, seed=DEFAULT_SEED, replace=False)
+    except OSError:
+        if not is_shapes_dir(folder):
+            raise
     return folder
