@@ -108,6 +108,7 @@ def test_image_run_sits_where_the_prompt_format_puts_it(adapters, family):
     tokens = adapter.tokenizer.convert_ids_to_tokens(enc.inputs["input_ids"][0])
     first = int(enc.image_pos[0][0])
     last = int(enc.image_pos[0][-1])
+    assert (first == 0) == adapters[family].spec.image_first
     if family == "llava":
         assert tokens[:first] == ["<s>", "USER", ":"]
         assert tokens[last + 1 :] == [

@@ -69,10 +69,6 @@ class Encoded:
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.grids)
-
 
 def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
     """Ids of every single first token that spells ``word`` in some casing, with or without a leading space.
