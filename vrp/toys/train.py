@@ -18,8 +18,10 @@ What made such training work (DESIGN.md section 7), all done here:
 
 Training is deterministic given the seed, the number of steps and the thread count: batch ``s``
 is built from images ``s * batch .. (s + 1) * batch - 1`` of the training seed and from per-step
-random generators. With ``minutes`` instead of ``steps`` the step count is fixed after a short
-calibration and recorded in the card, so ``steps=`` reproduces the run.
+random generators. The learning rate warms up, stays constant, then decays (cosine) over the last
+steps. With ``minutes`` instead of ``steps``, the run keeps the constant rate until ``decay_share``
+of the budget is left, then fixes the remaining step count from the pace measured so far; the card
+records ``steps`` and ``decay_start``, and ``steps=`` + ``decay_start=`` reproduce the weights.
 
 Usage::
 
