@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,6 +150,18 @@ def run_config(
     }
 
 
+def data_source(options: IngestOptions) -> dict[str, str | None]:
+    """The dataset paths of a run as absolute paths (None where the default applies)."""
+    return {
+        key: None if value is None else str(Path(value).resolve())
+        for key, value in (
+            ("data_dir", options.data_dir),
+            ("pope_file", options.pope_file),
+            ("image_dir", options.image_dir),
+        )
+    }
+
+
 def run_ingest(
     options: IngestOptions,
     lake_root: str,
@@ -201,7 +214,9 @@ def run_ingest(
         "device": options.device,
         "attention_backend": ATTENTION_BACKEND,
         "code_version": vrp.__version__,
-        "config": config,
+        # where the questions were read from: recorded so interventions can re-find the samples,
+        # but not hashed (a moved folder with the same files is the same run)
+        "config": {**config, "data_source": data_source(options)},
     }
     lake = open_lake(lake_root)
     already = _committed_sample_ids(lake, run_id)
