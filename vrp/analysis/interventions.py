@@ -1,0 +1,223 @@
+"""Intervention effects: paired accuracy changes and the destruction curve (pure; no torch, no model).
+
+What this module offers:
+
+* :func:`intervention_deltas` - per intervention run, condition and level: accuracy against the
+  paired reference (the run's own ``full`` condition, else the base run's answers), the change with
+  a paired bootstrap CI and McNemar's exact p, and the mean yes/no margin; overall and, with
+  ``by=``, per question type (``split``, ``category``).
+* :func:`deltas_from_lake` - the same, reading ``interventions`` and the base runs' ``samples``.
+* :func:`destruction_curve_figure` - accuracy and margin against the destroyed fraction, one line
+  per model and order, written with matplotlib's Agg canvas (no display, no global backend change).
+
+Why paired: every condition answers the very same questions as its reference, so the question
+difficulty cancels; McNemar looks only at the discordant pairs (right -> wrong vs wrong -> right)
+and the bootstrap resamples questions, keeping each question's pair together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vrp.analysis.stats import N_BOOT, SEED, mcnemar_exact, paired_bootstrap_diff
+
+REFERENCE_CONDITION = "full"
+
+
+def _records(rows: Any) -> list[dict[str, Any]]:
+    """Rows as dicts from a list of dicts, a pyarrow Table, or a polars / pandas DataFrame."""
+    if rows is None:
+        return []
+    if isinstance(rows, list):
+        return rows
+    if hasattr(rows, "to_pylist"):  # pyarrow
+        return rows.to_pylist()
+    if hasattr(rows, "to_dicts"):  # polars
+        return rows.to_dicts()
+    if hasattr(rows, "to_dict"):  # pandas
+        return rows.to_dict("records")
+    return list(rows)
+
+
+def _truth(value: Any) -> bool:
+    """An unparsable answer (correct is null) counts as wrong, as in the accuracy the study reports."""
+    return bool(value) if value is not None else False
+
+
+def _finite_mean(values: Iterable[Any]) -> float | None:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    return float(arr.mean()) if arr.size else None
+
+
+def intervention_deltas(
+    interventions: Any,
+    baseline: Any = None,
+    *,
+    by: str | None = None,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+) -> list[dict[str, Any]]:
+    """Accuracy change of every (run, condition, level) against its paired reference.
+
+    ``interventions``: rows of the ``interventions`` table. ``baseline``: rows of the base runs'
+    ``samples`` (``run_id``, ``sample_id``, ``correct``, ``yes_no_margin`` and any ``by`` column);
+    it is the reference of runs without a ``full`` condition and supplies the question type.
+    ``by``: a column (``split``, ``category``) to break the result down by, besides the overall row
+    (``group`` None).
+
+    One dict per (run, condition, level, group) with: ``model``, ``run_id``, ``base_run_id``,
+    ``kind``, ``setting``, ``condition``, ``level``, ``group``, ``reference`` ("full" or
+    "baseline"), ``n`` (paired questions), ``acc_ref``, ``acc``, ``delta`` (acc - acc_ref),
+    ``ci_low``/``ci_high`` (paired percentile bootstrap of the delta), ``b``/``c`` (right -> wrong,
+    wrong -> right), ``p`` (McNemar exact), ``margin_ref``/``margin`` (mean yes/no margin). The
+    ``full`` condition itself is not listed when it is the reference. Sorted by model, run,
+    condition, level, group.
+    """
+    rows = _records(interventions)
+    base_rows = _records(baseline)
+    base_index = {(r["run_id"], r["sample_id"]): r for r in base_rows}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        runs.setdefault(row["run_id"], []).append(row)
+
+    out: list[dict[str, Any]] = []
+    for run_id, run_rows in runs.items():
+        full = {r["sample_id"]: r for r in run_rows if r["condition"] == REFERENCE_CONDITION}
+        base_run_id = run_rows[0].get("base_run_id")
+        if full:
+            reference, ref = "full", full
+        else:
+            ref = {sid: r for (rid, sid), r in base_index.items() if rid == base_run_id}
+            reference = "baseline"
+            if not ref:
+                continue  # nothing to pair with
+        cells: dict[tuple[str, float], list[dict[str, Any]]] = {}
+        for row in run_rows:
+            if reference == "full" and row["condition"] == REFERENCE_CONDITION:
+                continue
+            cells.setdefault((row["condition"], float(row["level"])), []).append(row)
+        for (condition, level), cell in cells.items():
+            paired = [(r, ref[r["sample_id"]]) for r in cell if r["sample_id"] in ref]
+            groups: dict[Any, list[tuple[dict[str, Any], dict[str, Any]]]] = {None: paired}
+            if by is not None:
+                for pair in paired:
+                    key = pair[0].get(by)
+                    if key is None:
+                        key = base_index.get((base_run_id, pair[0]["sample_id"]), {}).get(by)
+                    if key is not None:
+                        groups.setdefault(key, []).append(pair)
+            for group, pairs in groups.items():
+                if not pairs:
+                    continue
+                after = np.array([_truth(r["correct"]) for r, _ in pairs])
+                before = np.array([_truth(f["correct"]) for _, f in pairs])
+                test = mcnemar_exact(before, after)
+                delta, low, high = paired_bootstrap_diff(before, after, n_boot=n_boot, seed=seed)
+                first = pairs[0][0]
+                out.append(
+                    {
+                        "model": first.get("model"),
+                        "run_id": run_id,
+                        "base_run_id": base_run_id,
+                        "kind": first.get("kind"),
+                        "setting": first.get("setting"),
+                        "condition": condition,
+                        "level": level,
+                        "group": group,
+                        "reference": reference,
+                        "n": len(pairs),
+                        "acc_ref": float(before.mean()),
+                        "acc": float(after.mean()),
+                        "delta": delta,
+                        "ci_low": low,
+                        "ci_high": high,
+                        "b": test.b,
+                        "c": test.c,
+                        "p": test.p,
+                        "margin_ref": _finite_mean(f.get("yes_no_margin") for _, f in pairs),
+                        "margin": _finite_mean(r.get("yes_no_margin") for r, _ in pairs),
+                    }
+                )
+    out.sort(
+        key=lambda r: (
+            str(r["model"]),
+            r["run_id"],
+            r["condition"],
+            r["level"],
+            r["group"] is not None,
+            str(r["group"]),
+        )
+    )
+    return out
+
+
+def deltas_from_lake(
+    lake: Any,
+    *,
+    run_ids: Sequence[str] | None = None,
+    kind: str | None = None,
+    by: str | None = None,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+) -> list[dict[str, Any]]:
+    """:func:`intervention_deltas` over the lake's ``interventions`` (optionally some runs or one kind).
+
+    Reads only: the base runs' ``samples`` rows provide the baseline answers and question types.
+    """
+    if not lake.has_table("interventions"):
+        return []
+    where: dict[str, Any] = {}
+    if run_ids is not None:
+        where["run_id"] = list(run_ids)
+    if kind is not None:
+        where["kind"] = kind
+    interventions = lake.arrow("interventions", filter=where or None)
+    if interventions.num_rows == 0:
+        return []
+    bases = sorted({b for b in interventions.column("base_run_id").to_pylist() if b})
+    columns = ["run_id", "sample_id", "correct", "yes_no_margin", "split", "category"]
+    baseline = lake.arrow("samples", filter={"run_id": bases}, columns=columns) if bases else None
+    return intervention_deltas(interventions, baseline, by=by, n_boot=n_boot, seed=seed)
+
+
+def destruction_curve_figure(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy (with the paired 95% CI) and mean yes/no margin against the destroyed fraction.
+
+    ``rows``: output of :func:`intervention_deltas`; only ``kind == "destroy"`` overall rows are
+    drawn, one line per (model, setting), starting at fraction 0 with the reference accuracy.
+    Written with the Agg canvas of a standalone ``Figure`` (no pyplot state, works headless).
+    """
+    from matplotlib.figure import Figure
+
+    curves: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("kind") == "destroy" and row.get("group") is None:
+            curves.setdefault((str(row["model"]), str(row["setting"])), []).append(row)
+    if not curves:
+        raise ValueError("no destroy rows to draw: run `vrp ingest intervene destroy` first")
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    acc_ax, margin_ax = fig.subplots(1, 2)
+    for (model, setting), points in sorted(curves.items()):
+        points = sorted(points, key=lambda r: r["level"])
+        x = [0.0] + [p["level"] for p in points]
+        acc = np.array([points[0]["acc_ref"]] + [p["acc"] for p in points])
+        low = np.array([0.0] + [p["acc"] - (p["acc_ref"] + p["ci_low"]) for p in points])
+        high = np.array([0.0] + [(p["acc_ref"] + p["ci_high"]) - p["acc"] for p in points])
+        label = f"{model} ({setting})"
+        acc_ax.errorbar(x, acc, yerr=np.clip([low, high], 0, None), marker="o", capsize=3, label=label)
+        margins = [points[0]["margin_ref"]] + [p["margin"] for p in points]
+        margin_ax.plot(x, [np.nan if m is None else m for m in margins], marker="o", label=label)
+    acc_ax.set(xlabel="fraction of MLP-output coordinates zeroed", ylabel="accuracy", ylim=(0, 1))
+    acc_ax.set_title("Destruction sweep: accuracy")
+    margin_ax.set(xlabel="fraction of MLP-output coordinates zeroed", ylabel="mean yes/no logit margin")
+    margin_ax.set_title("Destruction sweep: yes/no margin")
+    margin_ax.axhline(0.0, color="grey", linewidth=0.5)
+    acc_ax.legend(fontsize="small")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
