@@ -162,20 +162,57 @@ def data_source(options: IngestOptions) -> dict[str, str | None]:
     }
 
 
-def run_ingest(
-    options: IngestOptions,
-    lake_root: str,
-    *,
-    echo: Callable[[str], None] = print,
-    confirm_bytes: bool = False,
-    progress: bool | None = None,
-) -> IngestSummary:
-    """Ingest one dataset with one model into the lake; resumable, idempotent."""
+@dataclass
+class IngestPlan:
+    """One run (one shard of it) resolved before anything is written.
+
+    Splitting planning from execution lets a scale-out engine plan every shard first (checking
+    that all workers agree on the run and summing the size estimate) and only then write.
+    """
+
+    options: IngestOptions
+    adapter: Any
+    layers: list[int]
+    run_row: dict[str, Any]
+    samples: list[Any]  # this shard's questions
+    load_errors: list[Any]  # questions that could not be read (recorded by shard 0 only)
+    pending: int  # this shard's questions not yet committed
+    estimated_bytes: int
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run_row["run_id"])
+
+    def describe(self) -> str:
+        adapter = self.adapter
+        return (
+            f"run {self.run_id}: {self.pending} of {len(self.samples)} questions to ingest "
+            f"with {adapter.name} "
+            f"({adapter.num_layers} layers, hidden {adapter.hidden_size}); "
+            f"about {self.estimated_bytes / 2**20:.1f} MiB before compression"
+        )
+
+
+def check_size(estimated_bytes: int, max_bytes: int) -> None:
+    """Refuse a run whose size estimate is above --max-bytes (unless the user confirmed it)."""
+    if estimated_bytes > max_bytes:
+        raise IngestError(
+            f"this run would write about {estimated_bytes / 2**30:.2f} GiB, above --max-bytes "
+            f"({max_bytes / 2**30:.2f} GiB); store fewer layers with --layers, ingest fewer "
+            "questions with --limit, or raise --max-bytes"
+        )
+
+
+def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Any = None) -> IngestPlan:
+    """Load the questions (this shard's), the model unless `adapter` is given, and size the run.
+
+    Reads only: nothing is written to the lake. The run id hashes the whole (unsharded) question
+    set, so every shard of a run, and a local run of the same questions, share one run id.
+    """
     from vrp.ingest.datasets import dataset_fingerprint, load_dataset
     from vrp.ingest.models import load_adapter
     from vrp.lake import open_lake
 
-    started = time.monotonic()
     samples, load_errors = load_dataset(
         options.dataset,
         data_dir=options.data_dir,
@@ -185,22 +222,26 @@ def run_ingest(
     )
     if options.limit is not None:
         samples = samples[: options.limit]
-    index, count = options.shard
-    samples = [s for i, s in enumerate(samples) if i % count == index]
     if not samples and not load_errors:
         raise IngestError(
             "the dataset has no questions to ingest (check --split, --limit and the data files)"
         )
+    fingerprint = dataset_fingerprint(samples)
+    index, count = options.shard
+    samples = [s for i, s in enumerate(samples) if i % count == index]
+    if index != 0:
+        load_errors = []  # one shard records them, so concurrent shards do not race to
 
-    adapter = load_adapter(
-        options.model,
-        dtype=options.dtype,
-        device=options.device,
-        min_pixels=options.min_pixels,
-        max_pixels=options.max_pixels,
-    )
+    if adapter is None:
+        adapter = load_adapter(
+            options.model,
+            dtype=options.dtype,
+            device=options.device,
+            min_pixels=options.min_pixels,
+            max_pixels=options.max_pixels,
+        )
     layers = resolve_layers(options.layers, adapter.num_layers)
-    config = run_config(adapter, options, dataset_fingerprint(samples), layers)
+    config = run_config(adapter, options, fingerprint, layers)
     run_id = make_run_id(config)
     run_row = {
         "run_id": run_id,
@@ -218,30 +259,67 @@ def run_ingest(
         # but not hashed (a moved folder with the same files is the same run)
         "config": {**config, "data_source": data_source(options)},
     }
-    lake = open_lake(lake_root)
-    already = _committed_sample_ids(lake, run_id)
+    already = _committed_sample_ids(open_lake(lake_root), run_id)
     pending_ids = [s for s in samples if s.sample_id not in already]
-    summary = IngestSummary(
-        run_id=run_id, model=adapter.name, total=len(samples), skipped_done=len(samples) - len(pending_ids)
-    )
     probe_tokens = _image_tokens_per_sample(adapter, pending_ids)
-    summary.estimated_bytes = estimate_bytes(
-        adapter, len(pending_ids), layers, probe_tokens, options.self_consistency
+    estimated = estimate_bytes(adapter, len(pending_ids), layers, probe_tokens, options.self_consistency)
+    return IngestPlan(
+        options=options,
+        adapter=adapter,
+        layers=layers,
+        run_row=run_row,
+        samples=samples,
+        load_errors=load_errors,
+        pending=len(pending_ids),
+        estimated_bytes=estimated,
     )
-    echo(
-        f"run {run_id}: {len(pending_ids)} of {len(samples)} questions to ingest with {adapter.name} "
-        f"({adapter.num_layers} layers, hidden {adapter.hidden_size}); "
-        f"about {summary.estimated_bytes / 2**20:.1f} MiB before compression"
+
+
+def run_ingest(
+    options: IngestOptions,
+    lake_root: str,
+    *,
+    echo: Callable[[str], None] = print,
+    confirm_bytes: bool = False,
+    progress: bool | None = None,
+    adapter: Any = None,
+) -> IngestSummary:
+    """Ingest one dataset with one model into the lake; resumable, idempotent.
+
+    `adapter` reuses a loaded model (a scale-out worker loads it once for all its shards).
+    """
+    started = time.monotonic()
+    plan = plan_ingest(options, lake_root, adapter=adapter)
+    echo(plan.describe())
+    if not confirm_bytes:
+        check_size(plan.estimated_bytes, options.max_bytes)
+    summary = execute_ingest(plan, lake_root, echo=echo, progress=progress)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def execute_ingest(
+    plan: IngestPlan,
+    lake_root: str,
+    *,
+    echo: Callable[[str], None] = print,
+    progress: bool | None = None,
+) -> IngestSummary:
+    """Write a planned run (shard): clean up an interrupted attempt, then capture what is missing."""
+    from vrp.lake import open_lake
+
+    options, adapter, layers, samples = plan.options, plan.adapter, plan.layers, plan.samples
+    summary = IngestSummary(
+        run_id=plan.run_id,
+        model=adapter.name,
+        total=len(samples),
+        skipped_done=len(samples) - plan.pending,
+        estimated_bytes=plan.estimated_bytes,
     )
-    if summary.estimated_bytes > options.max_bytes and not confirm_bytes:
-        raise IngestError(
-            f"this run would write about {summary.estimated_bytes / 2**30:.2f} GiB, above --max-bytes "
-            f"({options.max_bytes / 2**30:.2f} GiB); store fewer layers with --layers, ingest fewer "
-            "questions with --limit, or raise --max-bytes"
-        )
     # Nothing is written before this point: the writer first cleans up this shard's incomplete
-    # samples, then reports what is committed (the authority; the read above only sized the run).
-    writer = lake.writer(run_row, shard=options.shard, owned_sample_ids=[s.sample_id for s in samples])
+    # samples, then reports what is committed (the authority; the plan's read only sized the run).
+    lake = open_lake(lake_root)
+    writer = lake.writer(plan.run_row, shard=options.shard, owned_sample_ids=[s.sample_id for s in samples])
     done = writer.begin()
     todo = [s for s in samples if s.sample_id not in done]
 
@@ -251,7 +329,7 @@ def run_ingest(
             "stage": e.stage,
             "error": e.error,
         }
-        for e in load_errors
+        for e in plan.load_errors
     ]
     if failures:
         writer.fail(failures)
@@ -295,7 +373,6 @@ def run_ingest(
     if pending_samples:
         writer.commit(pending)
     writer.finish("complete")
-    summary.seconds = time.monotonic() - started
     return summary
 
 
