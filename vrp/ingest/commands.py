@@ -123,14 +123,41 @@ def ingest() -> None:
 @click.option("--yes", "assume_yes", is_flag=True, help="Write even when the estimate exceeds --max-bytes.")
 @click.option("--strict", is_flag=True, help="Stop at the first failed sample instead of recording it.")
 @click.option("--shard", default="1/1", show_default=True, help="Process shard I of N (for job arrays).")
-@click.option("--lake", envvar="VRP_LAKE", help="Lake directory (default $VRP_LAKE or ./vrp-lake).")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: --workers Ray actors, one model replica each (pip install 'vrp[ray]').",
+)
+@click.option(
+    "--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Ray: shards, one actor each."
+)
+@click.option(
+    "--gpus-per-worker",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Ray: GPUs per actor (the model then runs on cuda).",
+)
+@click.option(
+    "--cpus-per-worker",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Ray: CPUs per actor (fractions allowed).",
+)
+@click.option("--address", default=None, help="Ray: address of a running cluster (default: start one here).")
+@click.option(
+    "--lake", envvar="VRP_LAKE", help="Lake directory or s3://bucket/prefix (default $VRP_LAKE, ./vrp-lake)."
+)
 def ingest_run(**params: object) -> None:
     """Capture hidden states, image attention, logit lens, answers and K samples into the lake.
 
     A rerun of the same configuration adds nothing; an interrupted run resumes where it stopped.
     """
     from vrp.ingest.run import IngestError, IngestOptions, run_ingest
-    from vrp.lake import resolve_lake_root
+    from vrp.lake import LakeError, resolve_lake_root
 
     lake = resolve_lake_root(params.pop("lake"))
     options = IngestOptions(
@@ -158,9 +185,26 @@ def ingest_run(**params: object) -> None:
     )
     if options.dataset == "pope" and not (options.pope_file and options.image_dir):
         raise click.UsageError("--dataset pope needs --pope-file and --image-dir")
+    engine = params["engine"]
+    if engine == "local" and (params["address"] or params["gpus_per_worker"]):
+        raise click.UsageError("--address and --gpus-per-worker need --engine ray")
     try:
-        summary = run_ingest(options, lake, echo=click.echo, confirm_bytes=bool(params["assume_yes"]))
-    except (IngestError, ValueError, FileNotFoundError) as exc:
+        if engine == "ray":
+            from vrp.ingest.ray_engine import run_ray_ingest
+
+            summary = run_ray_ingest(
+                options,
+                lake,
+                workers=int(params["workers"]),
+                gpus_per_worker=float(params["gpus_per_worker"]),
+                cpus_per_worker=float(params["cpus_per_worker"]),
+                address=params["address"],
+                echo=click.echo,
+                confirm_bytes=bool(params["assume_yes"]),
+            )
+        else:
+            summary = run_ingest(options, lake, echo=click.echo, confirm_bytes=bool(params["assume_yes"]))
+    except (IngestError, LakeError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     for line in summary.lines():
         click.echo(line)

@@ -26,6 +26,7 @@ from deltalake import (
 )
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from vrp.lake import storage
 from vrp.lake.errors import LakeError, LakeSchemaVersionError
 from vrp.schema import SCHEMA_VERSION, SCHEMA_VERSION_PROPERTY, TableSpec
 
@@ -37,8 +38,8 @@ VECTOR_ROW_GROUP_ROWS = 4096
 
 
 def table_path(root: str | os.PathLike[str], name: str) -> str:
-    """Folder of one table inside the lake root."""
-    return os.path.join(os.fspath(root), name)
+    """Folder (or object-store URI) of one table inside the lake root."""
+    return storage.join(os.fspath(root), name)
 
 
 def writer_properties(spec: TableSpec) -> WriterProperties:
@@ -68,12 +69,16 @@ def writer_properties(spec: TableSpec) -> WriterProperties:
 def load_table(root: str | os.PathLike[str], spec: TableSpec) -> DeltaTable | None:
     """The committed table, checked against this VRP's schema version, or None if absent."""
     path = table_path(root, spec.name)
-    if not os.path.isdir(os.path.join(path, "_delta_log")):
+    if not storage.is_remote(path) and not os.path.isdir(os.path.join(path, "_delta_log")):
         return None
     try:
-        dt = DeltaTable(path)
+        dt = DeltaTable(path, storage_options=storage.storage_options(path))
     except TableNotFoundError:
         return None
+    except OSError as exc:
+        if not storage.is_remote(path):
+            raise
+        raise storage.storage_error(exc, f"cannot read lake table {path}") from exc
     check_table(dt, spec, path)
     return dt
 
@@ -97,9 +102,10 @@ def ensure_table(root: str | os.PathLike[str], spec: TableSpec) -> DeltaTable:
     if existing is not None:
         return existing
     path = table_path(root, spec.name)
-    os.makedirs(path, exist_ok=True)
+    if not storage.is_remote(path):
+        os.makedirs(path, exist_ok=True)
     # another process may create it between our check and our commit: then its table is ours too
-    with contextlib.suppress(DeltaError, CommitFailedError):
+    with contextlib.suppress(DeltaError, CommitFailedError), storage.translated_errors(path):
         DeltaTable.create(
             path,
             spec.schema,
@@ -109,6 +115,7 @@ def ensure_table(root: str | os.PathLike[str], spec: TableSpec) -> DeltaTable:
             description=f"VRP lake table {spec.name}",
             configuration={SCHEMA_VERSION_PROPERTY: str(SCHEMA_VERSION)},
             raise_if_key_not_exists=False,
+            storage_options=storage.storage_options(path),
         )
     table = load_table(root, spec)
     if table is None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -26,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 
-from vrp.lake import delta
+from vrp.lake import delta, storage
 from vrp.lake.errors import LakeValidationError
 from vrp.lake.validate import Rows, to_arrow, validate
 from vrp.schema import TABLES, TableSpec
@@ -38,7 +37,7 @@ DEFAULT_LAKE = "./vrp-lake"
 
 
 def resolve_lake_root(lake: str | None) -> str:
-    """The lake directory: `lake` (--lake) if given, else $VRP_LAKE, else ./vrp-lake."""
+    """The lake root (a directory or s3:// URI): `lake` (--lake) if given, else $VRP_LAKE, else ./vrp-lake."""
     return lake or os.environ.get("VRP_LAKE") or DEFAULT_LAKE
 
 
@@ -87,8 +86,8 @@ class Lake:
     """A lake directory of Delta tables, read at a pinned snapshot; see the module docstring."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.fspath(Path(root))
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
+        self.root = storage.normalize_root(root)
+        if not storage.is_remote(self.root) and os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(f"lake root {self.root} is a file, not a directory")
         self._tables: dict[str, DeltaTable] = {}
         self._con: duckdb.DuckDBPyConnection | None = None
