@@ -581,7 +581,8 @@ class InterventionSummary:
     total: int
     skipped_done: int
     written: int = 0
-    accuracy: dict[tuple[str, float], tuple[int, int]] = field(default_factory=dict)  # -> (correct, n)
+    # (condition, level) -> (correct, n, sum of yes/no margins) over the samples answered now
+    tally: dict[tuple[str, float], tuple[int, int, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
@@ -590,8 +591,11 @@ class InterventionSummary:
             f"{self.written} new samples, "
             f"{self.skipped_done} already in the lake, {self.seconds:.1f}s"
         ]
-        for (condition, level), (correct, n) in sorted(self.accuracy.items()):
-            out.append(f"  {condition:<7} level {level:g}: accuracy {correct / n:.3f} (n={n})")
+        for (condition, level), (correct, n, margin) in sorted(self.tally.items()):
+            out.append(
+                f"  {condition:<7} level {level:g}: accuracy {correct / n:.3f}, "
+                f"mean yes/no margin {margin / n:+.3f} (n={n})"
+            )
         return out
 
 
@@ -712,9 +716,8 @@ def _condition_rows(
                 grid_h, grid_w, attention = plan.maps[sample.sample_id]
                 if (grid_h, grid_w) != tuple(enc.grids[b]):
                     raise InterventionError(
-                        f"sample {sample.sample_id}: the stored map is {grid_h}x{grid_w} "
-                        "but the processor now "
-                        f"gives {enc.grids[b][0]}x{enc.grids[b][1]}; the processor settings changed"
+                        f"sample {sample.sample_id}: the stored map is {grid_h}x{grid_w} but the "
+                        f"processor now gives {enc.grids[b][0]}x{enc.grids[b][1]}; its settings changed"
                     )
                 count = 0 if condition == "full" else n_cells(plan.ratio, grid_h * grid_w)
                 rng = np.random.default_rng(sample_seed(plan.seed, sample.sample_id, 0))
@@ -850,8 +853,9 @@ def run_intervention(
             pending.extend(rows)
             pending_ids.extend(s.sample_id for s in batch)
             for row in rows:
-                correct, n = summary.accuracy.get((row["condition"], row["level"]), (0, 0))
-                summary.accuracy[(row["condition"], row["level"])] = (correct + bool(row["correct"]), n + 1)
+                key = (row["condition"], row["level"])
+                correct, n, margin = summary.tally.get(key, (0, 0, 0.0))
+                summary.tally[key] = (correct + bool(row["correct"]), n + 1, margin + row["yes_no_margin"])
             bar.update(len(batch))
             if len(pending_ids) >= commit_samples:
                 writer.commit(
