@@ -74,8 +74,8 @@ def intervention_deltas(
     "baseline"), ``n`` (paired questions), ``acc_ref``, ``acc``, ``delta`` (acc - acc_ref),
     ``ci_low``/``ci_high`` (paired percentile bootstrap of the delta), ``b``/``c`` (right -> wrong,
     wrong -> right), ``p`` (McNemar exact), ``margin_ref``/``margin`` (mean yes/no margin). The
-    ``full`` condition itself is not listed when it is the reference. Sorted by model, run,
-    condition, level, group.
+    ``full`` condition itself is not listed when it is the reference. Sorted by model, kind,
+    setting, run, condition, level, group.
     """
     rows = _records(interventions)
     base_rows = _records(baseline)
@@ -145,6 +145,8 @@ def intervention_deltas(
     out.sort(
         key=lambda r: (
             str(r["model"]),
+            str(r["kind"]),
+            str(r["setting"]),
             r["run_id"],
             r["condition"],
             r["level"],
