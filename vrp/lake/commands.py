@@ -14,7 +14,7 @@ from typing import Any
 import click
 import pyarrow as pa
 
-from vrp.lake import maintenance
+from vrp.lake import maintenance, storage
 from vrp.lake.errors import LakeError
 from vrp.lake.lake import Lake, open_lake, resolve_lake_root
 from vrp.lake.query import list_queries, named_query, run_query
@@ -26,13 +26,18 @@ lake_option = click.option(
     "lake_dir",
     default=None,
     metavar="DIR",
-    help="Lake directory (default: $VRP_LAKE, else ./vrp-lake).",
+    help="Lake directory or s3://bucket/prefix (default: $VRP_LAKE, else ./vrp-lake).",
 )
 
 
-def _open(lake_dir: str | None) -> Lake:
+def _open(lake_dir: str | None, *, local_only: bool = False) -> Lake:
     root = resolve_lake_root(lake_dir)
-    if not os.path.isdir(root):
+    if storage.is_remote(root):
+        if local_only:
+            raise click.ClickException(
+                f"{root}: this command reads the lake's folders directly and works on local lakes only"
+            )
+    elif not os.path.isdir(root):
         raise click.ClickException(
             f"no lake at {root}: ingest a run first (vrp ingest run), or pass --lake DIR / set VRP_LAKE"
         )
@@ -192,7 +197,7 @@ def info(lake_dir: str | None) -> None:
 @lake_option
 def check(lake_dir: str | None) -> None:
     """Verify every committed file (exists, size as logged, Parquet footer reads); list orphans."""
-    the_lake = _open(lake_dir)
+    the_lake = _open(lake_dir, local_only=True)
     problems, orphans = maintenance.check(the_lake)
     for p in problems:
         click.echo(f"DAMAGED {p.table}: {p.path}: {maintenance_one_line(p.problem)}")
@@ -232,7 +237,7 @@ def maintenance_one_line(text: str) -> str:
 )
 def vacuum(lake_dir: str | None, yes: bool, min_age_minutes: float, retain_hours: int | None) -> None:
     """Remove orphan files left by killed writers (dry run unless --yes)."""
-    the_lake = _open(lake_dir)
+    the_lake = _open(lake_dir, local_only=True)
     orphans = maintenance.vacuum(the_lake, dry_run=not yes, min_age_s=min_age_minutes * 60)
     verb = "removed" if yes else "would remove"
     for o in orphans:
@@ -272,3 +277,22 @@ def drop_run(lake_dir: str | None, yes: bool, run_id: str) -> None:
         click.confirm("delete them?", abort=True)
     deleted = maintenance.drop_run(the_lake, run_id)
     click.echo(f"deleted {sum(deleted.values())} rows of run {run_id} from {len(deleted)} table(s)")
+
+
+@lake.command()
+@lake_option
+@click.option(
+    "--to", "dest", required=True, metavar="DIR|s3://...", help="Empty directory or object-store prefix."
+)
+def export(lake_dir: str | None, dest: str) -> None:
+    """Copy a consistent snapshot (one version of each table) with a README card for collaborators."""
+    from vrp.lake.export import CARD_NAME, export_lake
+
+    the_lake = _open(lake_dir)
+    try:
+        exported = export_lake(the_lake, dest)
+    except LakeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for t in exported:
+        click.echo(f"{t.name:16s} version {t.source_version:5d}  {t.rows:10d} rows")
+    click.echo(f"exported {len(exported)} tables to {dest} (card: {CARD_NAME})")

@@ -24,6 +24,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from vrp.lake.errors import LakeError
@@ -101,6 +102,25 @@ def storage_options(root: str | os.PathLike[str], env: dict[str, str] | None = N
         options["AWS_ALLOW_HTTP"] = "true"
     options["conditional_put"] = "etag"
     return options
+
+
+def arrow_filesystem(root: str) -> tuple[Any, str]:
+    """A pyarrow filesystem for plain files beside the tables (e.g. an export's card), configured
+    like deltalake's, and the root's path inside it (``bucket/prefix``)."""
+    from pyarrow import fs
+
+    options = storage_options(root) or {}
+    parsed = urlparse(root)
+    endpoint = options.get("AWS_ENDPOINT_URL")
+    s3 = fs.S3FileSystem(
+        access_key=options.get("AWS_ACCESS_KEY_ID"),
+        secret_key=options.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=options.get("AWS_SESSION_TOKEN"),
+        region=options.get("AWS_REGION"),
+        endpoint_override=endpoint,
+        scheme="http" if endpoint and endpoint.startswith("http://") else "https",
+    )
+    return s3, f"{parsed.netloc}{parsed.path}".rstrip("/")
 
 
 def storage_error(exc: BaseException, where: str) -> LakeStorageError:
