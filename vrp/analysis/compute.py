@@ -1,0 +1,260 @@
+"""The study's analyses on a lake: headline correlations, probes, margins, interventions.
+
+Each function reads an open lake (never writes) and returns plain results; ``vrp analyze`` prints
+them, ``vrp analyze probes`` also stores its results, and ``vrp report`` renders them all.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vrp.analysis import data, margins, probes, stats
+from vrp.lake import Lake
+
+BEST_PROBE = "best probe (held-out)"
+
+
+@dataclass
+class RunProbes:
+    """Probe results of one run at one site and where they came from ("lake" or "computed")."""
+
+    run_id: str
+    model: str
+    site: str
+    results: list[probes.ProbeResult]
+    source: str
+    note: str | None = None
+
+
+def run_probes(lake: Lake, run_id: str, *, site: str = "resid", seed: int = probes.SEED,
+               n_boot: int = stats.N_BOOT, mlp: bool = True, progress: Callable | None = None) -> RunProbes:
+    """Full probe sweep of one run from its stored hidden states (in memory)."""
+    s = data.scored_samples(lake, run_id)
+    layers = data.hidden_layers(lake, run_id, site)
+    if not layers:
+        raise probes.ProbeError(f"run {run_id} has no hidden states at site {site!r}")
+    load = data.hidden_loader(lake, run_id, site, s.sample_ids)
+    res = probes.probe_sweep(layers, load, s.y, s.groups, site=site, seed=seed, n_boot=n_boot, mlp=mlp,
+                             progress=progress)
+    note = res[0].note if res else None
+    return RunProbes(run_id=run_id, model=s.model, site=site, results=res, source="computed", note=note)
+
+
+def stored_probes(lake: Lake, run_id: str, site: str = "resid") -> list[dict]:
+    """The `probe_layers` rows of a run and site, sorted by probe and layer."""
+    if not lake.has_table("probe_layers"):
+        return []
+    rows = lake.arrow("probe_layers", filter={"run_id": run_id, "site": site}).to_pylist()
+    return sorted(rows, key=lambda r: (r["probe"], r["layer"]))
+
+
+def best_probe_scores(lake: Lake, run_id: str, *, site: str = "resid", seed: int = probes.SEED,
+                      n_boot: int = stats.N_BOOT) -> tuple[RunProbes, dict[str, float]] | None:
+    """Probe results for a run (stored if present, else computed) and the best layer's held-out scores.
+
+    Stored rows hold AUROCs only, so the best layer's out-of-fold scores are recomputed (same
+    folds and seed, hence the same numbers). None when the run has no hidden states.
+    """
+    s = data.scored_samples(lake, run_id)
+    layers = data.hidden_layers(lake, run_id, site)
+    if not layers or s.y.size == 0:
+        return None
+    stored = [r for r in stored_probes(lake, run_id, site) if r["probe"] == "logreg"]
+    if stored:
+        best = max(stored, key=lambda r: (r["auroc"], -r["layer"]))["layer"]
+        plan = probes.make_folds(s.y, s.groups, seed=seed)
+        x = data.hidden_loader(lake, run_id, site, s.sample_ids)(best)
+        scores = probes.logreg_folds(x, s.y, plan.folds).oof
+        rp = RunProbes(run_id=run_id, model=s.model, site=site, results=[], source="lake", note=plan.note)
+        rp.results = [_stored_result(r, site) for r in stored_probes(lake, run_id, site)]
+    else:
+        rp = run_probes(lake, run_id, site=site, seed=seed, n_boot=n_boot, mlp=False)
+        best = probes.best_layer(rp.results)
+        scores = next(r.scores for r in rp.results if r.probe == "logreg" and r.layer == best)
+    return rp, dict(zip(s.sample_ids.tolist(), scores.tolist(), strict=True))
+
+
+def _stored_result(row: dict, site: str) -> probes.ProbeResult:
+    return probes.ProbeResult(site=site, layer=row["layer"], probe=row["probe"], auroc=row["auroc"],
+                              auroc_low=row["auroc_low"], auroc_high=row["auroc_high"],
+                              accuracy=row.get("accuracy") or float("nan"), n=row["n"] or 0,
+                              n_pos=row.get("n_pos") or 0, folds=row["folds"] or 0, seed=row.get("seed") or 0)
+
+
+@dataclass
+class Headline:
+    """The headline table: rows per metric and group, plus the probes it used."""
+
+    rows: list[stats.Correlation]
+    groups: list[str]
+    metrics: list[str]
+    probes: list[RunProbes] = field(default_factory=list)
+
+
+def headline(lake: Lake, *, models: Sequence[str] | None = None, n_boot: int = stats.N_BOOT,
+             seed: int = stats.SEED, with_probe: bool = True) -> Headline:
+    """R_pb [CI], AUROC [CI] and n of every headline metric per model and pooled, BH per column."""
+    ci = data.query(lake, "correlation_inputs").to_pylist()
+    if models:
+        ci = [r for r in ci if r["model"] in models]
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for r in ci:
+        by_model[r["model"]].append(r)
+    run_probe_list: list[RunProbes] = []
+    probe_score: dict[tuple[str, str], float] = {}
+    if with_probe:
+        for run in data.base_runs(lake, sorted(by_model)):
+            got = best_probe_scores(lake, run["run_id"], seed=seed, n_boot=n_boot)
+            if got is not None:
+                run_probe_list.append(got[0])
+                probe_score.update({(run["run_id"], sid): v for sid, v in got[1].items()})
+    groups = {}
+    labels = [label for label, _, _ in data.HEADLINE_METRICS]
+    directions = {label: d for label, _, d in data.HEADLINE_METRICS}
+    for model, rows in sorted(by_model.items()):
+        mets = {label: np.array([np.nan if r[col] is None else float(r[col]) for r in rows])
+                for label, col, _ in data.HEADLINE_METRICS}
+        mets = {k: v for k, v in mets.items() if not np.all(np.isnan(v))}
+        if probe_score:
+            p = np.array([probe_score.get((r["run_id"], r["sample_id"]), np.nan) for r in rows])
+            if not np.all(np.isnan(p)):
+                mets[BEST_PROBE] = p
+        groups[model] = (mets, np.array([r["y"] for r in rows]))
+    directions[BEST_PROBE] = 1
+    table = stats.correlation_tables(groups, pooled="pooled" if len(groups) > 1 else None,
+                                     directions=directions, n_boot=n_boot, seed=seed)
+    by_group: dict[str, list[stats.Correlation]] = defaultdict(list)
+    for row in table:
+        by_group[row.group].append(row)
+    rows = [r for g in by_group.values() for r in stats.with_bh(g)]
+    names = [*sorted(groups), *(["pooled"] if len(groups) > 1 else [])]
+    return Headline(rows=rows, groups=names, metrics=[*labels, BEST_PROBE], probes=run_probe_list)
+
+
+@dataclass
+class ModelMargins:
+    """Margin formation of one model, pooled over its runs."""
+
+    model: str
+    curves: margins.MarginCurves
+    max_separation: int | None
+    lock_in: np.ndarray  # per sample, -1 = never
+    correct: np.ndarray
+    entropy: margins.EntropyProfile | None
+
+
+def model_margins(lake: Lake, models: Sequence[str] | None = None) -> list[ModelMargins]:
+    """Per model: truth-margin curves by correctness, lock-in layers and spatial-entropy profile."""
+    out = []
+    runs_by_model: dict[str, list[str]] = defaultdict(list)
+    for run in data.base_runs(lake, models):
+        runs_by_model[run["model"]].append(run["run_id"])
+    for model, run_ids in sorted(runs_by_model.items()):
+        margin_parts, rank_parts, ent_parts, ys, layer_sets = [], [], [], [], []
+        for run_id in run_ids:
+            s = data.scored_samples(lake, run_id)
+            if s.y.size == 0:
+                continue
+            layers, m = data.layer_matrix(lake, run_id, "lens_truth_margin", s.sample_ids)
+            _, rank = data.layer_matrix(lake, run_id, "lens_answer_rank", s.sample_ids)
+            _, ent = data.layer_matrix(lake, run_id, "spatial_entropy", s.sample_ids)
+            if layers.size == 0:
+                continue
+            layer_sets.append(tuple(layers))
+            margin_parts.append(m)
+            rank_parts.append(rank)
+            ent_parts.append(ent)
+            ys.append(s.y)
+        if not margin_parts or len(set(layer_sets)) != 1:
+            continue
+        layers = np.array(layer_sets[0])
+        m = np.vstack(margin_parts)
+        rank = np.vstack(rank_parts)
+        ent = np.vstack(ent_parts)
+        y = np.concatenate(ys)
+        ok = ~np.isnan(m).any(axis=1)
+        curves = margins.margin_curves(m[ok], y[ok], layers)
+        rank_ok = ~np.isnan(rank).any(axis=1)
+        lock = margins.lock_in_layers(rank[rank_ok].astype(int), layers)
+        ent_ok = ~np.isnan(ent).any(axis=1)
+        profile = margins.entropy_deltas(ent[ent_ok], layers) if ent_ok.any() else None
+        out.append(ModelMargins(model=model, curves=curves,
+                                max_separation=margins.max_separation_layer(curves),
+                                lock_in=lock, correct=y[rank_ok], entropy=profile))
+    return out
+
+
+@dataclass(frozen=True)
+class InterventionEffect:
+    """Accuracy change of one intervention condition against its base run, paired per sample."""
+
+    model: str
+    kind: str
+    condition: str
+    level: float
+    setting: str
+    n: int
+    base_accuracy: float
+    accuracy: float
+    delta: float
+    delta_low: float
+    delta_high: float
+    mcnemar: stats.McNemar
+
+
+_PAIRS_SQL = """
+SELECT i.model, i.kind, i.condition, i.level, coalesce(i.setting, '') AS setting, i.sample_id,
+       coalesce(s.correct, false) AS before, coalesce(i.correct, false) AS after
+FROM interventions AS i
+JOIN samples AS s ON s.run_id = i.base_run_id AND s.sample_id = i.sample_id
+ORDER BY i.model, i.kind, i.condition, i.level, setting, i.sample_id
+"""
+
+
+def intervention_effects(lake: Lake, *, models: Sequence[str] | None = None, n_boot: int = stats.N_BOOT,
+                         seed: int = stats.SEED) -> list[InterventionEffect]:
+    """McNemar's exact test and a paired bootstrap CI per (model, kind, condition, level, setting).
+
+    Unparsable answers count as wrong on both sides (as in the accuracy tables).
+    """
+    if not lake.has_table("interventions"):
+        return []
+    pairs: dict[tuple, list[tuple[bool, bool]]] = defaultdict(list)
+    for r in lake.sql(_PAIRS_SQL).to_arrow_table().to_pylist():
+        if models and r["model"] not in models:
+            continue
+        key = (r["model"], r["kind"], r["condition"], r["level"], r["setting"])
+        pairs[key].append((r["before"], r["after"]))
+    out = []
+    for key in sorted(pairs):
+        before = np.array([p[0] for p in pairs[key]])
+        after = np.array([p[1] for p in pairs[key]])
+        delta, lo, hi = stats.paired_bootstrap_diff(before, after, n_boot=n_boot, seed=seed)
+        out.append(InterventionEffect(*key, n=before.size, base_accuracy=float(before.mean()),
+                                      accuracy=float(after.mean()), delta=delta, delta_low=lo, delta_high=hi,
+                                      mcnemar=stats.mcnemar_exact(before, after)))
+    return out
+
+
+def neuron_rankings(lake: Lake, run_id: str, layers: Iterable[int] | None = None, *,
+                    seed: int = probes.SEED) -> list[dict]:
+    """`probe_neurons` rows (site mlp_out): the L1 and L2 rankings of each requested layer."""
+    s = data.scored_samples(lake, run_id)
+    available = data.hidden_layers(lake, run_id, "mlp_out")
+    chosen = available if layers is None else [available[k] if k < 0 else k for k in layers]
+    missing = sorted(set(chosen) - set(available))
+    if missing:
+        raise probes.ProbeError(f"run {run_id} has no mlp_out states at layers {missing} (have {available})")
+    load = data.hidden_loader(lake, run_id, "mlp_out", s.sample_ids)
+    rows = []
+    for layer in chosen:
+        x = load(layer)
+        for method, ranking in (("l1", probes.rank_neurons_l1(x, s.y, seed=seed)),
+                                ("l2", probes.rank_neurons_l2(x, s.y))):
+            rows += [{"site": "mlp_out", "layer": layer, "method": method, "neuron": r.neuron, "coef": r.coef,
+                      "rank": r.rank} for r in ranking]
+    return rows
