@@ -30,16 +30,25 @@ class RunProbes:
     note: str | None = None
 
 
-def run_probes(lake: Lake, run_id: str, *, site: str = "resid", seed: int = probes.SEED,
-               n_boot: int = stats.N_BOOT, mlp: bool = True, progress: Callable | None = None) -> RunProbes:
+def run_probes(
+    lake: Lake,
+    run_id: str,
+    *,
+    site: str = "resid",
+    seed: int = probes.SEED,
+    n_boot: int = stats.N_BOOT,
+    mlp: bool = True,
+    progress: Callable | None = None,
+) -> RunProbes:
     """Full probe sweep of one run from its stored hidden states (in memory)."""
     s = data.scored_samples(lake, run_id)
     layers = data.hidden_layers(lake, run_id, site)
     if not layers:
         raise probes.ProbeError(f"run {run_id} has no hidden states at site {site!r}")
     load = data.hidden_loader(lake, run_id, site, s.sample_ids)
-    res = probes.probe_sweep(layers, load, s.y, s.groups, site=site, seed=seed, n_boot=n_boot, mlp=mlp,
-                             progress=progress)
+    res = probes.probe_sweep(
+        layers, load, s.y, s.groups, site=site, seed=seed, n_boot=n_boot, mlp=mlp, progress=progress
+    )
     note = res[0].note if res else None
     return RunProbes(run_id=run_id, model=s.model, site=site, results=res, source="computed", note=note)
 
@@ -52,8 +61,9 @@ def stored_probes(lake: Lake, run_id: str, site: str = "resid") -> list[dict]:
     return sorted(rows, key=lambda r: (r["probe"], r["layer"]))
 
 
-def best_probe_scores(lake: Lake, run_id: str, *, site: str = "resid", seed: int = probes.SEED,
-                      n_boot: int = stats.N_BOOT) -> tuple[RunProbes, dict[str, float]] | None:
+def best_probe_scores(
+    lake: Lake, run_id: str, *, site: str = "resid", seed: int = probes.SEED, n_boot: int = stats.N_BOOT
+) -> tuple[RunProbes, dict[str, float]] | None:
     """Probe results for a run (stored if present, else computed) and the best layer's held-out scores.
 
     Stored rows hold AUROCs only, so the best layer's out-of-fold scores are recomputed (same
@@ -79,10 +89,19 @@ def best_probe_scores(lake: Lake, run_id: str, *, site: str = "resid", seed: int
 
 
 def _stored_result(row: dict, site: str) -> probes.ProbeResult:
-    return probes.ProbeResult(site=site, layer=row["layer"], probe=row["probe"], auroc=row["auroc"],
-                              auroc_low=row["auroc_low"], auroc_high=row["auroc_high"],
-                              accuracy=row.get("accuracy") or float("nan"), n=row["n"] or 0,
-                              n_pos=row.get("n_pos") or 0, folds=row["folds"] or 0, seed=row.get("seed") or 0)
+    return probes.ProbeResult(
+        site=site,
+        layer=row["layer"],
+        probe=row["probe"],
+        auroc=row["auroc"],
+        auroc_low=row["auroc_low"],
+        auroc_high=row["auroc_high"],
+        accuracy=row.get("accuracy") or float("nan"),
+        n=row["n"] or 0,
+        n_pos=row.get("n_pos") or 0,
+        folds=row["folds"] or 0,
+        seed=row.get("seed") or 0,
+    )
 
 
 @dataclass
@@ -95,8 +114,14 @@ class Headline:
     probes: list[RunProbes] = field(default_factory=list)
 
 
-def headline(lake: Lake, *, models: Sequence[str] | None = None, n_boot: int = stats.N_BOOT,
-             seed: int = stats.SEED, with_probe: bool = True) -> Headline:
+def headline(
+    lake: Lake,
+    *,
+    models: Sequence[str] | None = None,
+    n_boot: int = stats.N_BOOT,
+    seed: int = stats.SEED,
+    with_probe: bool = True,
+) -> Headline:
     """R_pb [CI], AUROC [CI] and n of every headline metric per model and pooled, BH per column."""
     ci = data.query(lake, "correlation_inputs").to_pylist()
     if models:
@@ -116,8 +141,10 @@ def headline(lake: Lake, *, models: Sequence[str] | None = None, n_boot: int = s
     labels = [label for label, _, _ in data.HEADLINE_METRICS]
     directions = {label: d for label, _, d in data.HEADLINE_METRICS}
     for model, rows in sorted(by_model.items()):
-        mets = {label: np.array([np.nan if r[col] is None else float(r[col]) for r in rows])
-                for label, col, _ in data.HEADLINE_METRICS}
+        mets = {
+            label: np.array([np.nan if r[col] is None else float(r[col]) for r in rows])
+            for label, col, _ in data.HEADLINE_METRICS
+        }
         mets = {k: v for k, v in mets.items() if not np.all(np.isnan(v))}
         if probe_score:
             p = np.array([probe_score.get((r["run_id"], r["sample_id"]), np.nan) for r in rows])
@@ -125,8 +152,9 @@ def headline(lake: Lake, *, models: Sequence[str] | None = None, n_boot: int = s
                 mets[BEST_PROBE] = p
         groups[model] = (mets, np.array([r["y"] for r in rows]))
     directions[BEST_PROBE] = 1
-    table = stats.correlation_tables(groups, pooled="pooled" if len(groups) > 1 else None,
-                                     directions=directions, n_boot=n_boot, seed=seed)
+    table = stats.correlation_tables(
+        groups, pooled="pooled" if len(groups) > 1 else None, directions=directions, n_boot=n_boot, seed=seed
+    )
     by_group: dict[str, list[stats.Correlation]] = defaultdict(list)
     for row in table:
         by_group[row.group].append(row)
@@ -182,9 +210,16 @@ def model_margins(lake: Lake, models: Sequence[str] | None = None) -> list[Model
         lock = margins.lock_in_layers(rank[rank_ok].astype(int), layers)
         ent_ok = ~np.isnan(ent).any(axis=1)
         profile = margins.entropy_deltas(ent[ent_ok], layers) if ent_ok.any() else None
-        out.append(ModelMargins(model=model, curves=curves,
-                                max_separation=margins.max_separation_layer(curves),
-                                lock_in=lock, correct=y[rank_ok], entropy=profile))
+        out.append(
+            ModelMargins(
+                model=model,
+                curves=curves,
+                max_separation=margins.max_separation_layer(curves),
+                lock_in=lock,
+                correct=y[rank_ok],
+                entropy=profile,
+            )
+        )
     return out
 
 
@@ -215,8 +250,9 @@ ORDER BY i.model, i.kind, i.condition, i.level, setting, i.sample_id
 """
 
 
-def intervention_effects(lake: Lake, *, models: Sequence[str] | None = None, n_boot: int = stats.N_BOOT,
-                         seed: int = stats.SEED) -> list[InterventionEffect]:
+def intervention_effects(
+    lake: Lake, *, models: Sequence[str] | None = None, n_boot: int = stats.N_BOOT, seed: int = stats.SEED
+) -> list[InterventionEffect]:
     """McNemar's exact test and a paired bootstrap CI per (model, kind, condition, level, setting).
 
     Unparsable answers count as wrong on both sides (as in the accuracy tables).
@@ -234,14 +270,24 @@ def intervention_effects(lake: Lake, *, models: Sequence[str] | None = None, n_b
         before = np.array([p[0] for p in pairs[key]])
         after = np.array([p[1] for p in pairs[key]])
         delta, lo, hi = stats.paired_bootstrap_diff(before, after, n_boot=n_boot, seed=seed)
-        out.append(InterventionEffect(*key, n=before.size, base_accuracy=float(before.mean()),
-                                      accuracy=float(after.mean()), delta=delta, delta_low=lo, delta_high=hi,
-                                      mcnemar=stats.mcnemar_exact(before, after)))
+        out.append(
+            InterventionEffect(
+                *key,
+                n=before.size,
+                base_accuracy=float(before.mean()),
+                accuracy=float(after.mean()),
+                delta=delta,
+                delta_low=lo,
+                delta_high=hi,
+                mcnemar=stats.mcnemar_exact(before, after),
+            )
+        )
     return out
 
 
-def neuron_rankings(lake: Lake, run_id: str, layers: Iterable[int] | None = None, *,
-                    seed: int = probes.SEED) -> list[dict]:
+def neuron_rankings(
+    lake: Lake, run_id: str, layers: Iterable[int] | None = None, *, seed: int = probes.SEED
+) -> list[dict]:
     """`probe_neurons` rows (site mlp_out): the L1 and L2 rankings of each requested layer."""
     s = data.scored_samples(lake, run_id)
     available = data.hidden_layers(lake, run_id, "mlp_out")
@@ -253,8 +299,19 @@ def neuron_rankings(lake: Lake, run_id: str, layers: Iterable[int] | None = None
     rows = []
     for layer in chosen:
         x = load(layer)
-        for method, ranking in (("l1", probes.rank_neurons_l1(x, s.y, seed=seed)),
-                                ("l2", probes.rank_neurons_l2(x, s.y))):
-            rows += [{"site": "mlp_out", "layer": layer, "method": method, "neuron": r.neuron, "coef": r.coef,
-                      "rank": r.rank} for r in ranking]
+        for method, ranking in (
+            ("l1", probes.rank_neurons_l1(x, s.y, seed=seed)),
+            ("l2", probes.rank_neurons_l2(x, s.y)),
+        ):
+            rows += [
+                {
+                    "site": "mlp_out",
+                    "layer": layer,
+                    "method": method,
+                    "neuron": r.neuron,
+                    "coef": r.coef,
+                    "rank": r.rank,
+                }
+                for r in ranking
+            ]
     return rows

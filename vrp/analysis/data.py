@@ -57,14 +57,18 @@ class RunSamples:
 
 def scored_samples(lake: Lake, run_id: str) -> RunSamples:
     """Samples of a run with a parsed answer (correct not null), sorted by sample id."""
-    t = lake.arrow("samples", filter={"run_id": run_id},
-                   columns=["sample_id", "model", "image_id", "correct"])
+    t = lake.arrow(
+        "samples", filter={"run_id": run_id}, columns=["sample_id", "model", "image_id", "correct"]
+    )
     rows = sorted((r for r in t.to_pylist() if r["correct"] is not None), key=lambda r: r["sample_id"])
     model = rows[0]["model"] if rows else ""
-    return RunSamples(run_id=run_id, model=model,
-                      sample_ids=np.array([r["sample_id"] for r in rows], dtype=object),
-                      y=np.array([bool(r["correct"]) for r in rows]),
-                      groups=np.array([r["image_id"] or r["sample_id"] for r in rows], dtype=object))
+    return RunSamples(
+        run_id=run_id,
+        model=model,
+        sample_ids=np.array([r["sample_id"] for r in rows], dtype=object),
+        y=np.array([bool(r["correct"]) for r in rows]),
+        groups=np.array([r["image_id"] or r["sample_id"] for r in rows], dtype=object),
+    )
 
 
 def hidden_layers(lake: Lake, run_id: str, site: str) -> list[int]:
@@ -81,13 +85,16 @@ def hidden_loader(lake: Lake, run_id: str, site: str, sample_ids: np.ndarray) ->
     position = {s: i for i, s in enumerate(sample_ids)}
 
     def load(layer: int) -> np.ndarray:
-        t = lake.arrow("hidden", filter={"run_id": run_id, "site": site, "layer": int(layer)},
-                       columns=["sample_id", "h"])
+        t = lake.arrow(
+            "hidden", filter={"run_id": run_id, "site": site, "layer": int(layer)}, columns=["sample_id", "h"]
+        )
         ids = t.column("sample_id").to_pylist()
         keep = [i for i, s in enumerate(ids) if s in position]
         if len(keep) != len(position):
-            raise ValueError(f"run {run_id}: {len(position) - len(keep)} scored samples have no hidden state "
-                             f"at site {site!r}, layer {layer}")
+            raise ValueError(
+                f"run {run_id}: {len(position) - len(keep)} scored samples have no hidden state "
+                f"at site {site!r}, layer {layer}"
+            )
         mat = to_matrix(t.column("h").take(pa.array(keep)))
         order = np.argsort([position[ids[i]] for i in keep])
         return mat[order]
@@ -95,16 +102,21 @@ def hidden_loader(lake: Lake, run_id: str, site: str, sample_ids: np.ndarray) ->
     return load
 
 
-def layer_matrix(lake: Lake, run_id: str, column: str,
-                 sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def layer_matrix(
+    lake: Lake, run_id: str, column: str, sample_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(layers, samples x layers matrix) of one `layers` column; NaN where a value is missing."""
     t = lake.arrow("layers", filter={"run_id": run_id}, columns=["sample_id", "layer", column])
     position = {s: i for i, s in enumerate(sample_ids)}
     layers = np.array(sorted({int(v) for v in t.column("layer").to_pylist()}), dtype=int)
     col = {v: j for j, v in enumerate(layers)}
     out = np.full((len(sample_ids), len(layers)), np.nan)
-    for sid, layer, value in zip(t.column("sample_id").to_pylist(), t.column("layer").to_pylist(),
-                                 t.column(column).to_pylist(), strict=True):
+    for sid, layer, value in zip(
+        t.column("sample_id").to_pylist(),
+        t.column("layer").to_pylist(),
+        t.column(column).to_pylist(),
+        strict=True,
+    ):
         i = position.get(sid)
         if i is not None and value is not None:
             out[i, col[int(layer)]] = value

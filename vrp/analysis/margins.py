@@ -53,11 +53,23 @@ def margin_curves(margin: np.ndarray, correct: np.ndarray, layers: np.ndarray | 
     mc, sc = _mean_sem(m[c])
     mi, si = _mean_sem(m[~c])
     both = c.any() and (~c).any()
-    aucs = np.array([auroc(m[:, j], c) if both and np.ptp(m[:, j]) > 0 else (0.5 if both else np.nan)
-                     for j in range(m.shape[1])])
-    return MarginCurves(layers=np.arange(m.shape[1]) if layers is None else np.asarray(layers),
-                        mean_correct=mc, sem_correct=sc, mean_incorrect=mi, sem_incorrect=si,
-                        separation=mc - mi, auroc=aucs, n_correct=int(c.sum()), n_incorrect=int((~c).sum()))
+    aucs = np.array(
+        [
+            auroc(m[:, j], c) if both and np.ptp(m[:, j]) > 0 else (0.5 if both else np.nan)
+            for j in range(m.shape[1])
+        ]
+    )
+    return MarginCurves(
+        layers=np.arange(m.shape[1]) if layers is None else np.asarray(layers),
+        mean_correct=mc,
+        sem_correct=sc,
+        mean_incorrect=mi,
+        sem_incorrect=si,
+        separation=mc - mi,
+        auroc=aucs,
+        n_correct=int(c.sum()),
+        n_incorrect=int((~c).sum()),
+    )
 
 
 def max_separation_layer(curves: MarginCurves) -> int | None:
@@ -106,5 +118,6 @@ def entropy_deltas(entropy: np.ndarray, layers: np.ndarray | None = None) -> Ent
     h = np.asarray(entropy, dtype=np.float64)
     mean = h.mean(axis=0)
     delta = np.r_[np.nan, np.diff(mean)]
-    return EntropyProfile(layers=np.arange(h.shape[1]) if layers is None else np.asarray(layers),
-                          mean=mean, delta=delta)
+    return EntropyProfile(
+        layers=np.arange(h.shape[1]) if layers is None else np.asarray(layers), mean=mean, delta=delta
+    )

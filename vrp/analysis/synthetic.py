@@ -38,19 +38,36 @@ class ModelTruth:
     intervention_run_id: str | None = None
 
 
-def write_synthetic_lake(root: str | Path, *, models: tuple[str, ...] = ("toy-llava", "toy-qwen"),
-                         n: int = 120, layers: int = 4, hidden_size: int = 16, signal_layer: int = 2,
-                         splits: tuple[str, ...] = ("random", "adversarial"), interventions: bool = True,
-                         seed: int = 0) -> dict[str, ModelTruth]:
+def write_synthetic_lake(
+    root: str | Path,
+    *,
+    models: tuple[str, ...] = ("toy-llava", "toy-qwen"),
+    n: int = 120,
+    layers: int = 4,
+    hidden_size: int = 16,
+    signal_layer: int = 2,
+    splits: tuple[str, ...] = ("random", "adversarial"),
+    interventions: bool = True,
+    seed: int = 0,
+) -> dict[str, ModelTruth]:
     """Write one base run per model (n samples split across ``splits``, 6 questions per image)."""
     lake = open_lake(root)
     truth: dict[str, ModelTruth] = {}
     for m_index, model in enumerate(models):
         rng = np.random.default_rng(seed + 101 * m_index)
-        run = {"model": model, "model_source": f"synthetic/{model}", "model_revision": "synthetic",
-               "family": "llava", "dataset": "shapes-pope", "split": ",".join(splits), "dtype": "float32",
-               "device": "cpu", "attention_backend": "sdpa", "code_version": "synthetic",
-               "config": {"hidden_size": hidden_size, "num_layers": layers, "seed": seed, "model": model}}
+        run = {
+            "model": model,
+            "model_source": f"synthetic/{model}",
+            "model_revision": "synthetic",
+            "family": "llava",
+            "dataset": "shapes-pope",
+            "split": ",".join(splits),
+            "dtype": "float32",
+            "device": "cpu",
+            "attention_backend": "sdpa",
+            "code_version": "synthetic",
+            "config": {"hidden_size": hidden_size, "num_layers": layers, "seed": seed, "model": model},
+        }
         run["run_id"] = make_run_id(run["config"] | {"model": model})
         t = _model_truth(rng, run["run_id"], n, layers, hidden_size, signal_layer, splits)
         writer = lake.writer(run)
@@ -63,8 +80,15 @@ def write_synthetic_lake(root: str | Path, *, models: tuple[str, ...] = ("toy-ll
     return truth
 
 
-def _model_truth(rng: np.random.Generator, run_id: str, n: int, layers: int, d: int, signal_layer: int,
-                 splits: tuple[str, ...]) -> ModelTruth:
+def _model_truth(
+    rng: np.random.Generator,
+    run_id: str,
+    n: int,
+    layers: int,
+    d: int,
+    signal_layer: int,
+    splits: tuple[str, ...],
+) -> ModelTruth:
     split = np.array([splits[i % len(splits)] for i in range(n)])
     image_id = np.array([f"img{i // 6:04d}" for i in range(n)])
     label = np.where(rng.random(n) < 0.5, "yes", "no")
@@ -101,30 +125,61 @@ def _model_truth(rng: np.random.Generator, run_id: str, n: int, layers: int, d: 
         h[signal_layer] += np.outer(np.where(y, 1.5, -1.5), direction)
         hidden[site] = h.astype(np.float32)
     ids = [make_sample_id("shapes-pope", split[i], str(i), f"hash{i // 6}") for i in range(n)]
-    return ModelTruth(run_id=run_id, sample_ids=ids, split=split, image_id=image_id, label=label,
-                      answer=answer, correct=correct, metrics=metrics, truth_margin=truth_margin,
-                      answer_rank=answer_rank, layer_entropy=layer_entropy, hidden=hidden)
+    return ModelTruth(
+        run_id=run_id,
+        sample_ids=ids,
+        split=split,
+        image_id=image_id,
+        label=label,
+        answer=answer,
+        correct=correct,
+        metrics=metrics,
+        truth_margin=truth_margin,
+        answer_rank=answer_rank,
+        layer_entropy=layer_entropy,
+        hidden=hidden,
+    )
 
 
 def _rows(t: ModelTruth, layers: int) -> dict[str, list[dict]]:
     samples, layer_rows, hidden_rows = [], [], []
     for i, sid in enumerate(t.sample_ids):
-        row = {"sample_id": sid, "dataset": "shapes-pope", "split": str(t.split[i]), "question_id": str(i),
-               "image_id": str(t.image_id[i]), "question": "Is there a shape?", "object": "shape",
-               "label": str(t.label[i]), "answer_text": "maybe" if t.answer[i] is None else f"{t.answer[i]}.",
-               "answer": t.answer[i], "parse_status": "unknown" if t.answer[i] is None else "ok",
-               "correct": t.correct[i], "grid_h": 4, "grid_w": 4, "n_image_tokens": 16, "sc_k": 10,
-               "sc_answer": t.answer[i]}
+        row = {
+            "sample_id": sid,
+            "dataset": "shapes-pope",
+            "split": str(t.split[i]),
+            "question_id": str(i),
+            "image_id": str(t.image_id[i]),
+            "question": "Is there a shape?",
+            "object": "shape",
+            "label": str(t.label[i]),
+            "answer_text": "maybe" if t.answer[i] is None else f"{t.answer[i]}.",
+            "answer": t.answer[i],
+            "parse_status": "unknown" if t.answer[i] is None else "ok",
+            "correct": t.correct[i],
+            "grid_h": 4,
+            "grid_w": 4,
+            "n_image_tokens": 16,
+            "sc_k": 10,
+            "sc_answer": t.answer[i],
+        }
         for name, values in t.metrics.items():
             row[name] = int(values[i]) if name == "cluster_count" else float(values[i])
         samples.append(row)
         for layer in range(layers):
-            layer_rows.append({"sample_id": sid, "layer": layer,
-                               "spatial_entropy": float(t.layer_entropy[i, layer]), "image_mass": 0.5,
-                               "lens_truth_margin": float(t.truth_margin[i, layer]),
-                               "lens_yes_no_margin": float(t.truth_margin[i, layer]),
-                               "lens_answer_rank": int(t.answer_rank[i, layer]),
-                               "attn_contrib": 0.1, "mlp_contrib": 0.3})
+            layer_rows.append(
+                {
+                    "sample_id": sid,
+                    "layer": layer,
+                    "spatial_entropy": float(t.layer_entropy[i, layer]),
+                    "image_mass": 0.5,
+                    "lens_truth_margin": float(t.truth_margin[i, layer]),
+                    "lens_yes_no_margin": float(t.truth_margin[i, layer]),
+                    "lens_answer_rank": int(t.answer_rank[i, layer]),
+                    "attn_contrib": 0.1,
+                    "mlp_contrib": 0.3,
+                }
+            )
             for site, h in t.hidden.items():
                 hidden_rows.append({"sample_id": sid, "layer": layer, "site": site, "h": h[layer, i]})
     return {"samples": samples, "layers": layer_rows, "hidden": hidden_rows}
@@ -132,8 +187,12 @@ def _rows(t: ModelTruth, layers: int) -> dict[str, list[dict]]:
 
 def _write_intervention(lake, base: dict, t: ModelTruth, rng: np.random.Generator) -> None:
     """A masking run: `high` flips 30% of the right answers to wrong, `low` flips 5%."""
-    run = dict(base, base_run_id=base["run_id"], kind="mask",
-               config={**base["config"], "kind": "mask", "base": base["run_id"]})
+    run = dict(
+        base,
+        base_run_id=base["run_id"],
+        kind="mask",
+        config={**base["config"], "kind": "mask", "base": base["run_id"]},
+    )
     run["run_id"] = make_run_id(run["config"])
     rows = []
     base_right = np.array([c is True for c in t.correct])
@@ -142,13 +201,24 @@ def _write_intervention(lake, base: dict, t: ModelTruth, rng: np.random.Generato
         t.interventions[condition] = right
         for i, sid in enumerate(t.sample_ids):
             answer = t.label[i] if right[i] else ("no" if t.label[i] == "yes" else "yes")
-            rows.append({"sample_id": sid, "condition": condition, "level": 0.3,
-                         "base_run_id": base["run_id"], "setting": "ratio=0.3,layer=-1,seed=1",
-                         "answer": answer, "parse_status": "ok",
-                         "correct": bool(right[i]), "yes_no_margin": 1.0 if answer == "yes" else -1.0,
-                         "p_yes": 0.5})
-    markers = [{"sample_id": sid, "dataset": "shapes-pope", "split": str(t.split[i]),
-                "label": str(t.label[i])} for i, sid in enumerate(t.sample_ids)]
+            rows.append(
+                {
+                    "sample_id": sid,
+                    "condition": condition,
+                    "level": 0.3,
+                    "base_run_id": base["run_id"],
+                    "setting": "ratio=0.3,layer=-1,seed=1",
+                    "answer": answer,
+                    "parse_status": "ok",
+                    "correct": bool(right[i]),
+                    "yes_no_margin": 1.0 if answer == "yes" else -1.0,
+                    "p_yes": 0.5,
+                }
+            )
+    markers = [
+        {"sample_id": sid, "dataset": "shapes-pope", "split": str(t.split[i]), "label": str(t.label[i])}
+        for i, sid in enumerate(t.sample_ids)
+    ]
     writer = lake.writer(run)
     writer.begin()
     writer.commit({"interventions": rows, "samples": markers})

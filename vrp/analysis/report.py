@@ -1,0 +1,528 @@
+"""`vrp report`: the study's tables and figures from a lake, as Markdown and one self-contained HTML page.
+
+The report only reads the lake (what is not stored, such as probes, is computed in memory), so
+it also runs on a read-only shared lake. It is built for schedules (cron, CI):
+
+- the table versions it read go to ``versions.json`` in its folder; when the lake has not changed
+  since the latest report, ``write_report`` returns "unchanged" and writes nothing (unless forced);
+- each report goes to a dated subfolder of the output directory and ``latest`` points at it;
+- the same lake renders the same bytes, apart from the one line that says when it was generated
+  (figures are rendered with Agg and saved without software/date metadata).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from vrp.analysis import compute, data, stats
+from vrp.lake import Lake, open_lake
+
+TIMESTAMP_PREFIX = "Generated "
+_FIG_DPI = 100
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``write_report`` did: "written" (path = the new folder) or "unchanged" (path = latest)."""
+
+    status: str
+    path: Path
+    message: str
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _p(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2g}" if v >= 1e-4 else f"{v:.1e}"
+
+
+def _cell_r(c: stats.Correlation) -> str:
+    if c.status == "constant":
+        return f"constant ({c.extra.get('value'):g})"
+    if c.status != "ok":
+        return c.status
+    return f"{_num(c.r)} [{_num(c.boot_low)}, {_num(c.boot_high)}]"
+
+
+def _cell_auc(c: stats.Correlation) -> str:
+    if c.status != "ok":
+        return "-"
+    return f"{_num(c.auroc)} [{_num(c.auroc_low)}, {_num(c.auroc_high)}]"
+
+
+@dataclass
+class Table:
+    """A titled table rendered to Markdown and HTML alike."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        if self.note:
+            lines += [self.note, ""]
+        lines.append("| " + " | ".join(self.header) + " |")
+        lines.append("|" + "|".join("---" for _ in self.header) + "|")
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows
+        )
+        note = f"<p>{html.escape(self.note)}</p>" if self.note else ""
+        return f"<h3>{html.escape(self.title)}</h3>{note}<table><tr>{head}</tr>{body}</table>"
+
+
+# ----------------------------------------------------------------------------- content
+
+
+def headline_table(h: compute.Headline, n_boot: int = stats.N_BOOT) -> Table:
+    """Rows = metrics; per group: R_pb [bootstrap 95% CI], AUROC [95% CI], n."""
+    cells = {(c.metric, c.group): c for c in h.rows}
+    header = ["metric"]
+    for g in h.groups:
+        header += [f"{g} R_pb [95% CI]", f"{g} AUROC [95% CI]", f"{g} n"]
+    rows = []
+    for m in h.metrics:
+        if not any((m, g) in cells for g in h.groups):
+            continue
+        row = [m]
+        for g in h.groups:
+            c = cells.get((m, g))
+            row += ["-", "-", "0"] if c is None else [_cell_r(c), _cell_auc(c), str(c.n)]
+        rows.append(row)
+    note = (
+        "R_pb is Pearson r of the raw metric with y (1 = correct answer), with a percentile bootstrap CI "
+        f"({n_boot:,} resamples, seeded; the pooled column resamples within each model). AUROC scores "
+        "the metric oriented so that larger means correct (entropies negated). Unparsable answers are "
+        "left out. The best probe is the held-out (out-of-fold, image-grouped 5-fold) logistic probe "
+        "score of each run's best layer; choosing that layer on the same folds is a mild optimistic bias."
+    )
+    return Table("Headline: which signals predict a correct answer", header, rows, note)
+
+
+def detail_table(h: compute.Headline) -> Table:
+    rows = []
+    for c in sorted(h.rows, key=lambda c: (h.groups.index(c.group), h.metrics.index(c.metric))):
+        rows.append(
+            [
+                c.group,
+                c.metric,
+                str(c.n),
+                str(c.n_correct),
+                c.status,
+                _num(c.r),
+                _p(c.p),
+                _p(c.q),
+                f"[{_num(c.fisher_low)}, {_num(c.fisher_high)}]",
+                f"[{_num(c.boot_low)}, {_num(c.boot_high)}]",
+                _num(c.auroc),
+            ]
+        )
+    return Table(
+        "Correlation details",
+        [
+            "group",
+            "metric",
+            "n",
+            "n correct",
+            "status",
+            "R_pb",
+            "p",
+            "q (BH)",
+            "Fisher 95% CI",
+            "bootstrap 95% CI",
+            "AUROC",
+        ],
+        rows,
+        "q: Benjamini-Hochberg over the metrics of one column; constant metrics are not in the family.",
+    )
+
+
+def pope_table(lake: Lake) -> Table:
+    rows = []
+    for r in data.query(lake, "pope_metrics").to_pylist():
+        rows.append(
+            [
+                r["model"],
+                r["dataset"],
+                r["split"],
+                str(r["n"]),
+                str(r["unknown"]),
+                _num(r["accuracy"]),
+                _num(r["precision"]),
+                _num(r["recall"]),
+                _num(r["f1"]),
+                _num(r["yes_ratio"]),
+            ]
+        )
+    return Table(
+        "POPE metrics from the models' parsed answers",
+        ["model", "dataset", "split", "n", "unknown", "accuracy", "precision", "recall", "F1", "yes-ratio"],
+        rows,
+        "Unparsable answers count as wrong and as not-yes.",
+    )
+
+
+def probe_table(h: compute.Headline) -> Table:
+    rows = []
+    for rp in sorted(h.probes, key=lambda p: (p.model, p.run_id)):
+        for r in sorted(rp.results, key=lambda r: (r.probe, r.layer)):
+            if r.probe == "logreg":
+                continue
+            rows.append(
+                [
+                    rp.model,
+                    rp.run_id,
+                    r.probe,
+                    str(r.layer),
+                    _num(r.auroc),
+                    f"[{_num(r.auroc_low)}, {_num(r.auroc_high)}]",
+                    str(r.folds),
+                    rp.source,
+                ]
+            )
+        logreg = [r for r in rp.results if r.probe == "logreg"]
+        if logreg:
+            best = max(logreg, key=lambda r: (r.auroc, -r.layer))
+            rows.append(
+                [
+                    rp.model,
+                    rp.run_id,
+                    "logreg (best layer)",
+                    str(best.layer),
+                    _num(best.auroc),
+                    f"[{_num(best.auroc_low)}, {_num(best.auroc_high)}]",
+                    str(best.folds),
+                    rp.source,
+                ]
+            )
+    notes = sorted({rp.note for rp in h.probes if rp.note})
+    return Table(
+        "Held-out probes",
+        ["model", "run", "probe", "layer", "AUROC", "95% CI", "folds", "source"],
+        rows,
+        " ".join(notes),
+    )
+
+
+def margin_table(mm: Sequence[compute.ModelMargins]) -> Table:
+    rows = []
+    for m in mm:
+        locked = m.lock_in[m.lock_in >= 0]
+        right, wrong = m.lock_in[m.correct & (m.lock_in >= 0)], m.lock_in[~m.correct & (m.lock_in >= 0)]
+        rows.append(
+            [
+                m.model,
+                str(m.curves.n_correct + m.curves.n_incorrect),
+                "-" if m.max_separation is None else str(m.max_separation),
+                _num(float(np.median(locked)), 1) if locked.size else "-",
+                _num(float(np.median(right)), 1) if right.size else "-",
+                _num(float(np.median(wrong)), 1) if wrong.size else "-",
+                "-" if m.entropy is None or m.entropy.sharpest_drop is None else str(m.entropy.sharpest_drop),
+            ]
+        )
+    return Table(
+        "Margin formation",
+        [
+            "model",
+            "n",
+            "layer of largest correct/incorrect separation",
+            "median lock-in layer",
+            "... correct",
+            "... incorrect",
+            "layer of sharpest H_s drop",
+        ],
+        rows,
+        "Lock-in: the first layer from which the logit lens's top token is the final answer's token "
+        "at every later layer. Separation: |mean truth margin of correct - incorrect answers|.",
+    )
+
+
+def intervention_table(effects: Sequence[compute.InterventionEffect]) -> Table:
+    rows = [
+        [
+            e.model,
+            e.kind,
+            e.condition,
+            _num(e.level, 2),
+            e.setting,
+            str(e.n),
+            _num(e.base_accuracy),
+            _num(e.accuracy),
+            f"{100 * e.delta:+.1f}",
+            f"[{100 * e.delta_low:+.1f}, {100 * e.delta_high:+.1f}]",
+            f"{e.mcnemar.b}/{e.mcnemar.c}",
+            _p(e.mcnemar.p),
+        ]
+        for e in effects
+    ]
+    return Table(
+        "Interventions",
+        [
+            "model",
+            "kind",
+            "condition",
+            "level",
+            "setting",
+            "n",
+            "base acc.",
+            "acc.",
+            "delta (pp)",
+            "95% CI (pp)",
+            "right->wrong / wrong->right",
+            "McNemar p",
+        ],
+        rows,
+        "Paired per sample against the base run; exact McNemar test, paired bootstrap CI.",
+    )
+
+
+def provenance_table(runs: Sequence[dict]) -> Table:
+    cols = [
+        "run_id",
+        "model",
+        "model_source",
+        "model_revision",
+        "dataset",
+        "split",
+        "dtype",
+        "device",
+        "attention_backend",
+        "code_version",
+        "status",
+        "n_done",
+        "n_failed",
+        "kind",
+        "base_run_id",
+    ]
+    rows = [["-" if r.get(c) is None else str(r.get(c)) for c in cols] for r in runs]
+    return Table("Runs (provenance)", cols, rows)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.hashsalt"] = "vrp"
+    plt.rcParams["path.simplify"] = True
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """PNG without the Software tag (the only metadata that would change between versions)."""
+    fig.savefig(path, dpi=_FIG_DPI, metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def figure_probes(h: compute.Headline, path: Path) -> bool:
+    curves = [
+        (rp, sorted((r for r in rp.results if r.probe == "logreg"), key=lambda r: r.layer))
+        for rp in sorted(h.probes, key=lambda p: (p.model, p.run_id))
+    ]
+    curves = [(rp, rs) for rp, rs in curves if rs]
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for rp, rs in curves:
+        x = [r.layer for r in rs]
+        ax.plot(x, [r.auroc for r in rs], marker="o", ms=3, label=f"{rp.model} ({rp.run_id[:8]})")
+        ax.fill_between(x, [r.auroc_low for r in rs], [r.auroc_high for r in rs], alpha=0.2)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(
+        xlabel="layer", ylabel="held-out AUROC", title="Logistic probe of correctness by layer (site resid)"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def figure_margins(mm: Sequence[compute.ModelMargins], path: Path) -> bool:
+    if not mm:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(mm), figsize=(4 * len(mm), 3.5), squeeze=False)
+    for ax, m in zip(axes[0], mm, strict=True):
+        c = m.curves
+        for mean, sem, label in (
+            (c.mean_correct, c.sem_correct, "correct"),
+            (c.mean_incorrect, c.sem_incorrect, "incorrect"),
+        ):
+            ax.plot(c.layers, mean, label=label)
+            ax.fill_between(c.layers, mean - np.nan_to_num(sem), mean + np.nan_to_num(sem), alpha=0.2)
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set(title=m.model, xlabel="layer", ylabel="logit-lens truth margin")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def figure_entropy(mm: Sequence[compute.ModelMargins], path: Path) -> bool:
+    profiles = [m for m in mm if m.entropy is not None]
+    if not profiles:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in profiles:
+        layers = m.entropy.layers
+        x = layers / max(int(layers.max()), 1)
+        ax.plot(x, m.entropy.mean, marker="o", ms=3, label=m.model)
+    ax.set(
+        xlabel="layer / last layer",
+        ylabel="mean spatial entropy H_s (nats)",
+        title="Spatial entropy of the answer position's attention by layer",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+def render(
+    lake: Lake, out: Path, *, generated: str, n_boot: int = stats.N_BOOT, seed: int = stats.SEED
+) -> None:
+    """Write report.md, report.html and figures/ for the lake into ``out`` (created)."""
+    runs = (
+        sorted(lake.arrow("runs").to_pylist(), key=lambda r: (r["model"], r["run_id"]))
+        if lake.has_table("runs")
+        else []
+    )
+    if not any(r.get("base_run_id") is None for r in runs):
+        raise ValueError("the lake has no capture runs yet: run `vrp ingest run` first")
+    h = compute.headline(lake, n_boot=n_boot, seed=seed)
+    mm = compute.model_margins(lake)
+    effects = compute.intervention_effects(lake, n_boot=n_boot, seed=seed)
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for name, title, fn, arg in (
+        ("probe_auroc_by_layer.png", "Probe AUROC by layer", figure_probes, h),
+        ("margin_curves.png", "Margin formation by correctness", figure_margins, mm),
+        ("spatial_entropy_by_layer.png", "H_s by layer", figure_entropy, mm),
+    ):
+        if fn(arg, figdir / name):
+            figures.append((name, title))
+    tables = [headline_table(h, n_boot), pope_table(lake), probe_table(h), margin_table(mm)]
+    if effects:
+        tables.append(intervention_table(effects))
+    tables += [detail_table(h), provenance_table(runs)]
+    title = "VRP report"
+    stamp = f"{TIMESTAMP_PREFIX}{generated} from {lake.root}."
+    md = [f"# {title}", "", stamp, ""]
+    body = [f"<h1>{title}</h1><p>{html.escape(stamp)}</p>"]
+    for i, t in enumerate(tables):
+        md.append(t.markdown())
+        body.append(t.html())
+        if i == 0:
+            for name, ftitle in figures:
+                md += [f"### {ftitle}", "", f"![{ftitle}](figures/{name})", ""]
+                encoded = base64.b64encode((figdir / name).read_bytes()).decode()
+                body.append(
+                    f'<h3>{html.escape(ftitle)}</h3><img alt="{html.escape(ftitle)}" '
+                    f'src="data:image/png;base64,{encoded}">'
+                )
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    style = (
+        "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}img{max-width:100%}"
+    )
+    page = (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>{style}</style>'
+        f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    (out / "report.html").write_text(page, encoding="utf-8")
+
+
+def write_report(
+    lake_root: str,
+    out_root: str | Path,
+    *,
+    force: bool = False,
+    n_boot: int = stats.N_BOOT,
+    seed: int = stats.SEED,
+    now: datetime | None = None,
+) -> Outcome:
+    """Render into ``out_root/<UTC time>/`` and point ``out_root/latest`` at it, unless nothing changed."""
+    lake = open_lake(lake_root)
+    versions = lake.versions()
+    out_root = Path(out_root)
+    latest = out_root / "latest"
+    previous = latest / "versions.json"
+    if not force and previous.is_file():
+        try:
+            before = json.loads(previous.read_text(encoding="utf-8")).get("versions")
+        except json.JSONDecodeError:
+            before = None
+        if before == versions:
+            return Outcome(
+                "unchanged",
+                latest.resolve(),
+                f"no new runs since the last report ({latest.resolve()}); use --force to render anyway",
+            )
+    now = now or datetime.now(UTC)
+    stamp = now.strftime("%Y-%m-%dT%H%M%SZ")
+    out_root.mkdir(parents=True, exist_ok=True)
+    target = out_root / stamp
+    k = 1
+    while target.exists():
+        target = out_root / f"{stamp}-{k}"
+        k += 1
+    tmp = out_root / f".{target.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        render(lake, tmp, generated=now.strftime("%Y-%m-%d %H:%M:%S UTC"), n_boot=n_boot, seed=seed)
+        (tmp / "versions.json").write_text(
+            json.dumps({"lake": lake.root, "versions": versions}, indent=1, sort_keys=True) + "\n",
+            encoding="utf-8",
+        )
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    link_tmp = out_root / ".latest.tmp"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    link_tmp.symlink_to(target.name)
+    os.replace(link_tmp, latest)
+    return Outcome("written", target, f"report written to {target} (latest -> {target.name})")
