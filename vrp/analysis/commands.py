@@ -1,0 +1,270 @@
+"""`vrp analyze correlations|probes|margins` and `vrp report`.
+
+``analyze`` prints tables; ``analyze probes`` also stores them in ``probe_layers`` and
+``probe_neurons`` (the intervention commands read the neuron rankings from there). ``report``
+only reads the lake.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import click
+from tqdm import tqdm
+
+from vrp.analysis import compute, data, stats
+from vrp.analysis import report as rendering
+from vrp.analysis.probes import SEED, ProbeError
+from vrp.lake import Lake, LakeError, open_lake, resolve_lake_root
+
+lake_option = click.option(
+    "--lake",
+    "lake_dir",
+    default=None,
+    metavar="DIR",
+    help="Lake directory (default: $VRP_LAKE, else ./vrp-lake).",
+)
+model_option = click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="NAME",
+    help="Only this model (repeatable; default: every model in the lake).",
+)
+boot_option = click.option(
+    "--n-boot",
+    default=stats.N_BOOT,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Bootstrap resamples for the confidence intervals.",
+)
+seed_option = click.option(
+    "--seed", default=SEED, show_default=True, type=int, help="Seed of the folds and the bootstrap."
+)
+
+
+def _open(lake_dir: str | None) -> Lake:
+    root = resolve_lake_root(lake_dir)
+    if "://" not in root and not os.path.isdir(root):
+        raise click.ClickException(
+            f"no lake at {root}: run `vrp ingest run` first, or pass --lake DIR / set VRP_LAKE"
+        )
+    try:
+        return open_lake(root)
+    except LakeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [
+        max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+        for i, h in enumerate(header)
+    ]
+    click.echo("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def _progress(desc: str):
+    show = sys.stderr.isatty()
+    return lambda items: tqdm(items, desc=desc, unit="layer", disable=not show)
+
+
+@click.group()
+def analyze() -> None:
+    """Analyses of the lake: correlations, probes, margin formation (printed as tables)."""
+
+
+@analyze.command()
+@lake_option
+@model_option
+@boot_option
+@seed_option
+@click.option(
+    "--probe/--no-probe",
+    default=True,
+    show_default=True,
+    help="Include the held-out best-layer probe (computed in memory when not stored).",
+)
+def correlations(lake_dir: str | None, models: tuple[str, ...], n_boot: int, seed: int, probe: bool) -> None:
+    """R_pb [95% CI], p, BH q and AUROC [95% CI] of each reliability signal, per model and pooled."""
+    lake = _open(lake_dir)
+    try:
+        h = compute.headline(lake, models=models or None, n_boot=n_boot, seed=seed, with_probe=probe)
+    except (LakeError, ProbeError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not h.rows:
+        raise click.ClickException("no scored answers in the lake (or for the models asked)")
+    t = rendering.detail_table(h)
+    _print_table(t.header, t.rows)
+    click.echo(f"\n{t.note}")
+
+
+@analyze.command()
+@lake_option
+@model_option
+@boot_option
+@seed_option
+@click.option("--site", default="resid", show_default=True, help="Hidden-state site of the layer probes.")
+@click.option(
+    "--mlp/--no-mlp", default=True, show_default=True, help="Also the 2-layer MLP at the best layer."
+)
+@click.option(
+    "--neuron-layer",
+    "neuron_layers",
+    multiple=True,
+    type=int,
+    metavar="L",
+    help="Layer(s) of the mlp_out neuron rankings (negative counts from the end; "
+    "default: every layer with mlp_out states).",
+)
+@click.option(
+    "--neurons/--no-neurons",
+    default=True,
+    show_default=True,
+    help="Compute the L1/L2 probe-neuron rankings on site mlp_out.",
+)
+@click.option(
+    "--write/--no-write",
+    default=True,
+    show_default=True,
+    help="Store the results in probe_layers / probe_neurons (replacing the run's previous ones).",
+)
+def probes(
+    lake_dir: str | None,
+    models: tuple[str, ...],
+    n_boot: int,
+    seed: int,
+    site: str,
+    mlp: bool,
+    neuron_layers: tuple[int, ...],
+    neurons: bool,
+    write: bool,
+) -> None:
+    """Held-out probes per layer (+ last-5, MLP) and the probe-neuron rankings, per run."""
+    lake = _open(lake_dir)
+    runs = data.base_runs(lake, models or None)
+    if not runs:
+        raise click.ClickException("no capture runs in the lake (or for the models asked)")
+    for run in runs:
+        run_id, model = run["run_id"], run["model"]
+        try:
+            rp = compute.run_probes(
+                lake,
+                run_id,
+                site=site,
+                seed=seed,
+                n_boot=n_boot,
+                mlp=mlp,
+                progress=_progress(f"probes {model}"),
+            )
+        except (ProbeError, ValueError) as exc:
+            click.echo(f"{model} {run_id}: skipped: {exc}", err=True)
+            continue
+        click.echo(
+            f"\n{model} (run {run_id}, site {site}): {rp.results[0].n} answers, "
+            f"{rp.results[0].folds} folds grouped by image" + (f"; {rp.note}" if rp.note else "")
+        )
+        rows = [
+            [
+                r.probe,
+                str(r.layer),
+                f"{r.auroc:.3f}",
+                f"[{r.auroc_low:.3f}, {r.auroc_high:.3f}]",
+                f"{r.accuracy:.3f}",
+            ]
+            for r in rp.results
+        ]
+        _print_table(["probe", "layer", "AUROC", "95% CI", "accuracy"], rows)
+        neuron_rows = []
+        if neurons and data.hidden_layers(lake, run_id, "mlp_out"):
+            try:
+                neuron_rows = compute.neuron_rankings(lake, run_id, neuron_layers or None, seed=seed)
+            except ProbeError as exc:
+                raise click.ClickException(str(exc)) from exc
+            for layer in sorted({r["layer"] for r in neuron_rows}):
+                top = [r for r in neuron_rows if r["layer"] == layer and r["method"] == "l1"][:5]
+                click.echo(
+                    f"top L1 probe neurons at layer {layer}: "
+                    + ", ".join(f"{r['neuron']} ({r['coef']:+.3f})" for r in top)
+                )
+        if write:
+            base = {"run_id": run_id, "model": model}
+            lake.write_table(
+                "probe_layers",
+                [base | r.row() for r in rp.results],
+                replace_where={"run_id": run_id, "site": site},
+            )
+            if neuron_rows:
+                lake.write_table(
+                    "probe_neurons",
+                    [base | r for r in neuron_rows],
+                    replace_where={"run_id": run_id, "site": "mlp_out"},
+                )
+    if write:
+        click.echo("\nstored in probe_layers" + (" and probe_neurons" if neurons else ""))
+
+
+@analyze.command()
+@lake_option
+@model_option
+def margins(lake_dir: str | None, models: tuple[str, ...]) -> None:
+    """Logit-lens margin formation by correctness, lock-in layers and spatial-entropy deltas."""
+    lake = _open(lake_dir)
+    mm = compute.model_margins(lake, models or None)
+    if not mm:
+        raise click.ClickException("no logit-lens rows (layers table) for scored answers in the lake")
+    t = rendering.margin_table(mm)
+    _print_table(t.header, t.rows)
+    for m in mm:
+        c = m.curves
+        click.echo(
+            f"\n{m.model}: truth margin by layer (correct n={c.n_correct}, incorrect n={c.n_incorrect})"
+        )
+        rows = []
+        for j, layer in enumerate(c.layers):
+            locked = m.lock_in[m.lock_in >= 0]
+            share = float((locked <= layer).sum()) / max(m.lock_in.size, 1)
+            h = m.entropy
+            rows.append(
+                [
+                    str(layer),
+                    f"{c.mean_correct[j]:+.3f}",
+                    f"{c.mean_incorrect[j]:+.3f}",
+                    f"{c.separation[j]:+.3f}",
+                    f"{c.auroc[j]:.3f}",
+                    f"{share:.2f}",
+                    "-" if h is None else f"{h.mean[j]:.3f}",
+                    "-" if h is None or j == 0 else f"{h.delta[j]:+.3f}",
+                ]
+            )
+        _print_table(
+            ["layer", "correct", "incorrect", "separation", "AUROC", "locked in", "H_s", "delta H_s"], rows
+        )
+
+
+@click.command()
+@lake_option
+@click.option(
+    "--out",
+    "out_dir",
+    default="vrp-report",
+    show_default=True,
+    metavar="DIR",
+    help="Output folder: each report goes to a dated subfolder, `latest` points at the newest.",
+)
+@click.option(
+    "--force", is_flag=True, help="Render even when the lake has not changed since the last report."
+)
+@boot_option
+@seed_option
+def report(lake_dir: str | None, out_dir: str, force: bool, n_boot: int, seed: int) -> None:
+    """Markdown + self-contained HTML report of the study's tables and figures (reads the lake only)."""
+    lake = _open(lake_dir)
+    try:
+        outcome = rendering.write_report(lake.root, out_dir, force=force, n_boot=n_boot, seed=seed)
+    except (LakeError, ProbeError, ValueError, OSError) as exc:
+        raise click.ClickException(f"report failed: {exc}") from exc
+    click.echo(outcome.message)
