@@ -48,9 +48,13 @@ def write_synthetic_lake(
     signal_layer: int = 2,
     splits: tuple[str, ...] = ("random", "adversarial"),
     interventions: bool = True,
+    constant_cluster_count: tuple[str, ...] = (),
     seed: int = 0,
 ) -> dict[str, ModelTruth]:
-    """Write one base run per model (n samples split across ``splits``, 6 questions per image)."""
+    """Write one base run per model (n samples split across ``splits``, 6 questions per image).
+
+    Models named in ``constant_cluster_count`` get C_k = 0 on every sample (as on a tiny grid).
+    """
     lake = open_lake(root)
     truth: dict[str, ModelTruth] = {}
     for m_index, model in enumerate(models):
@@ -70,6 +74,8 @@ def write_synthetic_lake(
         }
         run["run_id"] = make_run_id(run["config"] | {"model": model})
         t = _model_truth(rng, run["run_id"], n, layers, hidden_size, signal_layer, splits)
+        if model in constant_cluster_count:
+            t.metrics["cluster_count"][:] = 0
         writer = lake.writer(run)
         writer.begin()
         writer.commit(_rows(t, layers))
@@ -122,7 +128,7 @@ def _model_truth(
     hidden = {}
     for site in ("resid", "mlp_out"):
         h = rng.normal(size=(layers, n, d)) + 1.0
-        h[signal_layer] += np.outer(np.where(y, 1.5, -1.5), direction)
+        h[min(signal_layer, layers - 1)] += np.outer(np.where(y, 1.5, -1.5), direction)
         hidden[site] = h.astype(np.float32)
     ids = [make_sample_id("shapes-pope", split[i], str(i), f"hash{i // 6}") for i in range(n)]
     return ModelTruth(
