@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 
+import duckdb
 import lake_util
+import polars as pl
 import pyarrow as pa
 import pytest
 import torch
@@ -199,6 +201,23 @@ def test_ingest_query_and_export_a_lake_on_s3(s3, workspace, tmp_path, monkeypat
     assert "shared/v1/README.md" in _keys(s3, "shared/v1/")
     refused = runner.invoke(main, ["lake", "export", "--to", shared])
     assert refused.exit_code != 0 and "empty destination" in refused.output
+
+    # a collaborator reads the shared copy without VRP, as the README shows
+    opts = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    opts |= {"AWS_REGION": REGION, "AWS_ALLOW_HTTP": "true"}
+    con = duckdb.connect()
+    con.register("samples", DeltaTable(f"{shared}/samples", storage_options=opts).to_pyarrow_dataset())
+    assert con.sql("SELECT count(*) FROM samples").fetchall() == [(N_QUESTIONS,)]
+    layers = pl.scan_delta(f"{shared}/layers", storage_options=opts).filter(pl.col("layer") == 0).collect()
+    assert layers.height == N_QUESTIONS
+
+    # maintenance on a remote lake: compaction keeps the rows, drop-run removes them
+    compacted = runner.invoke(main, ["lake", "compact", "--lake", shared])
+    assert compacted.exit_code == 0, compacted.output
+    assert_same_rows(remote, open_lake(shared))
+    dropped = runner.invoke(main, ["lake", "drop-run", "--lake", shared, "--yes", run_id])
+    assert dropped.exit_code == 0, dropped.output
+    assert open_lake(shared).sql("SELECT count(*) FROM hidden").fetchall() == [(0,)]
 
 
 def test_wrong_credentials_give_a_clear_error_and_write_nothing(s3, workspace, monkeypatch) -> None:

@@ -96,7 +96,14 @@ def ray_child(model: str, data: str, lake_root: str, report: str) -> None:
     from vrp.ingest.ray_engine import run_ray_ingest
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for attempt in range(2):  # Ray gives its node 30 s to register: a busy machine may need a retry
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt:
+                raise
     questions, _ = load_dataset("shapes-pope", data_dir=data)
     shard_ids = {q.sample_id for i, q in enumerate(questions[:N_QUESTIONS]) if i % WORKERS == 1}
     engine = {"workers": WORKERS, "cpus_per_worker": 0.5, "echo": lambda _line: None, "progress": False}
@@ -128,7 +135,7 @@ def test_killed_ray_workers_resume_and_the_lake_equals_a_local_run(tmp_path) -> 
     report, lake_root = str(tmp_path / "report.json"), str(tmp_path / "ray")
     child = SPAWN.Process(target=ray_child, args=(model, data, lake_root, report))
     child.start()
-    child.join(300)
+    child.join(480)
     if child.is_alive():
         child.kill()
         raise AssertionError("the Ray child process hung")
