@@ -46,6 +46,7 @@ LAST_K = 5
 L1_C = 0.1
 L1_TOP_VARIANCE = 1000
 _BLOCK_BYTES = 1 << 19
+_PARALLEL_ELEMENTS = 1 << 20
 MLP_HIDDEN = 256
 
 
@@ -133,7 +134,9 @@ def logreg_folds(X: np.ndarray, y: Sequence | np.ndarray, folds: Sequence[tuple[
     # is still in cache, so one iteration reads the matrix once (two separate products read it twice).
     step = max(16, _BLOCK_BYTES // (4 * d))
     blocks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
-    workers = max(1, min(threads or _default_threads(), len(blocks)))
+    # Small problems stay on one thread: handing tiny blocks between threads costs more than it gives.
+    default = _default_threads() if n * d >= _PARALLEL_ELEMENTS else 1
+    workers = max(1, min(threads or default, len(blocks)))
     chunks = [blocks[i::workers] for i in range(workers)]
     margins = np.empty((n, nf), dtype=np.float32)
     # Centred copy: float32 products of uncentred states (offsets of several units) would cancel.
