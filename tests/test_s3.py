@@ -27,6 +27,7 @@ from deltalake import DeltaTable, write_deltalake
 from lake_util import ROWS_PER_SAMPLE, make_run, sample_ids
 from test_scale import assert_same_rows
 
+from vrp.analysis.synthetic import write_synthetic_lake
 from vrp.cli import main
 from vrp.ingest.datasets import generate_shapes_pope
 from vrp.ingest.models.tiny import build_tiny
@@ -218,6 +219,18 @@ def test_ingest_query_and_export_a_lake_on_s3(s3, workspace, tmp_path, monkeypat
     dropped = runner.invoke(main, ["lake", "drop-run", "--lake", shared, "--yes", run_id])
     assert dropped.exit_code == 0, dropped.output
     assert open_lake(shared).sql("SELECT count(*) FROM hidden").fetchall() == [(0,)]
+
+
+def test_report_renders_from_a_lake_on_s3(s3, tmp_path) -> None:
+    uri = f"s3://{BUCKET}/synthetic"
+    write_synthetic_lake(uri, models=("toy-llava",), n=60, layers=3, hidden_size=8, interventions=False)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", "--lake", uri, "--out", str(out), "--n-boot", "100"])
+    assert result.exit_code == 0, result.output
+    md = ((out / "latest").resolve() / "report.md").read_text()
+    assert "### Headline: which signals predict a correct answer" in md
+    assert "toy-llava R_pb [95% CI]" in md and uri in md
+    assert _keys(s3, "synthetic/") and not any("report" in k for k in _keys(s3, "synthetic/"))
 
 
 def test_wrong_credentials_give_a_clear_error_and_write_nothing(s3, workspace, monkeypatch) -> None:
