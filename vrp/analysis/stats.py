@@ -146,44 +146,42 @@ def bootstrap_counts(n: int, n_boot: int = N_BOOT, seed: int = SEED,
         done += b
 
 
-def _tie_blocks(sorted_x: np.ndarray) -> np.ndarray | None:
-    """Start indices of runs of equal values in a sorted array, or None when all are distinct."""
-    if sorted_x.size < 2 or np.all(sorted_x[1:] != sorted_x[:-1]):
-        return None
-    return np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-
-
 @dataclass(frozen=True)
 class _Order:
-    """What the resampled AUROC of one score needs: its sort order, labels in that order, ties."""
+    """What the resampled AUROC of one score needs, from one sort of the full sample.
 
-    order: np.ndarray
-    negative: np.ndarray
-    starts: np.ndarray | None
+    Resampling does not change the order of values, so for each positive the negatives below it
+    (``left``) and at or below it (``right``, ties) are fixed positions in the sorted negatives.
+    """
+
+    negatives: np.ndarray  # indices of negatives, by ascending score
+    positives: np.ndarray  # indices of positives
+    left: np.ndarray  # per positive: number of negatives with a smaller score
+    right: np.ndarray | None  # per positive: negatives with a smaller or equal score (None: no ties)
 
     @classmethod
     def of(cls, x: np.ndarray, y: np.ndarray) -> _Order:
-        order = np.argsort(x, kind="stable")
-        return cls(order, y[order] == 0, _tie_blocks(x[order]))
+        neg = np.flatnonzero(y == 0)
+        neg = neg[np.argsort(x[neg], kind="stable")]
+        pos = np.flatnonzero(y != 0)
+        sorted_neg = x[neg]
+        left = np.searchsorted(sorted_neg, x[pos], side="left")
+        right = np.searchsorted(sorted_neg, x[pos], side="right")
+        return cls(neg, pos, left, None if np.array_equal(left, right) else right)
 
 
 def _weighted_auroc(counts: np.ndarray, o: _Order) -> np.ndarray:
-    """AUROC of each resample (rows of counts), from the full sample's sort order.
-
-    Resampling does not change the order of values, so one argsort serves all resamples: the
-    resampled AUROC is the sum over drawn positives of (drawn negatives below + half the tied ones).
-    """
-    w = np.take(counts, o.order, axis=1)
-    neg = np.where(o.negative, w, np.float32(0.0))
-    if o.starts is not None:
-        w = np.add.reduceat(w, o.starts, axis=1)
-        neg = np.add.reduceat(neg, o.starts, axis=1)
-    # float32 is exact here: counts and their running sums are integers (or halves) below 2**23
-    below = np.cumsum(neg, axis=1)
-    n_neg = below[:, -1].astype(np.float64)
-    below -= np.float32(0.5) * neg
-    num = np.einsum("ij,ij->i", w - neg, below, dtype=np.float64)
-    den = (w.sum(axis=1, dtype=np.float64) - n_neg) * n_neg
+    """AUROC of each resample (rows of counts): drawn positives x (drawn negatives below + half ties)."""
+    cum = np.zeros((counts.shape[0], o.negatives.size + 1), dtype=np.float32)
+    # float32 is exact here: counts and their running sums are integers below 2**24
+    np.cumsum(np.take(counts, o.negatives, axis=1), axis=1, out=cum[:, 1:])
+    below = np.take(cum, o.left, axis=1)
+    if o.right is not None:
+        below += np.take(cum, o.right, axis=1)
+        below *= np.float32(0.5)
+    pos = np.take(counts, o.positives, axis=1)
+    num = np.einsum("ij,ij->i", pos, below, dtype=np.float64)
+    den = pos.sum(axis=1, dtype=np.float64) * cum[:, -1].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return num / den
 
