@@ -246,6 +246,8 @@ def test_wrong_credentials_give_a_clear_error_and_write_nothing(s3, workspace, m
     assert result.exit_code == 1 and "access denied" in result.output
     monkeypatch.undo()
     assert _keys(s3, "denied") == []
+    result = CliRunner().invoke(main, ["query", "--lake", "s3://no-such-bucket/lake", "select 1"])
+    assert result.exit_code == 1 and "the bucket does not exist" in result.output
 
 
 def test_a_stale_writer_does_not_overwrite_a_concurrent_commit(s3) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,9 @@ def arrow_filesystem(root: str) -> tuple[Any, str]:
 
 def storage_error(exc: BaseException, where: str) -> LakeStorageError:
     """A clear error for a failed object-store request: what went wrong and what to check."""
-    text = str(exc)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # deltalake colours its error chains
     lowered = text.lower()
-    first = " ".join(text.split())[:300]
+    first = " ".join(text.replace("↳", "").split())[:300]
     if any(
         marker in lowered
         for marker in (
@@ -144,7 +145,7 @@ def storage_error(exc: BaseException, where: str) -> LakeStorageError:
             "access denied: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), "
             "and that they may read and write this bucket"
         )
-    elif "nosuchbucket" in lowered or "bucket" in lowered and "not" in lowered and "exist" in lowered:
+    elif "nosuchbucket" in lowered or ("bucket" in lowered and "not" in lowered and "exist" in lowered):
         hint = "the bucket does not exist: create it first, or fix the bucket name"
     elif any(marker in lowered for marker in ("connect", "dns", "timed out", "timeout", "unreachable")):
         hint = "the storage endpoint cannot be reached: check AWS_ENDPOINT_URL and the network"
