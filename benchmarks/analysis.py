@@ -29,6 +29,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from vrp.analysis import probes, stats
 
@@ -48,7 +49,12 @@ def residual_stream(n: int, d: int, layers: int, y: np.ndarray, seed: int):
         yield layer, h
 
 
-def sklearn_loop(x: np.ndarray, y: np.ndarray, folds) -> np.ndarray:
+def sklearn_loop(x: np.ndarray, y: np.ndarray, folds, threads: int | None) -> np.ndarray:
+    with threadpool_limits(threads):
+        return _sklearn_loop(x, y, folds)
+
+
+def _sklearn_loop(x: np.ndarray, y: np.ndarray, folds) -> np.ndarray:
     oof = np.empty(y.size)
     for tr, te in folds:
         scaler = StandardScaler().fit(x[tr])
@@ -59,21 +65,23 @@ def sklearn_loop(x: np.ndarray, y: np.ndarray, folds) -> np.ndarray:
     return oof
 
 
-def bench_probes(n: int, d: int, layers: int, seed: int) -> None:
+def bench_probes(n: int, d: int, layers: int, seed: int, threads: int | None) -> None:
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.7).astype(int)
     groups = np.arange(n) // 6
     plan = probes.make_folds(y, groups, seed=seed)
     t_vrp = t_sk = 0.0
     diffs = []
-    print(f"probe sweep: n={n}, d={d}, {layers} layers x {plan.n_splits} folds")
+    print(
+        f"probe sweep: n={n}, d={d}, {layers} layers x {plan.n_splits} folds, threads: {threads or 'default'}"
+    )
     print(f"{'layer':>5} {'VRP s':>7} {'sklearn s':>9} {'AUROC VRP':>9} {'AUROC sk':>9} {'|diff|':>7}")
     for layer, x in residual_stream(n, d, layers, y, seed):
         t0 = time.perf_counter()
-        fit = probes.logreg_folds(x, y, plan.folds)
+        fit = probes.logreg_folds(x, y, plan.folds, threads=threads)
         a_vrp = roc_auc_score(y, fit.oof)
         t1 = time.perf_counter()
-        a_sk = roc_auc_score(y, sklearn_loop(x, y, plan.folds))
+        a_sk = roc_auc_score(y, sklearn_loop(x, y, plan.folds, threads))
         t2 = time.perf_counter()
         t_vrp += t1 - t0
         t_sk += t2 - t1
@@ -99,8 +107,10 @@ def bench_correlations(n: int, seed: int, n_boot: int) -> None:
         rows = stats.correlation_tables(groups, n_boot=n_boot, seed=seed, with_auroc_ci=with_auc)
         dt = time.perf_counter() - t0
         what = "R_pb + p + Fisher CI + bootstrap CI" + (" + AUROC bootstrap CI" if with_auc else "")
-        print(f"correlation table ({len(rows)} cells, {n_boot:,} resamples): {what}: {dt:.2f} s"
-              + ("   (target <= 2 s)" if not with_auc else ""))
+        print(
+            f"correlation table ({len(rows)} cells, {n_boot:,} resamples): {what}: {dt:.2f} s"
+            + ("   (target <= 2 s)" if not with_auc else "")
+        )
 
 
 def main() -> None:
@@ -111,12 +121,18 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=stats.N_BOOT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-probes", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Threads for both sides (sklearn's BLAS, VRP's block workers); default: their own.",
+    )
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{platform.processor() or platform.machine()}, {cpus} CPUs usable, load {os.getloadavg()[0]:.1f}")
     bench_correlations(args.n, args.seed, args.n_boot)
     if not args.skip_probes:
-        bench_probes(args.n, args.d, args.layers, args.seed)
+        bench_probes(args.n, args.d, args.layers, args.seed, args.threads)
 
 
 if __name__ == "__main__":
