@@ -72,7 +72,7 @@ def _runner(adapter, enc, variant: str):
     if variant == "sdpa":
         return lambda: model(**enc.inputs)
     if variant == "vrp":
-        labels = ["yes"] * enc.batch_size
+        labels = ["yes"] * len(enc.grids)
         return lambda: capture_batch(adapter, enc, labels, max_new_tokens=1)
     model.set_attn_implementation("eager")
 

@@ -21,9 +21,9 @@ Usage::
     plan = plan_mask(lake, base_run_id, ratio=0.3, layer=-1, seed=1)
     summary = run_intervention(plan, lake_root)
 
-An intervention run writes a ``samples`` row per finished sample as its completion marker (the
-lake's resume rule, DESIGN.md section 6); those rows carry the question and label but no answer
-(answers live in ``interventions``), and the run's ``runs`` row has ``kind`` and ``base_run_id`` set.
+An intervention run's ``runs`` row has ``kind`` and ``base_run_id`` set; its answers live in
+``interventions`` only, and a sample is complete once its ``interventions`` rows (all conditions
+of one sample, committed together) are in the lake: ``samples`` keeps capture runs only.
 """
 
 from __future__ import annotations
@@ -764,25 +764,6 @@ def _condition_rows(
     return rows
 
 
-def _marker_rows(lake: Any, base_run_id: str, sample_ids: Sequence[str]) -> list[dict[str, Any]]:
-    """`samples` rows marking samples complete: the base rows' question columns, no answers."""
-    columns = [
-        "sample_id",
-        "dataset",
-        "split",
-        "question_id",
-        "image_id",
-        "question",
-        "object",
-        "category",
-        "label",
-    ]
-    table = lake.arrow(
-        "samples", filter={"run_id": base_run_id, "sample_id": list(sample_ids)}, columns=columns
-    )
-    return table.to_pylist()
-
-
 def run_intervention(
     plan: InterventionPlan,
     lake_root: str,
@@ -822,7 +803,9 @@ def run_intervention(
     run_id = plan.run_id
     done = {
         row[0]
-        for row in lake.sql(f"select sample_id from samples where run_id = {_sql_str(run_id)}").fetchall()
+        for row in lake.sql(
+            f"select distinct sample_id from interventions where run_id = {_sql_str(run_id)}"
+        ).fetchall()
     }
     status = lake.arrow("runs", filter={"run_id": run_id}, columns=["status"]).to_pylist()
     summary = InterventionSummary(
@@ -858,15 +841,11 @@ def run_intervention(
                 summary.tally[key] = (correct + bool(row["correct"]), n + 1, margin + row["yes_no_margin"])
             bar.update(len(batch))
             if len(pending_ids) >= commit_samples:
-                writer.commit(
-                    {"interventions": pending, "samples": _marker_rows(lake, plan.base_run_id, pending_ids)}
-                )
+                writer.commit({"interventions": pending})
                 summary.written += len(pending_ids)
                 pending, pending_ids = [], []
     if pending_ids:
-        writer.commit(
-            {"interventions": pending, "samples": _marker_rows(lake, plan.base_run_id, pending_ids)}
-        )
+        writer.commit({"interventions": pending})
         summary.written += len(pending_ids)
     writer.finish("complete")
     summary.seconds = time.monotonic() - started

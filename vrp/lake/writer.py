@@ -40,12 +40,17 @@ if TYPE_CHECKING:
 #: Columns a row may omit when the run already says them.
 _FILLED_FROM_RUN = ("run_id", "model", "dataset", "split", "base_run_id", "kind")
 
-#: Tables whose rows belong to one sample of a run (cleaned up on resume); `samples` is the marker.
+#: Tables whose rows belong to one sample of a run (cleaned up on resume, unless they are the marker).
 PER_SAMPLE_TABLES = tuple(
-    name
-    for name, spec in TABLES.items()
-    if name not in ("runs", "samples") and "sample_id" in spec.schema.names
+    name for name, spec in TABLES.items() if name != "runs" and "sample_id" in spec.schema.names
 )
+
+
+def completion_table(run: Mapping[str, Any]) -> str:
+    """The table whose committed row marks a sample complete: `samples` for a capture run,
+    `interventions` for an intervention run (its rows of one sample land in one commit)."""
+    return "interventions" if run.get("kind") else "samples"
+
 
 _DELETE_CHUNK = 500
 
@@ -91,6 +96,7 @@ class RunWriter:
         self.lake = lake
         self.run = dict(run)
         self.config = _run_config(run)
+        self.marker = completion_table(run)
         self.run_id: str = str(run["run_id"])
         self.model: str = str(run["model"])
         self.shard = (index, count)
@@ -136,7 +142,7 @@ class RunWriter:
         return dt.to_pyarrow_dataset().to_table(filter=expr, columns=[column]).column(column)
 
     def _completed_ids(self) -> set[str]:
-        return {s for s in self._column_values("samples", "sample_id").to_pylist() if s is not None}
+        return {s for s in self._column_values(self.marker, "sample_id").to_pylist() if s is not None}
 
     def _check_model_widths(self) -> None:
         """A model keeps one vector width across runs (the `hidden` table is partitioned by model)."""
@@ -207,9 +213,11 @@ class RunWriter:
         return len(done), len({s for s in failed_ids if s is not None} - done) + unidentified
 
     def _cleanup(self, completed: set[str]) -> None:
-        """Delete this writer's rows of samples that never got their `samples` row."""
+        """Delete this writer's rows of samples that never got their marker row."""
         meta = {**self._provenance(), "operation": "resume_cleanup"}
         for name in PER_SAMPLE_TABLES:
+            if name == self.marker:
+                continue
             present = {s for s in self._column_values(name, "sample_id").to_pylist() if s is not None}
             stale = present - completed
             if self.owned is not None:
@@ -273,7 +281,7 @@ class RunWriter:
         return prepared
 
     def commit(self, rows: Mapping[str, Rows]) -> None:
-        """Commit one batch group: validate everything, then every other table, then `samples`.
+        """Commit one batch group: validate everything, then every other table, then the marker.
 
         Rows of samples that are already complete are dropped (they are stored already), so a
         batch committed twice is stored once; a commit retried after an exception skips the
@@ -291,10 +299,10 @@ class RunWriter:
         if not any(table.num_rows for table, _ in prepared.values()):
             return
         sample_ids: set[str] = set()
-        if "samples" in prepared:
-            sample_ids = set(prepared["samples"][0].column("sample_id").to_pylist())
+        if self.marker in prepared:
+            sample_ids = set(prepared[self.marker][0].column("sample_id").to_pylist())
         seq = self._seq + 1
-        order = [n for n in prepared if n != "samples"] + (["samples"] if "samples" in prepared else [])
+        order = [n for n in prepared if n != self.marker] + ([self.marker] if self.marker in prepared else [])
         for name in order:
             table, widths = prepared[name]
             if table.num_rows == 0:
