@@ -120,6 +120,18 @@ def test_report_fails_clearly(tmp_path) -> None:
     assert not (tmp_path / "rep" / "latest").exists()
 
 
+def test_report_renders_when_no_answer_parses(tmp_path) -> None:
+    """A random-init model answers gibberish: the report still renders, saying why tables are empty."""
+    write_synthetic_lake(tmp_path / "lake", models=("m",), n=12, layers=2, hidden_size=4, unknown_share=1.0)
+    code, text = _run(
+        "report", "--lake", str(tmp_path / "lake"), "--out", str(tmp_path / "rep"), "--n-boot", "20"
+    )
+    assert code == 0, text
+    md = (tmp_path / "rep" / "latest" / "report.md").read_text()
+    assert "No scored answers yet" in md and "| m | shapes-pope | random | 6 | 6 | 0.000 |" in md
+    assert "figures/spatial_entropy_by_layer.png" in md  # attention needs no parsed answer
+
+
 def test_headline_numbers_and_constant_metric(lake_dir) -> None:
     lake = open_lake(lake_dir)
     h = compute.headline(lake, n_boot=100, with_probe=False)

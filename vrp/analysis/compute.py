@@ -112,6 +112,7 @@ class Headline:
     groups: list[str]
     metrics: list[str]
     probes: list[RunProbes] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 def headline(
@@ -131,9 +132,14 @@ def headline(
         by_model[r["model"]].append(r)
     run_probe_list: list[RunProbes] = []
     probe_score: dict[tuple[str, str], float] = {}
+    skipped: list[str] = []
     if with_probe:
         for run in data.base_runs(lake, sorted(by_model)):
-            got = best_probe_scores(lake, run["run_id"], seed=seed, n_boot=n_boot)
+            try:
+                got = best_probe_scores(lake, run["run_id"], seed=seed, n_boot=n_boot)
+            except probes.ProbeError as exc:
+                skipped.append(f"{run['model']} run {run['run_id']}: no probe ({exc})")
+                continue
             if got is not None:
                 run_probe_list.append(got[0])
                 probe_score.update({(run["run_id"], sid): v for sid, v in got[1].items()})
@@ -160,7 +166,9 @@ def headline(
         by_group[row.group].append(row)
     rows = [r for g in by_group.values() for r in stats.with_bh(g)]
     names = [*sorted(groups), *(["pooled"] if len(groups) > 1 else [])]
-    return Headline(rows=rows, groups=names, metrics=[*labels, BEST_PROBE], probes=run_probe_list)
+    return Headline(
+        rows=rows, groups=names, metrics=[*labels, BEST_PROBE], probes=run_probe_list, skipped=skipped
+    )
 
 
 @dataclass
@@ -220,6 +228,21 @@ def model_margins(lake: Lake, models: Sequence[str] | None = None) -> list[Model
                 entropy=profile,
             )
         )
+    return out
+
+
+def entropy_profiles(lake: Lake, models: Sequence[str] | None = None) -> dict[str, margins.EntropyProfile]:
+    """Mean spatial entropy per layer and its change, per model, over all answers (parsed or not)."""
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for r in data.query(lake, "spatial_entropy_by_layer").to_pylist():
+        if r["spatial_entropy"] is not None and (not models or r["model"] in models):
+            by_model[r["model"]].append(r)
+    out = {}
+    for model, rows in sorted(by_model.items()):
+        rows.sort(key=lambda r: r["layer"])
+        mean = np.array([r["spatial_entropy"] for r in rows])
+        layers = np.array([r["layer"] for r in rows])
+        out[model] = margins.EntropyProfile(layers=layers, mean=mean, delta=np.r_[np.nan, np.diff(mean)])
     return out
 
 

@@ -56,11 +56,18 @@ class RunSamples:
 
 
 def scored_samples(lake: Lake, run_id: str) -> RunSamples:
-    """Samples of a run with a parsed answer (correct not null), sorted by sample id."""
+    """Samples of a run with a parsed answer, sorted by sample id.
+
+    An unparsable answer (parse_status "unknown") has no correctness label, whatever ``correct``
+    holds, so it is left out of every probe and correlation.
+    """
     t = lake.arrow(
-        "samples", filter={"run_id": run_id}, columns=["sample_id", "model", "image_id", "correct"]
+        "samples",
+        filter={"run_id": run_id},
+        columns=["sample_id", "model", "image_id", "correct", "parse_status"],
     )
-    rows = sorted((r for r in t.to_pylist() if r["correct"] is not None), key=lambda r: r["sample_id"])
+    scored = (r for r in t.to_pylist() if r["correct"] is not None and r["parse_status"] != "unknown")
+    rows = sorted(scored, key=lambda r: r["sample_id"])
     model = rows[0]["model"] if rows else ""
     return RunSamples(
         run_id=run_id,

@@ -67,8 +67,9 @@ class FoldPlan:
     note: str | None = None
 
 
-def make_folds(y: Sequence | np.ndarray, groups: Sequence | np.ndarray, *, n_splits: int = N_SPLITS,
-               seed: int = SEED) -> FoldPlan:
+def make_folds(
+    y: Sequence | np.ndarray, groups: Sequence | np.ndarray, *, n_splits: int = N_SPLITS, seed: int = SEED
+) -> FoldPlan:
     """Stratified K-fold grouped by image, shuffled with a seed.
 
     K is lowered when there are fewer images than K, or fewer images holding a class member than
@@ -84,12 +85,16 @@ def make_folds(y: Sequence | np.ndarray, groups: Sequence | np.ndarray, *, n_spl
     per_class = min(np.unique(g[yy == c]).size for c in classes)
     k = min(n_splits, np.unique(g).size, per_class)
     if k < 2:
-        raise ProbeError(f"cannot cross-validate: {np.unique(g).size} images, {per_class} images with "
-                         "the rarer outcome; need at least 2 of each")
+        raise ProbeError(
+            f"cannot cross-validate: {np.unique(g).size} images, {per_class} images with "
+            "the rarer outcome; need at least 2 of each"
+        )
     note = None
     if k < n_splits:
-        note = (f"{k} folds instead of {n_splits}: only {np.unique(g).size} images and {per_class} images "
-                "with the rarer outcome")
+        note = (
+            f"{k} folds instead of {n_splits}: only {np.unique(g).size} images and {per_class} images "
+            "with the rarer outcome"
+        )
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class" is covered by the note
@@ -107,9 +112,17 @@ class FoldFit:
     n_iter: int
 
 
-def logreg_folds(X: np.ndarray, y: Sequence | np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
-                 *, C: float = 1.0, tol: float = 1e-4, max_iter: int = 100,
-                 init: np.ndarray | None = None, threads: int | None = None) -> FoldFit:
+def logreg_folds(
+    X: np.ndarray,
+    y: Sequence | np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    C: float = 1.0,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    init: np.ndarray | None = None,
+    threads: int | None = None,
+) -> FoldFit:
     """L2 logistic regression per fold on that fold's standardised training rows, solved jointly.
 
     Per fold f this minimises (1/n_f) sum log(1 + exp(-s_i m_i)) + |w_f|^2 / (2 C n_f) with an
@@ -174,7 +187,7 @@ def logreg_folds(X: np.ndarray, y: Sequence | np.ndarray, folds: Sequence[tuple[
         def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
             w = theta[: d * nf].reshape(d, nf)
             v = w / sd
-            shift = (theta[d * nf:] - (mu * v).sum(axis=0)).astype(np.float32)
+            shift = (theta[d * nf :] - (mu * v).sum(axis=0)).astype(np.float32)
             g = sum(pool.map(lambda c: part(c, v.astype(np.float32), shift), chunks)).astype(np.float64)
             m = margins.astype(np.float64)
             loss = float((np.logaddexp(0.0, np.where(ypos > 0, -m, m)) * weight).sum())
@@ -186,19 +199,36 @@ def logreg_folds(X: np.ndarray, y: Sequence | np.ndarray, folds: Sequence[tuple[
         theta0 = np.zeros(d * nf + nf)
         if init is not None:
             theta0[: d * nf] = np.asarray(init, dtype=np.float64).ravel()
-        res = minimize(objective, theta0, jac=True, method="L-BFGS-B",
-                       options={"maxiter": max_iter, "gtol": tol, "ftol": 64 * np.finfo(float).eps,
-                                "maxcor": 10, "maxls": 50})
+        res = minimize(
+            objective,
+            theta0,
+            jac=True,
+            method="L-BFGS-B",
+            options={
+                "maxiter": max_iter,
+                "gtol": tol,
+                "ftol": 64 * np.finfo(float).eps,
+                "maxcor": 10,
+                "maxls": 50,
+            },
+        )
         objective(res.x)  # margins at the solution (the last evaluation may have been a trial point)
     oof = np.full(n, np.nan)
     for f, (_, te) in enumerate(folds):
         oof[te] = margins[te, f]
     w = res.x[: d * nf].reshape(d, nf)
-    return FoldFit(oof=oof, coef=w, intercept=res.x[d * nf:], n_iter=int(res.nit))
+    return FoldFit(oof=oof, coef=w, intercept=res.x[d * nf :], n_iter=int(res.nit))
 
 
-def mlp_folds(X: np.ndarray, y: Sequence | np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], *,
-              hidden: int = MLP_HIDDEN, max_iter: int = 200, seed: int = SEED) -> np.ndarray:
+def mlp_folds(
+    X: np.ndarray,
+    y: Sequence | np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    hidden: int = MLP_HIDDEN,
+    max_iter: int = 200,
+    seed: int = SEED,
+) -> np.ndarray:
     """Out-of-fold P(correct) of a 2-layer MLP (one ReLU hidden layer) on standardised features."""
     x = np.asarray(X, dtype=np.float32)
     yy = np.asarray(y).astype(int)
@@ -236,25 +266,67 @@ class ProbeResult:
 
     def row(self) -> dict:
         """The ``probe_layers`` row (without run_id/model)."""
-        return {"site": self.site, "layer": self.layer, "probe": self.probe, "auroc": self.auroc,
-                "auroc_low": self.auroc_low, "auroc_high": self.auroc_high, "accuracy": self.accuracy,
-                "n": self.n, "n_pos": self.n_pos, "folds": self.folds, "seed": self.seed}
+        return {
+            "site": self.site,
+            "layer": self.layer,
+            "probe": self.probe,
+            "auroc": self.auroc,
+            "auroc_low": self.auroc_low,
+            "auroc_high": self.auroc_high,
+            "accuracy": self.accuracy,
+            "n": self.n,
+            "n_pos": self.n_pos,
+            "folds": self.folds,
+            "seed": self.seed,
+        }
 
 
-def _result(site: str, layer: int, probe: str, scores: np.ndarray, y: np.ndarray, plan: FoldPlan,
-            threshold: float, n_boot: int, seed: int) -> ProbeResult:
+def _result(
+    site: str,
+    layer: int,
+    probe: str,
+    scores: np.ndarray,
+    y: np.ndarray,
+    plan: FoldPlan,
+    threshold: float,
+    n_boot: int,
+    seed: int,
+) -> ProbeResult:
     point, lo, hi = auroc_ci(scores, y, n_boot=n_boot, seed=seed)
     acc = float(np.mean((scores > threshold) == (y > 0.5)))
-    return ProbeResult(site=site, layer=layer, probe=probe, auroc=point, auroc_low=lo, auroc_high=hi,
-                       accuracy=acc, n=int(y.size), n_pos=int(y.sum()), folds=plan.n_splits, seed=seed,
-                       note=plan.note, scores=scores)
+    return ProbeResult(
+        site=site,
+        layer=layer,
+        probe=probe,
+        auroc=point,
+        auroc_low=lo,
+        auroc_high=hi,
+        accuracy=acc,
+        n=int(y.size),
+        n_pos=int(y.sum()),
+        folds=plan.n_splits,
+        seed=seed,
+        note=plan.note,
+        scores=scores,
+    )
 
 
-def probe_sweep(layers: Sequence[int], load: Callable[[int], np.ndarray], y: Sequence | np.ndarray,
-                groups: Sequence | np.ndarray, *, site: str = "resid", n_splits: int = N_SPLITS,
-                seed: int = SEED, C: float = 1.0, n_boot: int = N_BOOT, last_k: int = LAST_K,
-                mlp: bool = True, mlp_max_iter: int = 200,
-                progress: Callable[[Iterable], Iterable] | None = None) -> list[ProbeResult]:
+def probe_sweep(
+    layers: Sequence[int],
+    load: Callable[[int], np.ndarray],
+    y: Sequence | np.ndarray,
+    groups: Sequence | np.ndarray,
+    *,
+    site: str = "resid",
+    n_splits: int = N_SPLITS,
+    seed: int = SEED,
+    C: float = 1.0,
+    n_boot: int = N_BOOT,
+    last_k: int = LAST_K,
+    mlp: bool = True,
+    mlp_max_iter: int = 200,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> list[ProbeResult]:
     """Logistic probe per layer, the last-``last_k`` concatenation, and the MLP at the best layer.
 
     ``load(layer)`` returns that layer's n x d matrix, rows aligned with y and groups; layers are
@@ -308,8 +380,14 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(axis=0)) / sd
 
 
-def rank_neurons_l1(X: np.ndarray, y: Sequence | np.ndarray, *, C: float = L1_C,
-                    top_variance: int = L1_TOP_VARIANCE, seed: int = SEED) -> list[NeuronRank]:
+def rank_neurons_l1(
+    X: np.ndarray,
+    y: Sequence | np.ndarray,
+    *,
+    C: float = L1_C,
+    top_variance: int = L1_TOP_VARIANCE,
+    seed: int = SEED,
+) -> list[NeuronRank]:
     """DESIGN.md's probe neurons: L1 logistic (C = 0.1) on the highest-variance coordinates.
 
     Fitted on all samples: this is a ranking for interventions, not an evaluation (the held-out

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from vrp.analysis import compute, data, stats
+from vrp.analysis import compute, data, margins, stats
 from vrp.lake import Lake, open_lake
 
 TIMESTAMP_PREFIX = "Generated "
@@ -123,6 +123,10 @@ def headline_table(h: compute.Headline, n_boot: int = stats.N_BOOT) -> Table:
         "left out. The best probe is the held-out (out-of-fold, image-grouped 5-fold) logistic probe "
         "score of each run's best layer; choosing that layer on the same folds is a mild optimistic bias."
     )
+    if not rows:
+        note = "No scored answers yet (every answer unparsable, or no runs): nothing to correlate. " + note
+    if h.skipped:
+        note += " " + " ".join(h.skipped)
     return Table("Headline: which signals predict a correct answer", header, rows, note)
 
 
@@ -394,16 +398,14 @@ def figure_margins(mm: Sequence[compute.ModelMargins], path: Path) -> bool:
     return True
 
 
-def figure_entropy(mm: Sequence[compute.ModelMargins], path: Path) -> bool:
-    profiles = [m for m in mm if m.entropy is not None]
+def figure_entropy(profiles: dict[str, margins.EntropyProfile], path: Path) -> bool:
     if not profiles:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m in profiles:
-        layers = m.entropy.layers
-        x = layers / max(int(layers.max()), 1)
-        ax.plot(x, m.entropy.mean, marker="o", ms=3, label=m.model)
+    for model, p in profiles.items():
+        x = p.layers / max(int(p.layers.max()), 1)
+        ax.plot(x, p.mean, marker="o", ms=3, label=model)
     ax.set(
         xlabel="layer / last layer",
         ylabel="mean spatial entropy H_s (nats)",
@@ -438,7 +440,7 @@ def render(
     for name, title, fn, arg in (
         ("probe_auroc_by_layer.png", "Probe AUROC by layer", figure_probes, h),
         ("margin_curves.png", "Margin formation by correctness", figure_margins, mm),
-        ("spatial_entropy_by_layer.png", "H_s by layer", figure_entropy, mm),
+        ("spatial_entropy_by_layer.png", "H_s by layer", figure_entropy, compute.entropy_profiles(lake)),
     ):
         if fn(arg, figdir / name):
             figures.append((name, title))

@@ -127,8 +127,9 @@ def auroc(score: Sequence | np.ndarray, y: Sequence | np.ndarray) -> float:
     return float((ranks[yy == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
-def bootstrap_counts(n: int, n_boot: int = N_BOOT, seed: int = SEED,
-                     rows: int | None = None) -> Iterator[np.ndarray]:
+def bootstrap_counts(
+    n: int, n_boot: int = N_BOOT, seed: int = SEED, rows: int | None = None
+) -> Iterator[np.ndarray]:
     """Yield float32 count matrices (rows = resamples, columns = samples), in chunks.
 
     Row b holds how often each sample was drawn in resample b (n draws with replacement), so a
@@ -214,8 +215,15 @@ def correlation_table(
     with_auroc_ci: bool = True,
 ) -> list[Correlation]:
     """R_pb, p, Fisher and bootstrap CIs, AUROC and its CI of each metric against y, one group."""
-    return correlation_tables({group: (metrics, y)}, pooled=None, directions=directions,
-                              n_boot=n_boot, seed=seed, level=level, with_auroc_ci=with_auroc_ci)
+    return correlation_tables(
+        {group: (metrics, y)},
+        pooled=None,
+        directions=directions,
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+        with_auroc_ci=with_auroc_ci,
+    )
 
 
 def correlation_tables(
@@ -272,19 +280,22 @@ def correlation_tables(
             mask = ~np.isnan(values[(g, present[0])])
             sub[g] = ({m: values[(g, m)][mask] for m in present}, ys[g][mask])
         with threadpool_limits(1):  # small products: threads cost more than they give
-            results.update(_table(sub, batch, pooled, directions, n_boot, seed, batch_no, level,
-                                  with_auroc_ci))
+            results.update(
+                _table(sub, batch, pooled, directions, n_boot, seed, batch_no, level, with_auroc_ci)
+            )
     out = []
     for m in names:
         out += [results[(g, m)] for g in [*gnames, pooled] if (g, m) in results]
     return out
 
 
-def _describe(name: str, group: str, x: np.ndarray, y: np.ndarray, direction: int,
-              level: float) -> Correlation:
+def _describe(
+    name: str, group: str, x: np.ndarray, y: np.ndarray, direction: int, level: float
+) -> Correlation:
     n = y.size
-    base = Correlation(metric=name, group=group, n=n, n_correct=int(y.sum()), status="ok",
-                       direction=direction)
+    base = Correlation(
+        metric=name, group=group, n=n, n_correct=int(y.sum()), status="ok", direction=direction
+    )
     if n < 3:
         return replace(base, status="too few")
     if base.n_correct in (0, n):
@@ -296,9 +307,17 @@ def _describe(name: str, group: str, x: np.ndarray, y: np.ndarray, direction: in
     return replace(base, r=r, p=p, fisher_low=lo, fisher_high=hi, auroc=auroc(direction * x, y))
 
 
-def _table(sub: dict[str, tuple[dict[str, np.ndarray], np.ndarray]], batch: list[str],
-           pooled: str | None, directions: dict[str, int], n_boot: int, seed: int, batch_no: int,
-           level: float, with_auroc_ci: bool) -> dict[tuple[str, str], Correlation]:
+def _table(
+    sub: dict[str, tuple[dict[str, np.ndarray], np.ndarray]],
+    batch: list[str],
+    pooled: str | None,
+    directions: dict[str, int],
+    n_boot: int,
+    seed: int,
+    batch_no: int,
+    level: float,
+    with_auroc_ci: bool,
+) -> dict[tuple[str, str], Correlation]:
     """Statistics of one batch of metrics sharing their samples, per group and pooled."""
     gnames = list(sub)
     out: dict[tuple[str, str], Correlation] = {}
@@ -324,11 +343,15 @@ def _table(sub: dict[str, tuple[dict[str, np.ndarray], np.ndarray]], batch: list
         designs[g] = np.column_stack([z, z * z, z * y[:, None], y]).astype(np.float64)
     for g, (x, y) in data.items():
         if with_auroc_ci:
-            orders[g] = [_Order.of(int(directions.get(m, 1)) * x[:, j], y)
-                         if out[(g, m)].status == "ok" else None for j, m in enumerate(batch)]
+            orders[g] = [
+                _Order.of(int(directions.get(m, 1)) * x[:, j], y) if out[(g, m)].status == "ok" else None
+                for j, m in enumerate(batch)
+            ]
     rows = max(1, _CHUNK_ELEMENTS // max(data[g][1].size for g in data))
-    gens = {g: bootstrap_counts(data[g][1].size, n_boot, stream_seed(seed, batch_no, i), rows)
-            for i, g in enumerate(gnames)}
+    gens = {
+        g: bootstrap_counts(data[g][1].size, n_boot, stream_seed(seed, batch_no, i), rows)
+        for i, g in enumerate(gnames)
+    }
     rs: dict[str, list[np.ndarray]] = {g: [] for g in data}
     aucs: dict[str, list[np.ndarray]] = {g: [] for g in data}
     for chunks in zip(*gens.values(), strict=True):
@@ -342,12 +365,14 @@ def _table(sub: dict[str, tuple[dict[str, np.ndarray], np.ndarray]], batch: list
                 counts[pooled] = np.hstack(chunks)
         for g, s in sums.items():
             s = s / sizes[g]
-            mx, mxx, mxy, my = s[:, :k], s[:, k:2 * k], s[:, 2 * k:3 * k], s[:, 3 * k:]
+            mx, mxx, mxy, my = s[:, :k], s[:, k : 2 * k], s[:, 2 * k : 3 * k], s[:, 3 * k :]
             with np.errstate(invalid="ignore", divide="ignore"):
                 rs[g].append((mxy - mx * my) / np.sqrt((mxx - mx * mx) * (my - my * my)))
             if with_auroc_ci:
-                cols = [_weighted_auroc(counts[g], o) if o is not None else np.full(len(s), np.nan)
-                        for o in orders[g]]
+                cols = [
+                    _weighted_auroc(counts[g], o) if o is not None else np.full(len(s), np.nan)
+                    for o in orders[g]
+                ]
                 aucs[g].append(np.column_stack(cols))
     for g in data:
         rmat = np.vstack(rs[g])
@@ -366,8 +391,14 @@ def _table(sub: dict[str, tuple[dict[str, np.ndarray], np.ndarray]], batch: list
     return out
 
 
-def auroc_ci(score: Sequence | np.ndarray, y: Sequence | np.ndarray, *, n_boot: int = N_BOOT,
-             seed: int = SEED, level: float = LEVEL) -> tuple[float, float, float]:
+def auroc_ci(
+    score: Sequence | np.ndarray,
+    y: Sequence | np.ndarray,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> tuple[float, float, float]:
     """AUROC and its percentile-bootstrap interval (used for probes' out-of-fold scores)."""
     x = np.asarray(score, dtype=np.float64)
     yy = _as_binary(y)
@@ -427,9 +458,14 @@ def mcnemar_exact(before: Sequence | np.ndarray, after: Sequence | np.ndarray) -
     return McNemar(n=int(a.size), b=n10, c=n01, p=p)
 
 
-def paired_bootstrap_diff(before: Sequence | np.ndarray, after: Sequence | np.ndarray, *,
-                          n_boot: int = N_BOOT, seed: int = SEED,
-                          level: float = LEVEL) -> tuple[float, float, float]:
+def paired_bootstrap_diff(
+    before: Sequence | np.ndarray,
+    after: Sequence | np.ndarray,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> tuple[float, float, float]:
     """Accuracy change (after - before) and its percentile-bootstrap CI, resampling *pairs*."""
     a = _as_binary(before)
     b = _as_binary(after)

@@ -49,6 +49,7 @@ def write_synthetic_lake(
     splits: tuple[str, ...] = ("random", "adversarial"),
     interventions: bool = True,
     constant_cluster_count: tuple[str, ...] = (),
+    unknown_share: float = 0.05,
     seed: int = 0,
 ) -> dict[str, ModelTruth]:
     """Write one base run per model (n samples split across ``splits``, 6 questions per image).
@@ -73,7 +74,7 @@ def write_synthetic_lake(
             "config": {"hidden_size": hidden_size, "num_layers": layers, "seed": seed, "model": model},
         }
         run["run_id"] = make_run_id(run["config"] | {"model": model})
-        t = _model_truth(rng, run["run_id"], n, layers, hidden_size, signal_layer, splits)
+        t = _model_truth(rng, run["run_id"], n, layers, hidden_size, signal_layer, splits, unknown_share)
         if model in constant_cluster_count:
             t.metrics["cluster_count"][:] = 0
         writer = lake.writer(run)
@@ -94,12 +95,13 @@ def _model_truth(
     d: int,
     signal_layer: int,
     splits: tuple[str, ...],
+    unknown_share: float = 0.05,
 ) -> ModelTruth:
     split = np.array([splits[i % len(splits)] for i in range(n)])
     image_id = np.array([f"img{i // 6:04d}" for i in range(n)])
     label = np.where(rng.random(n) < 0.5, "yes", "no")
     is_right = rng.random(n) < 0.7
-    unknown = rng.random(n) < 0.05
+    unknown = rng.random(n) < unknown_share
     answer = np.where(is_right, label, np.where(label == "yes", "no", "yes")).astype(object)
     answer[unknown] = None
     correct = np.where(unknown, None, is_right).astype(object)
@@ -162,7 +164,8 @@ def _rows(t: ModelTruth, layers: int) -> dict[str, list[dict]]:
             "answer_text": "maybe" if t.answer[i] is None else f"{t.answer[i]}.",
             "answer": t.answer[i],
             "parse_status": "unknown" if t.answer[i] is None else "ok",
-            "correct": t.correct[i],
+            # as `vrp ingest run` stores them: an unparsable answer has correct = False
+            "correct": bool(t.correct[i]),
             "grid_h": 4,
             "grid_w": 4,
             "n_image_tokens": 16,

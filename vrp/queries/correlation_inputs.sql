@@ -1,5 +1,5 @@
 -- One row per scored answer: correctness y and every metric the headline correlation table uses
--- Unparsable answers (correct IS NULL) are left out: their y is undefined. abs_yes_no_margin is
+-- Unparsable answers (parse_status 'unknown', or correct IS NULL) are left out: their y is undefined. abs_yes_no_margin is
 -- the confidence form of the signed yes/no margin.
 SELECT s.model, s.run_id, s.sample_id, s.dataset, s.split, s.image_id,
        CAST(s.correct AS INTEGER) AS y,
@@ -13,5 +13,5 @@ SELECT s.model, s.run_id, s.sample_id, s.dataset, s.split, s.image_id,
        s.sc_agreement
 FROM samples AS s
 LEFT JOIN runs AS r USING (run_id)
-WHERE r.base_run_id IS NULL AND s.correct IS NOT NULL
+WHERE r.base_run_id IS NULL AND s.correct IS NOT NULL AND s.parse_status IS DISTINCT FROM 'unknown'
 ORDER BY s.model, s.run_id, s.sample_id

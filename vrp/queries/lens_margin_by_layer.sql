@@ -12,6 +12,6 @@ SELECT l.model,
        avg(abs(l.mlp_contrib)) / nullif(avg(abs(l.mlp_contrib)) + avg(abs(l.attn_contrib)), 0) AS mlp_share
 FROM layers AS l
 JOIN samples AS s USING (run_id, sample_id)
-WHERE s.correct IS NOT NULL
+WHERE s.correct IS NOT NULL AND s.parse_status IS DISTINCT FROM 'unknown'
 GROUP BY ALL
 ORDER BY l.model, l.layer, s.correct

@@ -1,8 +1,8 @@
 -- Mean of every per-answer reliability metric for correct and incorrect answers, per model
--- Unparsable answers (correct IS NULL) form their own group. |yes/no margin| is the confidence
+-- Unparsable answers (parse_status 'unknown') form their own group, correct = NULL. |yes/no margin| is the confidence
 -- form of the signed margin (the sign only says which answer won).
 SELECT s.model,
-       s.correct,
+       CASE WHEN s.parse_status = 'unknown' THEN NULL ELSE s.correct END AS correct,
        count(*) AS n,
        avg(s.cluster_count) AS cluster_count,
        avg(s.spatial_entropy) AS spatial_entropy,
@@ -16,4 +16,4 @@ FROM samples AS s
 LEFT JOIN runs AS r USING (run_id)
 WHERE r.base_run_id IS NULL
 GROUP BY ALL
-ORDER BY s.model, s.correct NULLS LAST
+ORDER BY s.model, correct NULLS LAST
