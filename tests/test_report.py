@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import re
 from pathlib import Path
 
@@ -179,3 +181,11 @@ def test_analyze_correlations_and_margins_print_tables(lake_dir) -> None:
     assert code == 0 and "token entropy" in text and "pooled" in text and "constant" in text
     code, text = _run("analyze", "margins", "--lake", str(lake_dir), "--model", "toy-llava")
     assert code == 0 and "lock-in" in text and "toy-qwen" not in text
+
+
+def test_analysis_never_imports_torch() -> None:
+    code = (
+        "import sys, vrp.analysis.commands, vrp.analysis.report, vrp.analysis.probes, vrp.analysis.synthetic; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
