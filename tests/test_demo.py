@@ -1,0 +1,45 @@
+"""A scaled-down `vrp demo`: every stage on the shipped toys, and a report with every section."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from click.testing import CliRunner
+
+from vrp.cli import main
+from vrp.demo import DEMO_SEED
+from vrp.lake import open_lake
+
+QUESTIONS = 30
+K = 2
+
+
+def test_demo_runs_end_to_end(tmp_path) -> None:
+    torch.set_num_threads(1)
+    lake_dir, out_dir = tmp_path / "lake", tmp_path / "report"
+    args = ["demo", "--lake", str(lake_dir), "--out", str(out_dir), "--questions", str(QUESTIONS)]
+    args += ["--self-consistency", str(K), "--n-boot", "200"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"seed {DEMO_SEED}" in result.output
+
+    lake = open_lake(str(lake_dir))
+    per_model = dict(
+        lake.sql(
+            "select s.model, count(*) from samples s join runs r using (run_id) "
+            "where r.base_run_id is null group by s.model"
+        ).fetchall()
+    )
+    assert per_model == {name: 3 * QUESTIONS for name in ("toy-llava", "toy-paligemma", "toy-qwen2vl")}
+    assert lake.sql("select count(*) from generations").fetchall()[0][0] == 3 * 3 * QUESTIONS * K
+    kinds = {row[0] for row in lake.sql("select distinct kind from interventions").fetchall()}
+    assert kinds == {"mask", "ablate", "destroy"}
+    assert lake.sql("select count(distinct run_id) from probe_layers").fetchall()[0][0] == 3
+
+    report = (out_dir / "latest" / "report.md").read_text()
+    for section in ("Headline", "POPE", "Probe", "Margin", "Intervention", "Provenance"):
+        assert re.search(rf"^#+ .*{section}", report, flags=re.MULTILINE | re.IGNORECASE), section
+    for figure in re.findall(r"\]\((figures/[^)]+)\)", report):
+        assert (out_dir / "latest" / figure).is_file(), figure
+    assert "report.html" in result.output
