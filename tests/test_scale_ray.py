@@ -135,7 +135,7 @@ def test_killed_ray_workers_resume_and_the_lake_equals_a_local_run(tmp_path) -> 
     report, lake_root = str(tmp_path / "report.json"), str(tmp_path / "ray")
     child = SPAWN.Process(target=ray_child, args=(model, data, lake_root, report))
     child.start()
-    child.join(480)
+    child.join(600)
     if child.is_alive():
         child.kill()
         raise AssertionError("the Ray child process hung")
