@@ -25,7 +25,9 @@ N_BOOT = "200"
 @pytest.fixture(scope="module")
 def lake_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lake")
-    write_synthetic_lake(root, n=60, layers=3, hidden_size=8, constant_cluster_count=("toy-qwen",))
+    write_synthetic_lake(
+        root, n=60, layers=3, hidden_size=8, constant_cluster_count=("toy-qwen",), destroy=True
+    )
     return root
 
 
@@ -52,10 +54,11 @@ def test_report_renders_links_its_figures_and_rerenders_identically(lake_dir, tm
     assert "toy-llava R_pb [95% CI]" in md and "pooled AUROC [95% CI]" in md
     assert "| toy-qwen | mask | high |" in md  # intervention table with McNemar p
     links = re.findall(r"\]\((figures/[^)]+)\)", md)
-    assert len(links) == 3
+    assert len(links) == 4 and "figures/destruction_curve.png" in links
     for link in links:
         assert (first / link).stat().st_size > 1000
-    assert page.count('src="data:image/png;base64,') == 3 and 'src="figures' not in page
+    assert "| toy-llava | destroy | probe | 0.50 |" in md
+    assert page.count('src="data:image/png;base64,') == 4 and 'src="figures' not in page
     # second render with --force: byte-identical apart from the one timestamp line
     code, text = _run("report", "--lake", str(lake_dir), "--out", str(out), "--n-boot", N_BOOT, "--force")
     assert code == 0, text

@@ -246,68 +246,6 @@ def entropy_profiles(lake: Lake, models: Sequence[str] | None = None) -> dict[st
     return out
 
 
-@dataclass(frozen=True)
-class InterventionEffect:
-    """Accuracy change of one intervention condition against its base run, paired per sample."""
-
-    model: str
-    kind: str
-    condition: str
-    level: float
-    setting: str
-    n: int
-    base_accuracy: float
-    accuracy: float
-    delta: float
-    delta_low: float
-    delta_high: float
-    mcnemar: stats.McNemar
-
-
-_PAIRS_SQL = """
-SELECT i.model, i.kind, i.condition, i.level, coalesce(i.setting, '') AS setting, i.sample_id,
-       coalesce(s.correct, false) AS before, coalesce(i.correct, false) AS after
-FROM interventions AS i
-JOIN samples AS s ON s.run_id = i.base_run_id AND s.sample_id = i.sample_id
-ORDER BY i.model, i.kind, i.condition, i.level, setting, i.sample_id
-"""
-
-
-def intervention_effects(
-    lake: Lake, *, models: Sequence[str] | None = None, n_boot: int = stats.N_BOOT, seed: int = stats.SEED
-) -> list[InterventionEffect]:
-    """McNemar's exact test and a paired bootstrap CI per (model, kind, condition, level, setting).
-
-    Unparsable answers count as wrong on both sides (as in the accuracy tables).
-    """
-    if not lake.has_table("interventions"):
-        return []
-    pairs: dict[tuple, list[tuple[bool, bool]]] = defaultdict(list)
-    for r in lake.sql(_PAIRS_SQL).to_arrow_table().to_pylist():
-        if models and r["model"] not in models:
-            continue
-        key = (r["model"], r["kind"], r["condition"], r["level"], r["setting"])
-        pairs[key].append((r["before"], r["after"]))
-    out = []
-    for key in sorted(pairs):
-        before = np.array([p[0] for p in pairs[key]])
-        after = np.array([p[1] for p in pairs[key]])
-        delta, lo, hi = stats.paired_bootstrap_diff(before, after, n_boot=n_boot, seed=seed)
-        out.append(
-            InterventionEffect(
-                *key,
-                n=before.size,
-                base_accuracy=float(before.mean()),
-                accuracy=float(after.mean()),
-                delta=delta,
-                delta_low=lo,
-                delta_high=hi,
-                mcnemar=stats.mcnemar_exact(before, after),
-            )
-        )
-    return out
-
-
 def neuron_rankings(
     lake: Lake, run_id: str, layers: Iterable[int] | None = None, *, seed: int = probes.SEED
 ) -> list[dict]:

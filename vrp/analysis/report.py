@@ -27,6 +27,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from vrp.analysis import compute, data, margins, stats
+from vrp.analysis.interventions import deltas_from_lake, destruction_curve_figure
 from vrp.lake import Lake, open_lake
 
 TIMESTAMP_PREFIX = "Generated "
@@ -268,43 +269,47 @@ def margin_table(mm: Sequence[compute.ModelMargins]) -> Table:
     )
 
 
-def intervention_table(effects: Sequence[compute.InterventionEffect]) -> Table:
+def intervention_table(effects: Sequence[dict]) -> Table:
+    """Overall rows of :func:`vrp.analysis.interventions.intervention_deltas`."""
     rows = [
         [
-            e.model,
-            e.kind,
-            e.condition,
-            _num(e.level, 2),
-            e.setting,
-            str(e.n),
-            _num(e.base_accuracy),
-            _num(e.accuracy),
-            f"{100 * e.delta:+.1f}",
-            f"[{100 * e.delta_low:+.1f}, {100 * e.delta_high:+.1f}]",
-            f"{e.mcnemar.b}/{e.mcnemar.c}",
-            _p(e.mcnemar.p),
+            str(e["model"]),
+            str(e["kind"]),
+            e["condition"],
+            _num(e["level"], 2),
+            str(e["setting"]),
+            e["reference"],
+            str(e["n"]),
+            _num(e["acc_ref"]),
+            _num(e["acc"]),
+            f"{100 * e['delta']:+.1f}",
+            f"[{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}]",
+            f"{e['b']}/{e['c']}",
+            _p(e["p"]),
         ]
         for e in effects
+        if e["group"] is None
     ]
-    return Table(
-        "Interventions",
-        [
-            "model",
-            "kind",
-            "condition",
-            "level",
-            "setting",
-            "n",
-            "base acc.",
-            "acc.",
-            "delta (pp)",
-            "95% CI (pp)",
-            "right->wrong / wrong->right",
-            "McNemar p",
-        ],
-        rows,
-        "Paired per sample against the base run; exact McNemar test, paired bootstrap CI.",
+    header = [
+        "model",
+        "kind",
+        "condition",
+        "level",
+        "setting",
+        "reference",
+        "n",
+        "ref. acc.",
+        "acc.",
+        "delta (pp)",
+        "95% CI (pp)",
+        "right->wrong / wrong->right",
+        "McNemar p",
+    ]
+    note = (
+        "Paired per question against the run's own `full` condition when it has one, else the base "
+        "run's answers; exact McNemar test and a paired bootstrap CI of the change."
     )
+    return Table("Interventions", header, rows, note)
 
 
 def provenance_table(runs: Sequence[dict]) -> Table:
@@ -433,7 +438,7 @@ def render(
         raise ValueError("the lake has no capture runs yet: run `vrp ingest run` first")
     h = compute.headline(lake, n_boot=n_boot, seed=seed)
     mm = compute.model_margins(lake)
-    effects = compute.intervention_effects(lake, n_boot=n_boot, seed=seed)
+    effects = deltas_from_lake(lake, n_boot=n_boot, seed=seed)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -444,6 +449,9 @@ def render(
     ):
         if fn(arg, figdir / name):
             figures.append((name, title))
+    if any(e["kind"] == "destroy" and e["group"] is None for e in effects):
+        destruction_curve_figure(effects, figdir / "destruction_curve.png")
+        figures.append(("destruction_curve.png", "Destruction sweep"))
     tables = [headline_table(h, n_boot), pope_table(lake), probe_table(h), margin_table(mm)]
     if effects:
         tables.append(intervention_table(effects))

@@ -50,6 +50,7 @@ def write_synthetic_lake(
     interventions: bool = True,
     constant_cluster_count: tuple[str, ...] = (),
     unknown_share: float = 0.05,
+    destroy: bool = False,
     seed: int = 0,
 ) -> dict[str, ModelTruth]:
     """Write one base run per model (n samples split across ``splits``, 6 questions per image).
@@ -83,6 +84,8 @@ def write_synthetic_lake(
         writer.finish()
         if interventions:
             _write_intervention(lake, run, t, rng)
+        if destroy:
+            _write_intervention(lake, run, t, rng, kind="destroy")
         truth[model] = t
     return truth
 
@@ -194,29 +197,39 @@ def _rows(t: ModelTruth, layers: int) -> dict[str, list[dict]]:
     return {"samples": samples, "layers": layer_rows, "hidden": hidden_rows}
 
 
-def _write_intervention(lake, base: dict, t: ModelTruth, rng: np.random.Generator) -> None:
-    """A masking run: `high` flips 30% of the right answers to wrong, `low` flips 5%."""
+MASK_CELLS = (("high", 0.3, 0.3), ("low", 0.3, 0.05))
+DESTROY_CELLS = (("probe", 0.25, 0.1), ("probe", 0.5, 0.3), ("random", 0.25, 0.02), ("random", 0.5, 0.05))
+
+
+def _write_intervention(
+    lake, base: dict, t: ModelTruth, rng: np.random.Generator, kind: str = "mask"
+) -> None:
+    """An intervention run whose cells (condition, level) flip a share of the right answers to wrong.
+
+    mask: `high` flips 30%, `low` 5% (``t.interventions[condition]``); destroy: the `probe` order
+    flips more than `random` (``t.interventions[f"destroy:{condition}:{level}"]``).
+    """
     run = dict(
         base,
         base_run_id=base["run_id"],
-        kind="mask",
-        config={**base["config"], "kind": "mask", "base": base["run_id"]},
+        kind=kind,
+        config={**base["config"], "kind": kind, "base": base["run_id"]},
     )
     run["run_id"] = make_run_id(run["config"])
     rows = []
     base_right = np.array([c is True for c in t.correct])
-    for condition, flip in (("high", 0.3), ("low", 0.05)):
+    for condition, level, flip in MASK_CELLS if kind == "mask" else DESTROY_CELLS:
         right = base_right & (rng.random(len(base_right)) >= flip)
-        t.interventions[condition] = right
+        t.interventions[condition if kind == "mask" else f"destroy:{condition}:{level}"] = right
         for i, sid in enumerate(t.sample_ids):
             answer = t.label[i] if right[i] else ("no" if t.label[i] == "yes" else "yes")
             rows.append(
                 {
                     "sample_id": sid,
                     "condition": condition,
-                    "level": 0.3,
+                    "level": level,
                     "base_run_id": base["run_id"],
-                    "setting": "ratio=0.3,layer=-1,seed=1",
+                    "setting": "ratio=0.3,layer=-1,seed=1" if kind == "mask" else "layer=-1,seed=1",
                     "answer": answer,
                     "parse_status": "ok",
                     "correct": bool(right[i]),
@@ -232,4 +245,5 @@ def _write_intervention(lake, base: dict, t: ModelTruth, rng: np.random.Generato
     writer.begin()
     writer.commit({"interventions": rows, "samples": markers})
     writer.finish()
-    t.intervention_run_id = run["run_id"]
+    if kind == "mask":
+        t.intervention_run_id = run["run_id"]
