@@ -231,7 +231,7 @@ def answer_batch(
                 "answer_text": texts[b],
                 "answer": answer,
                 "parse_status": status,
-                "correct": answer == label,
+                "correct": None if answer is None else answer == label,
                 "p_yes": float(stats["p_yes"][b]),
                 "p_no": float(stats["p_no"][b]),
                 "yes_no_margin": float(stats["yes_no_margin"][b]),

@@ -79,16 +79,18 @@ class IngestSummary:
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        scored = max(self.written - self.unknown, 1)
+        scored = self.written - self.unknown
         out = [
             f"run {self.run_id} ({self.model}): {self.written} new samples, "
             f"{self.skipped_done} already in the lake, {len(self.failures)} failed, {self.seconds:.1f}s",
         ]
-        if self.written:
+        if scored:
             out.append(
-                f"accuracy {self.correct / self.written:.3f}  yes-ratio {self.answered_yes / scored:.3f}  "
-                f"unknown answers {self.unknown}"
+                f"accuracy {self.correct / scored:.3f} and yes-ratio {self.answered_yes / scored:.3f} "
+                f"over {scored} parsed answers; unknown answers {self.unknown} (stored unscored)"
             )
+        elif self.written:
+            out.append(f"no answer parsed as yes/no: {self.unknown} unknown answers (stored unscored)")
         for ident, stage, error in self.failures[:20]:
             out.append(f"  failed [{stage}] {ident}: {error}")
         if len(self.failures) > 20:
@@ -470,7 +472,14 @@ def _sample_rows(
         answer, _status = parse_answer(text)
         answers.append(answer)
         generations.append(
-            {**key, "k": k, "text": text, "answer": answer, "correct": answer == sample.label, "seed": seed}
+            {
+                **key,
+                "k": k,
+                "text": text,
+                "answer": answer,
+                "correct": None if answer is None else answer == sample.label,
+                "seed": seed,
+            }
         )
     sc_answer, sc_agreement = majority_answer(answers) if answers else (None, None)
     captured = cap.samples[b]
@@ -484,7 +493,8 @@ def _sample_rows(
         "object": sample.object,
         "label": sample.label,
         **captured,
-        "correct": bool(captured["correct"]),
+        # None when the answer did not parse: unscored, never silently counted as wrong
+        "correct": captured["correct"],
         "sc_agreement": sc_agreement,
         "sc_answer": sc_answer,
     }
