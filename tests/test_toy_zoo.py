@@ -20,7 +20,9 @@ HELD_OUT_SEED = 777  # never used for training (the cards record the training se
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
-    folder = generate_shapes_pope(tmp_path_factory.mktemp("heldout") / "shapes", images=110, seed=HELD_OUT_SEED)
+    folder = generate_shapes_pope(
+        tmp_path_factory.mktemp("heldout") / "shapes", images=110, seed=HELD_OUT_SEED
+    )
     samples, errors = load_dataset("shapes-pope", data_dir=folder)
     assert not errors
     per_split: dict[str, list] = {}
@@ -58,7 +60,9 @@ def test_toy_answers_well_but_not_perfectly_and_uses_the_image(name, held_out) -
     assert 0.70 < accuracy < 0.98, f"{name}: accuracy {accuracy:.3f} on 600 held-out questions"
     blank = np.array(_answers(adapter, held_out, blank=True), dtype=object)
     blank_accuracy = float((blank == labels).mean())
-    assert accuracy - blank_accuracy >= 0.10, f"{name}: {accuracy:.3f} with images, {blank_accuracy:.3f} blank"
+    assert accuracy - blank_accuracy >= 0.10, (
+        f"{name}: {accuracy:.3f} with images, {blank_accuracy:.3f} blank"
+    )
 
     card = json.loads((Path(REGISTRY[name]) / "card.json").read_text())
     assert set(card["evaluation"]["accuracy"]) >= {"random", "popular", "adversarial"}
