@@ -221,9 +221,8 @@ def _final_norm_scale(adapter: Any, h_last: torch.Tensor) -> torch.Tensor:
     """
     norm = adapter.final_norm()
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    weight = norm.weight.detach().float() + adapter.spec.norm_offset
     rms = torch.sqrt(h_last.pow(2).mean(-1, keepdim=True) + eps)
-    return weight[None, :] / rms
+    return adapter.final_norm_scale()[None, :] / rms
 
 
 def logit_lens(adapter: Any, resid: torch.Tensor) -> torch.Tensor:

@@ -71,12 +71,17 @@ class SeededSampler(LogitsProcessor):
         return out
 
 
+def _owner(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    """(module, attribute name) of a dotted attribute path such as "model.rope_deltas"."""
+    owner_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(owner_path) if owner_path else model), attr
+
+
 def _expand_state(model: torch.nn.Module, paths: Sequence[str], k: int) -> dict[str, Any]:
     """Repeat the per-row tensors a model keeps between prefill and decoding (e.g. M-RoPE deltas)."""
     saved = {}
     for path in paths:
-        owner_path, _, attr = path.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
+        owner, attr = _owner(model, path)
         value = getattr(owner, attr, None)
         saved[path] = value
         if isinstance(value, torch.Tensor):
@@ -86,8 +91,7 @@ def _expand_state(model: torch.nn.Module, paths: Sequence[str], k: int) -> dict[
 
 def _restore_state(model: torch.nn.Module, saved: dict[str, Any]) -> None:
     for path, value in saved.items():
-        owner_path, _, attr = path.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
+        owner, attr = _owner(model, path)
         setattr(owner, attr, value)
 
 
