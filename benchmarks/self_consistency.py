@@ -2,7 +2,8 @@
 
 Three variants, each the median of several runs, as ratios to the first:
 
-  greedy   one greedy answer (transformers generate, do_sample=False)
+  greedy   one greedy answer (transformers generate, do_sample=False, keeping its raw logits as
+           VRP's capture does)
   naive    the greedy answer plus K independent sampled generate calls (the image encoded K+1 times)
   vrp      the greedy answer plus VRP's K samples decoded from its prefill cache in one batched loop
 
@@ -18,6 +19,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +52,17 @@ CONFIGS = {
 }
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _median_seconds(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each variant, run round-robin so a change in machine load hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench(name: str, root: Path, k: int, repeats: int, max_new_tokens: int) -> dict[str, float]:
@@ -71,7 +76,9 @@ def bench(name: str, root: Path, k: int, repeats: int, max_new_tokens: int) -> d
 
     def greedy():
         with torch.no_grad():
-            return model.generate(**enc.inputs, do_sample=False, return_dict_in_generate=True, **common)
+            return model.generate(
+                **enc.inputs, do_sample=False, return_dict_in_generate=True, output_logits=True, **common
+            )
 
     def naive():
         greedy()
@@ -86,11 +93,7 @@ def bench(name: str, root: Path, k: int, repeats: int, max_new_tokens: int) -> d
         out = greedy()
         sample_answers(adapter, enc, out, seeds, max_new_tokens=max_new_tokens)
 
-    return {
-        "greedy": _median_seconds(greedy, repeats),
-        "naive": _median_seconds(naive, repeats),
-        "vrp": _median_seconds(shared, repeats),
-    }
+    return _median_seconds({"greedy": greedy, "naive": naive, "vrp": shared}, repeats)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from vrp.ingest.capture import capture_batch
+from vrp.ingest.capture import capture_batch, end_token_ids
 from vrp.ingest.generate import SeededSampler, sample_answers, sample_seed, top_p_filter
 from vrp.ingest.models import load_adapter
 from vrp.ingest.models.tiny import build_tiny
@@ -128,3 +128,35 @@ def test_top_p_filter_against_hand_example() -> None:
     probs = top_p_filter(logits, temperature=1.0, top_p=0.75)
     # 0.5 < 0.75 so the second token is needed; 0.8 >= 0.75 so the nucleus is {0, 1}
     torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+def test_samples_whose_first_draw_is_eos_end_there(adapter) -> None:
+    """Some samples end at their first token, others go on; the ended ones decode to '' and padding."""
+    enc = _encode(adapter)
+    cap = capture_batch(adapter, enc, ["yes", "no"], max_new_tokens=2, keep_cache=True)
+    first = cap.greedy_output.logits[0].clone()
+    eos = adapter.model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    end = end_token_ids(adapter)
+    word = next(int(t) for t in first[0].argsort(descending=True) if int(t) not in end)
+    first[0] = float("-inf")
+    first[0, [eos, word]] = 0.0  # row 0: EOS or `word`, even odds
+    cap.greedy_output.logits = (first,) + tuple(cap.greedy_output.logits[1:])
+    k = 8
+    seeds = [[sample_seed(5, f"e{b}", i) for i in range(k)] for b in range(2)]
+    texts, out = sample_answers(adapter, enc, cap.greedy_output, seeds, max_new_tokens=4, return_logits=True)
+    prompt_len = enc.inputs["input_ids"].shape[1]
+    new = out.sequences[:k, prompt_len:]
+    ended = new[:, 0] == eos
+    assert 0 < int(ended.sum()) < k, "the seeds should give both outcomes"
+    assert all(texts[0][i] == "" for i in range(k) if ended[i])
+    assert (new[ended, 1:] == adapter.tokenizer.pad_token_id).all()
+    assert all(texts[0][i] != "" for i in range(k) if not ended[i])
+
+
+def test_samples_need_the_greedy_logits(adapter) -> None:
+    enc = _encode(adapter)
+    cap = capture_batch(adapter, enc, ["yes", "no"], max_new_tokens=2, keep_cache=True)
+    cap.greedy_output.logits = None
+    with pytest.raises(ValueError, match="output_logits=True"):
+        sample_answers(adapter, enc, cap.greedy_output, [[1, 2], [3, 4]])

@@ -389,7 +389,7 @@ def _answer_logprob(
     step_logits: Sequence[torch.Tensor], new_tokens: torch.Tensor, adapter: Any
 ) -> np.ndarray:
     """Mean log-probability of the greedy answer's tokens, stopping at the first end token."""
-    end_ids = _end_ids(adapter)
+    end_ids = end_token_ids(adapter)
     logps = torch.stack([torch.log_softmax(step.float(), -1) for step in step_logits], dim=1)  # [B, N, V]
     chosen = logps.gather(-1, new_tokens[:, : logps.shape[1], None]).squeeze(-1)  # [B, N]
     values = []
@@ -400,7 +400,7 @@ def _answer_logprob(
     return np.asarray(values)
 
 
-def _end_ids(adapter: Any) -> set[int]:
+def end_token_ids(adapter: Any) -> set[int]:
     """Token ids that end an answer: EOS (one or several) and padding."""
     config = adapter.model.generation_config
     eos = config.eos_token_id

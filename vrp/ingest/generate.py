@@ -1,10 +1,17 @@
 """K-sample self-consistency from the greedy answer's prefill.
 
 ``generate(num_return_sequences=K)`` copies the inputs, pixels included, before the prefill, so
-the image is encoded K times. Here the prompt is encoded once (by :func:`capture_batch`), its KV
-cache is cropped back to the prompt, repeated K times per row, and one batched decode loop draws
-all K answers. Each draw has its own ``torch.Generator`` seeded from (run seed, sample id, k), so
-a rerun, or the same sample in another batch, draws the same answers.
+the image is encoded K times. Here the prompt is encoded once (by :func:`capture_batch`) and all K
+answers of a row decode in one batched loop from that prefill, without copying it: the prompt's
+keys and values stay in one copy per row (:class:`SharedPrefixLayer`), each of the K sequences
+caches only the few tokens it generated, and :func:`shared_prefix_attention` scores every query
+against the shared prompt and against its own suffix in one softmax. Repeating the cache K times
+instead (``batch_repeat_interleave``) would copy the whole prompt cache K times and re-copy it at
+every step as the suffix grows; on a 600-token prompt that copying costs more than the samples'
+arithmetic.
+
+Each draw has its own ``torch.Generator`` seeded from (run seed, sample id, k), so a rerun, or the
+same sample in another batch, draws the same answers.
 
 Usage::
 
@@ -14,12 +21,23 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from vrp.ingest.capture import end_token_ids
+
+SHARED_PREFIX_BACKEND = "vrp_shared_prefix"
+"""Name under which :func:`shared_prefix_attention` is registered with transformers."""
 
 
 def sample_seed(base_seed: int, sample_id: str, k: int) -> int:
@@ -60,15 +78,164 @@ class SeededSampler(LogitsProcessor):
         self.temperature = temperature
         self.top_p = top_p
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """One token per row from its temperature / top-p distribution, using that row's generator."""
         probs = top_p_filter(scores, self.temperature, self.top_p).cpu()
         uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
         cdf = probs.double().cumsum(-1)
         cdf[:, -1] = 1.0
         chosen = torch.searchsorted(cdf, uniforms[:, None]).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+        return chosen.to(scores.device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(scores.shape[0]), chosen.to(scores.device)] = 0.0
+        out[torch.arange(scores.shape[0]), self.draw(scores)] = 0.0
         return out
+
+
+class SharedPrefixLayer(DynamicLayer):
+    """One decoder layer's cache: the prompt once per row, the generated tokens once per sequence.
+
+    ``prefix_keys``/``prefix_values`` are [B, H_kv, P, D] (a view of the greedy answer's cache, not
+    a copy); ``keys``/``values`` hold the [B*K, H_kv, s, D] suffix that :meth:`update` grows. The
+    reported length is P + s, so the model derives positions, cache positions and its mask for
+    the full sequence exactly as with an ordinary cache; only the attention function must know that
+    the first P columns live in the prefix (it gets them from :class:`_SharedPrefix`).
+    """
+
+    is_croppable = False
+
+    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor) -> None:
+        super().__init__()
+        self.prefix_keys = prefix_keys
+        self.prefix_values = prefix_values
+
+    def get_seq_length(self) -> int:
+        return self.prefix_keys.shape[-2] + super().get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a shared-prefix cache is already expanded to K sequences per row")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a shared-prefix cache cannot drop rows")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("a shared-prefix cache does not support beam search")
+
+
+@dataclass
+class _SharedPrefix:
+    """The active shared-prefix cache and which attention modules read which of its layers."""
+
+    cache: Cache
+    layer_of: dict[int, int]  # id(attention module) -> decoder layer index
+    served: set[int] = field(default_factory=set)
+
+
+_ACTIVE: contextvars.ContextVar[_SharedPrefix | None] = contextvars.ContextVar(
+    "vrp_shared_prefix", default=None
+)
+
+
+def _to_shared(x: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
+    """[B*K, H_kv*G, T, E] -> [B, H_kv, K*G*T, E]: all queries of a row's K sequences side by side."""
+    n, _, t, e = x.shape
+    k = n // rows
+    x = x.view(rows, k, -1, groups, t, e).permute(0, 2, 1, 3, 4, 5)
+    return x.reshape(rows, x.shape[1], k * groups * t, e)
+
+
+def _from_shared(x: torch.Tensor, k: int, groups: int, t: int) -> torch.Tensor:
+    """Inverse of :func:`_to_shared`: [B, H_kv, K*G*T, E] -> [B*K, H_kv*G, T, E]."""
+    rows, kv_heads, _, e = x.shape
+    x = x.view(rows, kv_heads, k, groups, t, e).permute(0, 2, 1, 3, 4, 5)
+    return x.reshape(rows * k, kv_heads * groups, t, e)
+
+
+def shared_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over [shared prompt | own suffix] with one softmax; a plain SDPA call otherwise.
+
+    ``query`` is [B*K, H, T, D]; ``key``/``value`` are the suffix that :class:`SharedPrefixLayer`
+    returns. Scores against the prompt come from one matmul per row (all K*H/H_kv queries that
+    share a KV head and a prompt at once), so the prompt's keys and values are read once per step
+    instead of K times. Both score blocks are concatenated before the mask and the softmax, which
+    is eager attention's arithmetic on the same columns in the same order.
+    """
+    state = _ACTIVE.get()
+    layer = None if state is None else state.layer_of.get(id(module))
+    if layer is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs
+        )
+    if kwargs.get("sliding_window") is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError(
+            "shared-prefix decoding supports full causal attention only; this model uses a sliding window "
+            "or a position bias (run with --self-consistency 0, or add the case to shared_prefix_attention)"
+        )
+    state.served.add(layer)
+    cache_layer = state.cache.layers[layer]
+    prefix_k, prefix_v = cache_layer.prefix_keys, cache_layer.prefix_values
+    n, heads, t, _ = query.shape
+    rows, kv_heads, prefix_len, _ = prefix_k.shape
+    k, groups = n // rows, heads // kv_heads
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q_shared = _to_shared(query, rows, groups)
+    prefix_scores = _from_shared(q_shared @ prefix_k.transpose(-1, -2), k, groups, t)
+    q_own = query.view(n, kv_heads, groups * t, -1)
+    own_scores = (q_own @ key.transpose(-1, -2)).view(n, heads, t, key.shape[-2])
+    scores = torch.cat([prefix_scores, own_scores], dim=-1) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[..., : scores.shape[-1]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = _from_shared(_to_shared(probs[..., :prefix_len], rows, groups) @ prefix_v, k, groups, t)
+    own = probs[..., prefix_len:].reshape(n, kv_heads, groups * t, -1) @ value
+    out = out + own.view(n, heads, t, -1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SHARED_PREFIX_BACKEND, shared_prefix_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_BACKEND, sdpa_mask)
+
+
+@contextlib.contextmanager
+def shared_prefix(adapter: Any, cache: Cache) -> Iterator[_SharedPrefix]:
+    """Route the model's attention through :func:`shared_prefix_attention` for the block's duration.
+
+    Raises after the block if some decoder layer's attention never came through it: such a layer
+    would have attended to its suffix alone, and its answers would be wrong.
+    """
+    model = adapter.model
+    previous = model.config._attn_implementation
+    state = _SharedPrefix(cache=cache, layer_of={id(adapter.attn(i)): i for i in range(adapter.num_layers)})
+    model.set_attn_implementation(SHARED_PREFIX_BACKEND)
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+        model.set_attn_implementation(previous)
+    missing = sorted(set(range(adapter.num_layers)) - state.served)
+    if missing:
+        raise RuntimeError(
+            f"the attention of decoder layers {missing} did not run through VRP's shared-prefix attention; "
+            "this model's attention does not use transformers' AttentionInterface"
+        )
 
 
 def _owner(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
@@ -95,6 +262,22 @@ def _restore_state(model: torch.nn.Module, saved: dict[str, Any]) -> None:
         setattr(owner, attr, value)
 
 
+GENERATED_TOKEN_TYPES = {"token_type_ids": 1, "mm_token_type_ids": 0}
+"""Per-token inputs and the value a generated token takes: PaliGemma's causal suffix is type 1,
+Qwen2-VL's text is multimodal type 0 (the values transformers' own generate appends)."""
+
+
+def _cut_at_end(tokens: torch.Tensor, end_ids: set[int], pad_id: int) -> torch.Tensor:
+    """Replace everything after each row's first end token by padding.
+
+    The decode loop does not know that a row whose first token (drawn before the loop) was EOS
+    has finished, so such a row decodes on; what it decodes after its end is not its answer.
+    """
+    is_end = torch.isin(tokens, torch.tensor(sorted(end_ids), device=tokens.device))
+    after_end = (is_end.cumsum(-1) - is_end.long()) > 0
+    return tokens.masked_fill(after_end, pad_id)
+
+
 def sample_answers(
     adapter: Any,
     enc: Any,
@@ -106,48 +289,107 @@ def sample_answers(
     max_new_tokens: int = 8,
     return_logits: bool = False,
 ) -> tuple[list[list[str]], Any]:
-    """K answers per row decoded from the greedy answer's prefill cache.
+    """K answers per row decoded from the greedy answer's prefill, without recomputing any of it.
 
-    ``seeds[b]`` holds the K seeds of row b. Returns the texts [B][K] and, with
-    ``return_logits``, transformers' generate output (raw logits of every step) for checks.
+    ``seeds[b]`` holds the K seeds of row b. ``greedy_output`` is transformers' generate output
+    for the greedy answer with its cache and raw logits (``output_logits=True``, as
+    :func:`capture_batch` asks): the first token of every sample is drawn from the greedy answer's
+    first-step logits, which are exactly the distribution of a fresh pass over the prompt, and the
+    decode loop continues from the prompt's cache shared by all K (:class:`SharedPrefixLayer`).
+    Returns the texts [B][K] and, with ``return_logits``, the token ids ``sequences`` [B*K, P+n]
+    and the raw ``logits`` of every step (a tuple of [B*K, V]) for checks.
     """
-    model = adapter.model
     k = len(seeds[0])
     if any(len(row) != k for row in seeds):
         raise ValueError("every sample needs the same number of seeds")
+    if not getattr(greedy_output, "logits", None):
+        raise ValueError(
+            "greedy_output has no logits: run the greedy generate with output_logits=True "
+            "(capture_batch does) so the samples can start from its first-step distribution"
+        )
     input_ids = enc.inputs["input_ids"]
     prompt_len = input_ids.shape[1]
-    cache = greedy_output.cache
-    # Drop the greedy answer and the last prompt token: generate recomputes that token, which
-    # gives the first sampled token's logits without touching the image again.
-    cache.crop(-(cache.get_seq_length() - (prompt_len - 1)))
-    cache.batch_repeat_interleave(k)
+    pad_id = adapter.tokenizer.pad_token_id
+    end_ids = end_token_ids(adapter)
+    sampler = SeededSampler([s for row in seeds for s in row], temperature, top_p)
+    first_logits = greedy_output.logits[0].repeat_interleave(k, dim=0)
+    first = sampler.draw(first_logits)
+    sequences = torch.cat([input_ids.repeat_interleave(k, dim=0), first[:, None].to(input_ids.device)], dim=1)
+    logits: tuple[torch.Tensor, ...] = (first_logits,)
+    if max_new_tokens > 1 and not set(first.tolist()) <= end_ids:
+        out = _decode_from_prefix(
+            adapter, enc, greedy_output.cache, sequences, k, sampler, max_new_tokens - 1
+        )
+        sequences = out.sequences
+        logits = logits + tuple(out.logits or ())
+    new_tokens = _cut_at_end(sequences[:, prompt_len:], end_ids, pad_id)
+    texts = adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    grouped = [texts[b * k : (b + 1) * k] for b in range(len(seeds))]
+    if not return_logits:
+        return grouped, None
+    sequences = torch.cat([sequences[:, :prompt_len], new_tokens], dim=1)
+    return grouped, SampleOutput(sequences=sequences, logits=logits)
+
+
+@dataclass
+class SampleOutput:
+    """Token ids and raw per-step logits of the K samples, for checks against fresh forward passes."""
+
+    sequences: torch.Tensor  # [B*K, P + n]
+    logits: tuple[torch.Tensor, ...]  # n x [B*K, V]
+
+
+def _decode_from_prefix(
+    adapter: Any,
+    enc: Any,
+    greedy_cache: Cache,
+    sequences: torch.Tensor,
+    k: int,
+    sampler: SeededSampler,
+    max_new_tokens: int,
+) -> Any:
+    """Continue ``sequences`` (prompt + first token, [B*K, P+1]) with one batched decode loop.
+
+    The cache holds the prompt once per row, a view of the greedy answer's cache cut back to the
+    prompt; transformers' greedy loop then picks the token ``sampler`` draws at each step, so EOS
+    handling, padding of finished rows and per-family input preparation stay the model's own.
+    """
+    model = adapter.model
+    prompt_len = enc.inputs["input_ids"].shape[1]
+    cache = Cache(
+        layers=[
+            SharedPrefixLayer(layer.keys[..., :prompt_len, :], layer.values[..., :prompt_len, :])
+            for layer in greedy_cache.layers[: adapter.num_layers]
+        ]
+    )
+    rows = sequences.shape[0]
+    attention_mask = torch.cat(
+        [enc.inputs["attention_mask"].repeat_interleave(k, dim=0), sequences.new_ones(rows, 1)], dim=1
+    )
     # Every per-row input but the pixels (the image is already in the cache): token types for
     # PaliGemma's prefix mask, M-RoPE's grid and token types for Qwen2-VL.
-    extra = {
-        name: value.repeat_interleave(k, dim=0)
-        for name, value in enc.inputs.items()
-        if name not in ("input_ids", "attention_mask") and not name.startswith("pixel_values")
-    }
+    extra = {}
+    for name, value in enc.inputs.items():
+        if name in ("input_ids", "attention_mask") or name.startswith("pixel_values"):
+            continue
+        value = value.repeat_interleave(k, dim=0)
+        if name in GENERATED_TOKEN_TYPES:
+            value = torch.cat([value, value.new_full((rows, 1), GENERATED_TOKEN_TYPES[name])], dim=1)
+        extra[name] = value
     saved = _expand_state(model, adapter.spec.decode_state, k)
     try:
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=input_ids.repeat_interleave(k, dim=0),
-                attention_mask=enc.inputs["attention_mask"].repeat_interleave(k, dim=0),
+        with torch.no_grad(), shared_prefix(adapter, cache):
+            return model.generate(
+                input_ids=sequences,
+                attention_mask=attention_mask,
                 cache=cache,
                 **extra,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
-                logits_processor=LogitsProcessorList(
-                    [SeededSampler([s for row in seeds for s in row], temperature, top_p)]
-                ),
+                logits_processor=LogitsProcessorList([sampler]),
                 return_dict_in_generate=True,
-                output_logits=return_logits,
+                output_logits=True,
                 pad_token_id=adapter.tokenizer.pad_token_id,
             )
     finally:
         _restore_state(model, saved)
-    texts = adapter.tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
-    grouped = [texts[b * k : (b + 1) * k] for b in range(len(seeds))]
-    return grouped, (out if return_logits else None)
