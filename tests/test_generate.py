@@ -7,9 +7,19 @@ import pytest
 import torch
 from PIL import Image
 from scipy import stats
+from transformers.cache_utils import Cache
 
-from vrp.ingest.capture import capture_batch, end_token_ids
-from vrp.ingest.generate import SeededSampler, sample_answers, sample_seed, top_p_filter
+from vrp.ingest.capture import capture_batch, end_token_ids, require_every_layer
+from vrp.ingest.generate import (
+    SHARED_PREFIX_BACKEND,
+    SeededSampler,
+    SharedPrefixLayer,
+    sample_answers,
+    sample_seed,
+    shared_prefix,
+    shared_prefix_attention,
+    top_p_filter,
+)
 from vrp.ingest.models import load_adapter
 from vrp.ingest.models.tiny import build_tiny
 
@@ -160,3 +170,23 @@ def test_samples_need_the_greedy_logits(adapter) -> None:
     cap.greedy_output.logits = None
     with pytest.raises(ValueError, match="output_logits=True"):
         sample_answers(adapter, enc, cap.greedy_output, [[1, 2], [3, 4]])
+
+
+def test_a_layer_that_bypasses_the_shared_prefix_attention_is_an_error(adapter) -> None:
+    """A decoder layer whose attention skipped VRP's function would have seen only its own suffix."""
+    require_every_layer(adapter, range(adapter.num_layers), SHARED_PREFIX_BACKEND)
+    with pytest.raises(RuntimeError, match=r"decoder layers \[0\]"):
+        require_every_layer(adapter, range(1, adapter.num_layers), SHARED_PREFIX_BACKEND)
+
+
+def test_sliding_window_attention_is_refused_not_silently_wrong(adapter) -> None:
+    enc = _encode(adapter)
+    cap = capture_batch(adapter, enc, ["yes", "no"], max_new_tokens=2, keep_cache=True)
+    layer = cap.greedy_output.cache.layers[0]
+    cache = Cache(layers=[SharedPrefixLayer(layer.keys, layer.values)])
+    module = adapter.attn(0)
+    query = torch.zeros(
+        2, adapter.model.config.get_text_config().num_attention_heads, 1, layer.keys.shape[-1]
+    )
+    with shared_prefix(adapter, cache), pytest.raises(NotImplementedError, match="sliding window"):
+        shared_prefix_attention(module, query, query[:, :2], query[:, :2], None, sliding_window=4)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,24 +113,50 @@ AttentionInterface.register(ATTENTION_BACKEND, _capturing_sdpa)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_BACKEND, sdpa_mask)
 
 
-@contextlib.contextmanager
-def capture_attention(adapter: Any, answer_pos: torch.Tensor, prompt_len: int) -> Iterator[_AttentionRows]:
-    """Route the model's attention through :func:`_capturing_sdpa` for the duration of the block.
+def attention_layer_index(adapter: Any) -> dict[int, int]:
+    """id(attention module) -> decoder layer index, how a registered attention function knows its layer."""
+    return {id(adapter.attn(i)): i for i in range(adapter.num_layers)}
 
-    The model keeps computing its outputs with SDPA; the previous attention implementation is
-    restored on exit, also on error.
+
+@contextlib.contextmanager
+def route_attention(model: Any, backend: str, active: contextvars.ContextVar, state: Any) -> Iterator[Any]:
+    """Run the model's attention through the registered ``backend`` with ``state`` active in ``active``.
+
+    The previous attention implementation is restored on exit, also on error.
     """
-    model = adapter.model
     previous = model.config._attn_implementation
-    layer_of = {id(adapter.attn(i)): i for i in range(adapter.num_layers)}
-    state = _AttentionRows(layer_of=layer_of, answer_pos=answer_pos, prompt_len=prompt_len)
-    model.set_attn_implementation(ATTENTION_BACKEND)
-    token = _ACTIVE.set(state)
+    model.set_attn_implementation(backend)
+    token = active.set(state)
     try:
         yield state
     finally:
-        _ACTIVE.reset(token)
+        active.reset(token)
         model.set_attn_implementation(previous)
+
+
+def require_every_layer(adapter: Any, seen: Iterable[int], backend: str) -> None:
+    """Raise unless every decoder layer's attention ran through ``backend``.
+
+    A model whose attention bypasses transformers' AttentionInterface would silently skip VRP's
+    function; what it computed is then not what VRP claims.
+    """
+    missing = sorted(set(range(adapter.num_layers)) - set(seen))
+    if missing:
+        raise RuntimeError(
+            f"the attention of decoder layers {missing} did not run through VRP's {backend!r} attention; "
+            "this model's attention does not use transformers' AttentionInterface"
+        )
+
+
+def capture_attention(adapter: Any, answer_pos: torch.Tensor, prompt_len: int) -> Any:
+    """Route the model's attention through :func:`_capturing_sdpa` for the duration of the block.
+
+    The model keeps computing its outputs with SDPA.
+    """
+    state = _AttentionRows(
+        layer_of=attention_layer_index(adapter), answer_pos=answer_pos, prompt_len=prompt_len
+    )
+    return route_attention(adapter.model, ATTENTION_BACKEND, _ACTIVE, state)
 
 
 class TraceModules:
@@ -263,12 +289,7 @@ def capture_batch(
             output_logits=True,
             pad_token_id=adapter.tokenizer.pad_token_id,
         )
-    missing = [i for i in range(adapter.num_layers) if i not in attn.rows]
-    if missing:
-        raise RuntimeError(
-            f"the attention of decoder layers {missing} did not run through VRP's attention function; "
-            "this model's attention does not use transformers' AttentionInterface"
-        )
+    require_every_layer(adapter, attn.rows, ATTENTION_BACKEND)
     return _summarise(adapter, enc, labels, attn.rows, trace.values, out, prompt_len, keep_cache)
 
 

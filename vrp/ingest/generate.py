@@ -21,10 +21,9 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +33,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from vrp.ingest.capture import end_token_ids
+from vrp.ingest.capture import attention_layer_index, end_token_ids, require_every_layer, route_attention
 
 SHARED_PREFIX_BACKEND = "vrp_shared_prefix"
 """Name under which :func:`shared_prefix_attention` is registered with transformers."""
@@ -213,29 +212,14 @@ AttentionInterface.register(SHARED_PREFIX_BACKEND, shared_prefix_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_BACKEND, sdpa_mask)
 
 
-@contextlib.contextmanager
-def shared_prefix(adapter: Any, cache: Cache) -> Iterator[_SharedPrefix]:
+def shared_prefix(adapter: Any, cache: Cache) -> Any:
     """Route the model's attention through :func:`shared_prefix_attention` for the block's duration.
 
-    Raises after the block if some decoder layer's attention never came through it: such a layer
-    would have attended to its suffix alone, and its answers would be wrong.
+    Check with :func:`require_every_layer` after the block: a layer whose attention bypassed it
+    would have attended to its suffix alone.
     """
-    model = adapter.model
-    previous = model.config._attn_implementation
-    state = _SharedPrefix(cache=cache, layer_of={id(adapter.attn(i)): i for i in range(adapter.num_layers)})
-    model.set_attn_implementation(SHARED_PREFIX_BACKEND)
-    token = _ACTIVE.set(state)
-    try:
-        yield state
-    finally:
-        _ACTIVE.reset(token)
-        model.set_attn_implementation(previous)
-    missing = sorted(set(range(adapter.num_layers)) - state.served)
-    if missing:
-        raise RuntimeError(
-            f"the attention of decoder layers {missing} did not run through VRP's shared-prefix attention; "
-            "this model's attention does not use transformers' AttentionInterface"
-        )
+    state = _SharedPrefix(cache=cache, layer_of=attention_layer_index(adapter))
+    return route_attention(adapter.model, SHARED_PREFIX_BACKEND, _ACTIVE, state)
 
 
 def _owner(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
@@ -378,8 +362,8 @@ def _decode_from_prefix(
         extra[name] = value
     saved = _expand_state(model, adapter.spec.decode_state, k)
     try:
-        with torch.no_grad(), shared_prefix(adapter, cache):
-            return model.generate(
+        with torch.no_grad(), shared_prefix(adapter, cache) as state:
+            out = model.generate(
                 input_ids=sequences,
                 attention_mask=attention_mask,
                 cache=cache,
@@ -393,3 +377,5 @@ def _decode_from_prefix(
             )
     finally:
         _restore_state(model, saved)
+    require_every_layer(adapter, state.served, SHARED_PREFIX_BACKEND)
+    return out
