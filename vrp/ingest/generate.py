@@ -302,7 +302,7 @@ def sample_answers(
     logits: tuple[torch.Tensor, ...] = (first_logits,)
     if max_new_tokens > 1 and not set(first.tolist()) <= end_ids:
         out = _decode_from_prefix(
-            adapter, enc, greedy_output.cache, sequences, k, sampler, max_new_tokens - 1
+            adapter, enc, greedy_output.cache, sequences, k, sampler, max_new_tokens - 1, return_logits
         )
         sequences = out.sequences
         logits = logits + tuple(out.logits or ())
@@ -331,6 +331,7 @@ def _decode_from_prefix(
     k: int,
     sampler: SeededSampler,
     max_new_tokens: int,
+    return_logits: bool,
 ) -> Any:
     """Continue ``sequences`` (prompt + first token, [B*K, P+1]) with one batched decode loop.
 
@@ -372,7 +373,7 @@ def _decode_from_prefix(
                 max_new_tokens=max_new_tokens,
                 logits_processor=LogitsProcessorList([sampler]),
                 return_dict_in_generate=True,
-                output_logits=True,
+                output_logits=return_logits,
                 pad_token_id=adapter.tokenizer.pad_token_id,
             )
     finally:
