@@ -181,3 +181,13 @@ def test_lake_info_compact_and_drop_run(tmp_path):
         }
     assert [r[0] for r in lake.sql("SELECT run_id FROM runs").fetchall()] == ["run-b"]
     assert runner.invoke(lake_group, ["drop-run", "--lake", root, "--yes", "run-a"]).exit_code != 0
+
+
+def test_a_query_past_its_timeout_is_cancelled_with_a_clear_error(lake_root):
+    """A ~6 s cross join with --timeout 0.2 ends early with an error naming the timeout."""
+    heavy = "SELECT sum(hash(a.i + b.i)) FROM range(30000) a(i), range(30000) b(i)"
+    result = _run("--lake", lake_root, "--timeout", "0.2", heavy)
+    assert result.exit_code == 1
+    assert "cancelled after 0.2 s (--timeout)" in result.output
+    assert _run("--lake", lake_root, "--timeout", "30", "SELECT count(*) AS n FROM samples").exit_code == 0
+    assert _run("--lake", lake_root, "--timeout", "0", "SELECT 1").exit_code == 2

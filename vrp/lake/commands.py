@@ -121,9 +121,22 @@ def format_result(table: pa.Table, fmt: str, *, limit_rows: bool) -> str:
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result to this file.")
 @click.option("--name", default=None, help="Run the named query vrp/queries/NAME.sql instead of SQL.")
 @click.option("--list", "list_names", is_flag=True, help="List the named queries and exit.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Cancel the query if it runs longer than this (default: no limit).",
+)
 @click.argument("sql", required=False)
 def query(
-    lake_dir: str | None, fmt: str, out: str | None, name: str | None, list_names: bool, sql: str | None
+    lake_dir: str | None,
+    fmt: str,
+    out: str | None,
+    name: str | None,
+    list_names: bool,
+    timeout: float | None,
+    sql: str | None,
 ) -> None:
     """Run one read-only SQL statement (SELECT or EXPLAIN) over the lake's tables.
 
@@ -147,7 +160,7 @@ def query(
         if fmt == "parquet" and out is None:
             raise click.UsageError("--format parquet needs --out FILE")
         lake = _open(lake_dir)
-        result = run_query(lake, sql)
+        result = run_query(lake, sql, timeout=timeout)
     except LakeError as exc:
         raise click.ClickException(str(exc)) from exc
     if fmt == "parquet":

@@ -171,7 +171,7 @@ def card(lake: Lake, exported: list[ExportedTable]) -> str:
     out += [
         "## Reading it",
         "",
-        "With VRP: `vrp query --lake <this location> \"SELECT ...\"`. Without VRP, through `deltalake`",
+        'With VRP: `vrp query --lake <this location> "SELECT ..."`. Without VRP, through `deltalake`',
         "(which also reads `s3://` with `storage_options` or the AWS environment variables):",
         "",
         "```python",

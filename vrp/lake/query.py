@@ -11,6 +11,7 @@ file access from DuckDB.
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import duckdb
@@ -59,18 +60,33 @@ def check_query(sql: str) -> None:
         )
 
 
-def run_query(lake: Lake, sql: str) -> pa.Table:
-    """Check and run one read-only statement over the lake's views; errors come back on one line."""
+def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table:
+    """Check and run one read-only statement over the lake's views; errors come back on one line.
+
+    With ``timeout`` (seconds) the statement is interrupted when it runs longer, so a runaway
+    join in a scheduled report or a shared notebook ends with an error instead of holding the
+    machine; nothing is written either way.
+    """
     check_query(sql)
     con = lake.connect(safe=True)
+    timer = threading.Timer(timeout, con.interrupt) if timeout else None
     try:
+        if timer is not None:
+            timer.start()
         return con.sql(sql).to_arrow_table()
+    except duckdb.InterruptException as exc:
+        raise LakeError(
+            f"query cancelled after {timeout:g} s (--timeout): filter on run_id/model first, "
+            "select fewer columns, or allow more time"
+        ) from exc
     except (duckdb.Error, pa.ArrowException, OSError) as exc:
         message = one_line(str(exc))
         if "Parquet" in message:
             message += " (run `vrp lake check` to list damaged files)"
         raise LakeError(message) from exc
     finally:
+        if timer is not None:
+            timer.cancel()
         con.close()
 
 
