@@ -30,14 +30,9 @@ lake_option = click.option(
 )
 
 
-def _open(lake_dir: str | None, *, local_only: bool = False) -> Lake:
+def _open(lake_dir: str | None) -> Lake:
     root = resolve_lake_root(lake_dir)
-    if storage.is_remote(root):
-        if local_only:
-            raise click.ClickException(
-                f"{root}: this command reads the lake's folders directly and works on local lakes only"
-            )
-    elif not os.path.isdir(root):
+    if not storage.is_remote(root) and not os.path.isdir(root):
         raise click.ClickException(
             f"no lake at {root}: ingest a run first (vrp ingest run), or pass --lake DIR / set VRP_LAKE"
         )
@@ -210,7 +205,7 @@ def info(lake_dir: str | None) -> None:
 @lake_option
 def check(lake_dir: str | None) -> None:
     """Verify every committed file (exists, size as logged, Parquet footer reads); list orphans."""
-    the_lake = _open(lake_dir, local_only=True)
+    the_lake = _open(lake_dir)
     problems, orphans = maintenance.check(the_lake)
     for p in problems:
         click.echo(f"DAMAGED {p.table}: {p.path}: {maintenance_one_line(p.problem)}")
@@ -250,7 +245,7 @@ def maintenance_one_line(text: str) -> str:
 )
 def vacuum(lake_dir: str | None, yes: bool, min_age_minutes: float, retain_hours: int | None) -> None:
     """Remove orphan files left by killed writers (dry run unless --yes)."""
-    the_lake = _open(lake_dir, local_only=True)
+    the_lake = _open(lake_dir)
     orphans = maintenance.vacuum(the_lake, dry_run=not yes, min_age_s=min_age_minutes * 60)
     verb = "removed" if yes else "would remove"
     for o in orphans:

@@ -4,22 +4,27 @@ A killed writer leaves Parquet files that no commit references ("orphans"): harm
 readers, which list files from the Delta log, but wasted space and a trap for anyone who globs
 the folder. ``check`` finds them and verifies every committed file (exists, size as logged,
 footer readable); ``vacuum`` deletes orphans old enough not to belong to a writer still running.
+Both read the lake's files through one pyarrow filesystem, so they work alike on a local lake and
+on a lake in an S3 bucket (paths are shown as ``s3://...`` there).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
+from pyarrow import fs as pafs
 
-from vrp.lake import delta
+from vrp.lake import delta, storage
 from vrp.lake.lake import Lake
 from vrp.schema import TABLES, TableSpec
 
@@ -61,9 +66,38 @@ def _add_actions(dt: DeltaTable) -> list[dict]:
     return actions.select(["path", "size_bytes", "num_records"]).to_pylist()
 
 
-def _disk_path(table_dir: str, log_path: str) -> str:
-    """Local file of a log path (the log stores partition folders URL-encoded once more)."""
-    return os.path.normpath(os.path.join(table_dir, unquote(log_path)))
+@dataclass(frozen=True)
+class _Files:
+    """The lake's files through one pyarrow filesystem (local disk or an S3 bucket).
+
+    ``base`` is the lake root inside that filesystem; ``prefix`` turns a filesystem path into the
+    path users see (``s3://`` for a bucket, nothing locally).
+    """
+
+    fs: Any
+    base: str
+    prefix: str
+
+    def table_dir(self, name: str) -> str:
+        return posixpath.join(self.base, name)
+
+    def shown(self, path: str) -> str:
+        return self.prefix + path
+
+    def inner(self, shown: str) -> str:
+        return shown.removeprefix(self.prefix)
+
+
+def _files(lake: Lake) -> _Files:
+    if storage.is_remote(lake.root):
+        fs, base = storage.arrow_filesystem(lake.root)
+        return _Files(fs, base, "s3://")
+    return _Files(pafs.LocalFileSystem(), os.path.abspath(lake.root), "")
+
+
+def _data_path(table_dir: str, log_path: str) -> str:
+    """Filesystem path of a log path (the log stores partition folders URL-encoded once more)."""
+    return posixpath.normpath(posixpath.join(table_dir, unquote(log_path)))
 
 
 def table_info(lake: Lake) -> list[TableInfo]:
@@ -86,27 +120,29 @@ def table_info(lake: Lake) -> list[TableInfo]:
     return out
 
 
-def _logged_paths(table_dir: str) -> set[str]:
+def _logged_paths(files: _Files, table_dir: str) -> set[str]:
     """Every data file any commit or checkpoint of the table mentions (added or removed)."""
-    log_dir = os.path.join(table_dir, LOG_DIR)
     paths: set[str] = set()
-    for entry in os.listdir(log_dir):
-        full = os.path.join(log_dir, entry)
+    for info in files.fs.get_file_info(pafs.FileSelector(posixpath.join(table_dir, LOG_DIR))):
+        entry = info.base_name
+        if info.type != pafs.FileType.File:
+            continue
         if entry.endswith(".json") and entry[:-5].isdigit():
-            with open(full, encoding="utf-8") as fh:
-                for line in fh:
-                    if not line.strip():
-                        continue
-                    action = json.loads(line)
-                    for kind in ("add", "remove"):
-                        if kind in action:
-                            paths.add(_disk_path(table_dir, action[kind]["path"]))
+            with files.fs.open_input_stream(info.path) as stream:
+                text = stream.read().decode("utf-8")
+            for line in text.splitlines():
+                if not line.strip():
+                    continue
+                action = json.loads(line)
+                for kind in ("add", "remove"):
+                    if kind in action:
+                        paths.add(_data_path(table_dir, action[kind]["path"]))
         elif ".checkpoint" in entry and entry.endswith(".parquet"):
-            checkpoint = pq.read_table(full)
+            checkpoint = pq.read_table(info.path, filesystem=files.fs)
             for kind in ("add", "remove"):
                 if kind in checkpoint.column_names:
                     column = pc.struct_field(checkpoint.column(kind), "path")
-                    paths.update(_disk_path(table_dir, p) for p in column.to_pylist() if p)
+                    paths.update(_data_path(table_dir, p) for p in column.to_pylist() if p)
     return paths
 
 
@@ -117,53 +153,60 @@ def _is_log_file(name: str) -> bool:
 
 def find_orphans(lake: Lake) -> list[Orphan]:
     """Files under each table folder that no commit references, and stray temporary log files."""
+    files = _files(lake)
     now = time.time()
     orphans = []
     for name in TABLES:
-        table_dir = delta.table_path(lake.root, name)
-        if not os.path.isdir(os.path.join(table_dir, LOG_DIR)):
+        if lake.delta(name) is None:
             continue
-        logged = _logged_paths(table_dir)
-        for folder, dirs, files in os.walk(table_dir):
-            in_log = os.path.relpath(folder, table_dir) == LOG_DIR
-            if in_log:
-                dirs[:] = []  # the log's own subfolders belong to Delta
-            for file in files:
-                path = os.path.normpath(os.path.join(folder, file))
-                if (in_log and _is_log_file(file)) or (not in_log and path in logged):
-                    continue
-                stat = os.stat(path)
-                orphans.append(Orphan(name, path, stat.st_size, now - stat.st_mtime))
+        table_dir = files.table_dir(name)
+        logged = _logged_paths(files, table_dir)
+        listing = files.fs.get_file_info(pafs.FileSelector(table_dir, recursive=True))
+        for info in listing:
+            if info.type != pafs.FileType.File:
+                continue
+            parts = posixpath.relpath(info.path, table_dir).split("/")
+            if parts[0] == LOG_DIR:
+                if len(parts) > 2 or _is_log_file(parts[1]):
+                    continue  # the log's own files, and its subfolders, belong to Delta
+            elif posixpath.normpath(info.path) in logged:
+                continue
+            age = now - info.mtime.timestamp() if info.mtime is not None else float("inf")
+            orphans.append(Orphan(name, files.shown(info.path), info.size, age))
     return orphans
 
 
 def check(lake: Lake, *, read_footers: bool = True) -> tuple[list[FileProblem], list[Orphan]]:
     """Verify every committed file of every table, and list orphans."""
+    files = _files(lake)
     problems = []
     for name in TABLES:
         dt = lake.delta(name)
         if dt is None:
             continue
-        table_dir = delta.table_path(lake.root, name)
-        for action in _add_actions(dt):
-            path = _disk_path(table_dir, action["path"])
-            if not os.path.exists(path):
-                problems.append(FileProblem(name, path, "missing (committed in the log but not on disk)"))
+        table_dir = files.table_dir(name)
+        actions = _add_actions(dt)
+        paths = [_data_path(table_dir, action["path"]) for action in actions]
+        infos = files.fs.get_file_info(paths) if paths else []
+        for action, path, info in zip(actions, paths, infos, strict=True):
+            shown = files.shown(path)
+            if info.type == pafs.FileType.NotFound:
+                problems.append(FileProblem(name, shown, "missing (committed in the log but not on disk)"))
                 continue
-            size = os.path.getsize(path)
-            if size != int(action["size_bytes"]):
+            if info.size != int(action["size_bytes"]):
                 logged = action["size_bytes"]
-                problems.append(FileProblem(name, path, f"size {size} bytes, the log says {logged}"))
+                problems.append(FileProblem(name, shown, f"size {info.size} bytes, the log says {logged}"))
                 continue
             if read_footers:
                 try:
-                    rows = pq.ParquetFile(path).metadata.num_rows
+                    with files.fs.open_input_file(path) as handle:
+                        rows = pq.ParquetFile(handle).metadata.num_rows
                 except (pa.ArrowException, OSError) as exc:
-                    problems.append(FileProblem(name, path, f"unreadable Parquet footer: {exc}"))
+                    problems.append(FileProblem(name, shown, f"unreadable Parquet footer: {exc}"))
                     continue
                 if action["num_records"] is not None and rows != int(action["num_records"]):
                     logged = action["num_records"]
-                    problems.append(FileProblem(name, path, f"{rows} rows, the log says {logged}"))
+                    problems.append(FileProblem(name, shown, f"{rows} rows, the log says {logged}"))
     return problems, find_orphans(lake)
 
 
@@ -173,10 +216,11 @@ def vacuum(lake: Lake, *, dry_run: bool = True, min_age_s: float = 3600.0) -> li
     The age guard protects a writer that is still running: its files are orphans until its
     commit lands.
     """
+    files = _files(lake)
     selected = [o for o in find_orphans(lake) if o.age_s >= min_age_s]
     if not dry_run:
         for orphan in selected:
-            os.remove(orphan.path)
+            files.fs.delete_file(files.inner(orphan.path))
     return selected
 
 
