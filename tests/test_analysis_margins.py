@@ -25,15 +25,18 @@ def test_margin_curves_by_correctness() -> None:
 
 
 def test_lock_in_is_first_layer_top_for_good() -> None:
-    rank = np.array([
-        [3, 0, 0, 0],  # locks at 1
-        [0, 2, 0, 0],  # top at 0 but loses it: locks at 2
-        [5, 4, 1, 0],  # only the last layer
-        [0, 0, 0, 1],  # not top at the end: never
-    ])
+    rank = np.array(
+        [
+            [3, 0, 0, 0],  # locks at 1
+            [0, 2, 0, 0],  # top at 0 but loses it: locks at 2
+            [5, 4, 1, 0],  # only the last layer
+            [0, 0, 0, 1],  # not top at the end: never
+        ]
+    )
     np.testing.assert_array_equal(margins.lock_in_layers(rank), [1, 2, 3, -1])
-    np.testing.assert_array_equal(margins.lock_in_layers(rank, layers=np.array([10, 11, 12, 13])),
-                                  [11, 12, 13, -1])
+    np.testing.assert_array_equal(
+        margins.lock_in_layers(rank, layers=np.array([10, 11, 12, 13])), [11, 12, 13, -1]
+    )
 
 
 def test_entropy_deltas() -> None:

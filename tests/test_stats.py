@@ -72,8 +72,9 @@ def test_bootstrap_equals_explicit_resampling() -> None:
     n_boot = 50
     (row,) = stats.correlation_table({"m": x}, y, n_boot=n_boot, seed=7, level=0.8)
     rs, aucs = [], []
-    for counts in stats.bootstrap_counts(n, n_boot, stats.stream_seed(7, 0, 0),
-                                         rows=max(1, stats._CHUNK_ELEMENTS // n)):
+    for counts in stats.bootstrap_counts(
+        n, n_boot, stats.stream_seed(7, 0, 0), rows=max(1, stats._CHUNK_ELEMENTS // n)
+    ):
         for c in counts.astype(int):
             idx = np.repeat(np.arange(n), c)
             rs.append(sps.pearsonr(x[idx], y[idx]).statistic)
