@@ -171,7 +171,7 @@ def find_orphans(lake: Lake) -> list[Orphan]:
                     continue  # the log's own files, and its subfolders, belong to Delta
             elif posixpath.normpath(info.path) in logged:
                 continue
-            age = now - info.mtime.timestamp() if info.mtime is not None else float("inf")
+            age = now - info.mtime.timestamp() if info.mtime is not None else 0.0  # unknown: assume fresh
             orphans.append(Orphan(name, files.shown(info.path), info.size, age))
     return orphans
 
