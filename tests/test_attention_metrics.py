@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from vrp.analysis.attention import cluster_count, normalise_map, spatial_entropy
+from vrp.metrics.attention import cluster_count, normalise_map, spatial_entropy
 
 
 def test_uniform_map_has_entropy_log_n() -> None:

@@ -12,10 +12,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from vrp.cli.options import lake_option, lake_root, n_boot_option
 from vrp.ingest.datasets.pope import SPLITS
+
+if TYPE_CHECKING:
+    from vrp.analysis.store import StoredProbes
 
 DEMO_SEED = 2026  # held-out data: the toys were trained on other seeds (see each toy's card.json)
 TOYS = ("toy-llava", "toy-paligemma", "toy-qwen2vl")
@@ -59,8 +64,8 @@ def run_demo(
     echo: Callable[[str], None] = click.echo,
 ) -> Path:
     """Every stage of the study on the toys; returns the report folder. Reruns resume."""
-    from vrp.analysis.commands import probes as probes_command
     from vrp.analysis.report import write_report
+    from vrp.analysis.store import fit_and_store_probes
     from vrp.ingest.interventions import plan_ablate, plan_destroy, plan_mask, run_intervention
     from vrp.ingest.run import IngestOptions, run_ingest
     from vrp.lake import open_lake
@@ -82,11 +87,9 @@ def run_demo(
         base_runs[model] = summary.run_id
 
     _stage(echo, "probes per layer (5-fold CV grouped by image), stored for the interventions")
-    probes_command.main(
-        ["--lake", lake, "--n-boot", str(n_boot)], standalone_mode=False, prog_name="vrp analyze probes"
-    )
-
     lake_handle = open_lake(lake)
+    for outcome in fit_and_store_probes(lake_handle, n_boot=n_boot):
+        echo(_probe_line(outcome))
     for model, run_id in base_runs.items():
         plans = [plan_mask(lake_handle, run_id, ratio=0.3, seed=1)]
         peak = _peak_layer(lake_handle, run_id)
@@ -125,6 +128,20 @@ def _peak_layer(lake, run_id: str) -> int | None:
     return int(rows[0][0]) if rows else None
 
 
+def _probe_line(outcome: StoredProbes) -> str:
+    """One line per run: the best residual-stream probe layer, or why there is none."""
+    from vrp.analysis.probes import best_layer
+
+    if outcome.probes is None:
+        return f"{outcome.model}: no probes ({outcome.skipped})"
+    layer = best_layer(outcome.probes.results)
+    best = next(r for r in outcome.probes.results if r.probe == "logreg" and r.layer == layer)
+    return (
+        f"{outcome.model}: best probe layer {best.layer}, held-out AUROC {best.auroc:.3f} "
+        f"[{best.auroc_low:.3f}, {best.auroc_high:.3f}] over {best.n} answers"
+    )
+
+
 def _headline_section(markdown: str) -> str:
     """The report's first table (the study's headline), for the terminal."""
     lines = markdown.splitlines()
@@ -137,19 +154,17 @@ def _headline_section(markdown: str) -> str:
 
 
 @click.command()
-@click.option("--lake", envvar="VRP_LAKE", default="vrp-lake", show_default=True, help="Lake directory.")
+@lake_option
 @click.option("--out", default="vrp-report", show_default=True, help="Report folder.")
 @click.option(
     "--questions", default=200, show_default=True, type=click.IntRange(min=2), help="Questions per split."
 )
 @click.option("--self-consistency", "k", default=10, show_default=True, type=click.IntRange(min=0))
-@click.option(
-    "--n-boot", default=10_000, show_default=True, type=click.IntRange(min=100), help="Bootstrap resamples."
-)
-def demo(lake: str, out: str, questions: int, k: int, n_boot: int) -> None:
+@n_boot_option(default=10_000, minimum=100)
+def demo(lake_dir: str | None, out: str, questions: int, k: int, n_boot: int) -> None:
     """Run the whole study on the shipped toy models and synthetic shapes-POPE, then print the report.
 
     The numbers describe toy models on synthetic data: they show the instrument works, not how
     real VLMs behave. For real checkpoints see `vrp ingest run --help`.
     """
-    run_demo(lake, out, questions=questions, k=k, n_boot=n_boot)
+    run_demo(lake_root(lake_dir), out, questions=questions, k=k, n_boot=n_boot)

@@ -7,9 +7,8 @@ only reads the lake.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import click
 from tqdm import tqdm
@@ -17,44 +16,24 @@ from tqdm import tqdm
 from vrp.analysis import compute, data, stats
 from vrp.analysis import report as rendering
 from vrp.analysis.probes import SEED, ProbeError
-from vrp.lake import Lake, LakeError, open_lake, resolve_lake_root
+from vrp.analysis.store import StoredProbes, fit_and_store_probes
+from vrp.cli.options import (
+    lake_option,
+    models_option,
+    n_boot_option,
+    open_existing_lake,
+    seed_option,
+    user_errors,
+)
+from vrp.lake import LakeError
 
-lake_option = click.option(
-    "--lake",
-    "lake_dir",
-    default=None,
-    metavar="DIR",
-    help="Lake directory (default: $VRP_LAKE, else ./vrp-lake).",
-)
-model_option = click.option(
-    "--model",
-    "models",
-    multiple=True,
-    metavar="NAME",
-    help="Only this model (repeatable; default: every model in the lake).",
-)
-boot_option = click.option(
-    "--n-boot",
-    default=stats.N_BOOT,
-    show_default=True,
-    type=click.IntRange(0),
-    help="Bootstrap resamples for the confidence intervals.",
-)
-seed_option = click.option(
-    "--seed", default=SEED, show_default=True, type=int, help="Seed of the folds and the bootstrap."
-)
+boot_option = n_boot_option(default=stats.N_BOOT)
+seed_of_folds = seed_option(default=SEED, help="Seed of the folds and the bootstrap.")
 
 
-def _open(lake_dir: str | None) -> Lake:
-    root = resolve_lake_root(lake_dir)
-    if "://" not in root and not os.path.isdir(root):
-        raise click.ClickException(
-            f"no lake at {root}: run `vrp ingest run` first, or pass --lake DIR / set VRP_LAKE"
-        )
-    try:
-        return open_lake(root)
-    except LakeError as exc:
-        raise click.ClickException(str(exc)) from exc
+def _progress(desc: str) -> Callable[[Iterable], Iterable]:
+    show = sys.stderr.isatty()
+    return lambda items: tqdm(items, desc=desc, unit="layer", disable=not show)
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -67,11 +46,6 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
 
 
-def _progress(desc: str):
-    show = sys.stderr.isatty()
-    return lambda items: tqdm(items, desc=desc, unit="layer", disable=not show)
-
-
 @click.group()
 def analyze() -> None:
     """Analyses of the lake: correlations, probes, margin formation (printed as tables)."""
@@ -79,9 +53,9 @@ def analyze() -> None:
 
 @analyze.command()
 @lake_option
-@model_option
+@models_option
 @boot_option
-@seed_option
+@seed_of_folds
 @click.option(
     "--probe/--no-probe",
     default=True,
@@ -90,7 +64,7 @@ def analyze() -> None:
 )
 def correlations(lake_dir: str | None, models: tuple[str, ...], n_boot: int, seed: int, probe: bool) -> None:
     """R_pb [95% CI], p, BH q and AUROC [95% CI] of each reliability signal, per model and pooled."""
-    lake = _open(lake_dir)
+    lake = open_existing_lake(lake_dir)
     try:
         h = compute.headline(lake, models=models or None, n_boot=n_boot, seed=seed, with_probe=probe)
     except (LakeError, ProbeError, ValueError) as exc:
@@ -104,9 +78,9 @@ def correlations(lake_dir: str | None, models: tuple[str, ...], n_boot: int, see
 
 @analyze.command()
 @lake_option
-@model_option
+@models_option
 @boot_option
-@seed_option
+@seed_of_folds
 @click.option("--site", default="resid", show_default=True, help="Hidden-state site of the layer probes.")
 @click.option(
     "--mlp/--no-mlp", default=True, show_default=True, help="Also the 2-layer MLP at the best layer."
@@ -144,75 +118,62 @@ def probes(
     write: bool,
 ) -> None:
     """Held-out probes per layer (+ last-5, MLP) and the probe-neuron rankings, per run."""
-    lake = _open(lake_dir)
-    runs = data.base_runs(lake, models or None)
-    if not runs:
+    lake = open_existing_lake(lake_dir)
+    if not data.base_runs(lake, models or None):
         raise click.ClickException("no capture runs in the lake (or for the models asked)")
-    for run in runs:
-        run_id, model = run["run_id"], run["model"]
-        try:
-            rp = compute.run_probes(
-                lake,
-                run_id,
-                site=site,
-                seed=seed,
-                n_boot=n_boot,
-                mlp=mlp,
-                progress=_progress(f"probes {model}"),
-            )
-        except (ProbeError, ValueError) as exc:
-            click.echo(f"{model} {run_id}: skipped: {exc}", err=True)
-            continue
-        click.echo(
-            f"\n{model} (run {run_id}, site {site}): {rp.results[0].n} answers, "
-            f"{rp.results[0].folds} folds grouped by image" + (f"; {rp.note}" if rp.note else "")
-        )
-        rows = [
-            [
-                r.probe,
-                str(r.layer),
-                f"{r.auroc:.3f}",
-                f"[{r.auroc_low:.3f}, {r.auroc_high:.3f}]",
-                f"{r.accuracy:.3f}",
-            ]
-            for r in rp.results
-        ]
-        _print_table(["probe", "layer", "AUROC", "95% CI", "accuracy"], rows)
-        neuron_rows = []
-        if neurons and data.hidden_layers(lake, run_id, "mlp_out"):
-            try:
-                neuron_rows = compute.neuron_rankings(lake, run_id, neuron_layers or None, seed=seed)
-            except ProbeError as exc:
-                raise click.ClickException(str(exc)) from exc
-            for layer in sorted({r["layer"] for r in neuron_rows}):
-                top = [r for r in neuron_rows if r["layer"] == layer and r["method"] == "l1"][:5]
-                click.echo(
-                    f"top L1 probe neurons at layer {layer}: "
-                    + ", ".join(f"{r['neuron']} ({r['coef']:+.3f})" for r in top)
-                )
-        if write:
-            base = {"run_id": run_id, "model": model}
-            lake.write_table(
-                "probe_layers",
-                [base | r.row() for r in rp.results],
-                replace_where={"run_id": run_id, "site": site},
-            )
-            if neuron_rows:
-                lake.write_table(
-                    "probe_neurons",
-                    [base | r for r in neuron_rows],
-                    replace_where={"run_id": run_id, "site": "mlp_out"},
-                )
+    outcomes = fit_and_store_probes(
+        lake,
+        models=models or None,
+        site=site,
+        seed=seed,
+        n_boot=n_boot,
+        mlp=mlp,
+        neurons=neurons,
+        neuron_layers=neuron_layers or None,
+        write=write,
+        progress=lambda model: _progress(f"probes {model}"),
+    )
+    with user_errors(ProbeError):
+        for outcome in outcomes:
+            _print_probes(outcome, site)
     if write:
         click.echo("\nstored in probe_layers" + (" and probe_neurons" if neurons else ""))
 
 
+def _print_probes(outcome: StoredProbes, site: str) -> None:
+    if outcome.probes is None:
+        click.echo(f"{outcome.model} {outcome.run_id}: skipped: {outcome.skipped}", err=True)
+        return
+    rp = outcome.probes
+    click.echo(
+        f"\n{outcome.model} (run {outcome.run_id}, site {site}): {rp.results[0].n} answers, "
+        f"{rp.results[0].folds} folds grouped by image" + (f"; {rp.note}" if rp.note else "")
+    )
+    rows = [
+        [
+            r.probe,
+            str(r.layer),
+            f"{r.auroc:.3f}",
+            f"[{r.auroc_low:.3f}, {r.auroc_high:.3f}]",
+            f"{r.accuracy:.3f}",
+        ]
+        for r in rp.results
+    ]
+    _print_table(["probe", "layer", "AUROC", "95% CI", "accuracy"], rows)
+    for layer in sorted({r["layer"] for r in outcome.neurons}):
+        top = [r for r in outcome.neurons if r["layer"] == layer and r["method"] == "l1"][:5]
+        click.echo(
+            f"top L1 probe neurons at layer {layer}: "
+            + ", ".join(f"{r['neuron']} ({r['coef']:+.3f})" for r in top)
+        )
+
+
 @analyze.command()
 @lake_option
-@model_option
+@models_option
 def margins(lake_dir: str | None, models: tuple[str, ...]) -> None:
     """Logit-lens margin formation by correctness, lock-in layers and spatial-entropy deltas."""
-    lake = _open(lake_dir)
+    lake = open_existing_lake(lake_dir)
     mm = compute.model_margins(lake, models or None)
     if not mm:
         raise click.ClickException("no logit-lens rows (layers table) for scored answers in the lake")
@@ -259,10 +220,10 @@ def margins(lake_dir: str | None, models: tuple[str, ...]) -> None:
     "--force", is_flag=True, help="Render even when the lake has not changed since the last report."
 )
 @boot_option
-@seed_option
+@seed_of_folds
 def report(lake_dir: str | None, out_dir: str, force: bool, n_boot: int, seed: int) -> None:
     """Markdown + self-contained HTML report of the study's tables and figures (reads the lake only)."""
-    lake = _open(lake_dir)
+    lake = open_existing_lake(lake_dir)
     try:
         outcome = rendering.write_report(lake.root, out_dir, force=force, n_boot=n_boot, seed=seed)
     except (LakeError, ProbeError, ValueError, OSError) as exc:

@@ -34,8 +34,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from vrp.analysis.attention import cluster_count, normalise_map, spatial_entropy
 from vrp.ingest.answers import parse_answer
+from vrp.metrics.attention import cluster_count, normalise_map, spatial_entropy
 
 ATTENTION_BACKEND = "vrp_sdpa"
 """Name under which the capturing attention is registered with transformers."""

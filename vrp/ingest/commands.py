@@ -9,6 +9,19 @@ from pathlib import Path
 
 import click
 
+from vrp.cli.options import (
+    batch_size_option,
+    device_option,
+    lake_option,
+    lake_root,
+    open_existing_lake,
+    parse_bytes,
+    parse_float_list,
+    parse_int_list,
+    parse_shard,
+    seed_option,
+)
+
 
 @click.group()
 def data() -> None:
@@ -26,13 +39,7 @@ def data() -> None:
 @click.option(
     "--images", default=100, show_default=True, type=click.IntRange(min=1), help="Number of images."
 )
-@click.option(
-    "--seed",
-    default=1234,
-    show_default=True,
-    type=int,
-    help="Generator seed; use a seed no toy model was trained on for evaluation.",
-)
+@seed_option(default=1234, help="Generator seed; use a seed no toy model was trained on for evaluation.")
 @click.option(
     "--image-size", default=80, show_default=True, type=click.IntRange(min=32), help="Side in pixels."
 )
@@ -49,25 +56,6 @@ def shapes_pope(out_dir: Path, images: int, seed: int, image_size: int) -> None:
         with open(folder / f"{split}.jsonl", encoding="utf-8") as handle:
             counts.append(f"{split} {sum(1 for _ in handle)}")
     click.echo(f"wrote {images} images to {folder} (questions: {', '.join(counts)})")
-
-
-def _parse_layers(value: str | None) -> tuple[int, ...] | None:
-    if value is None or value == "all":
-        return None
-    try:
-        return tuple(int(part) for part in value.split(",") if part.strip())
-    except ValueError as exc:
-        raise click.BadParameter(f"expected comma-separated integers or 'all', got {value!r}") from exc
-
-
-def _parse_shard(value: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in value.split("/"))
-    except ValueError as exc:
-        raise click.BadParameter(f"expected I/N such as 1/3, got {value!r}") from exc
-    if not 1 <= index <= count:
-        raise click.BadParameter(f"shard {value}: I must be between 1 and N")
-    return index - 1, count
 
 
 @click.group()
@@ -91,12 +79,12 @@ def ingest() -> None:
 @click.option("--pope-file", type=click.Path(dir_okay=False), help="POPE questions (JSON lines or array).")
 @click.option("--image-dir", type=click.Path(file_okay=False), help="Folder of the POPE images.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@batch_size_option(default=8)
 @click.option("--layers", help="Layers whose hidden states and maps are stored, e.g. '-1,-2' (default: all).")
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@device_option
 @click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--self-consistency",
@@ -108,9 +96,7 @@ def ingest() -> None:
 )
 @click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option(
-    "--seed", default=0, show_default=True, type=int, help="Base seed of the self-consistency draws."
-)
+@seed_option(default=0, help="Base seed of the self-consistency draws.")
 @click.option(
     "--min-pixels", type=click.IntRange(min=1), help="Qwen2-VL: lower bound on the resized image area."
 )
@@ -148,18 +134,16 @@ def ingest() -> None:
     help="Ray: CPUs per actor (fractions allowed).",
 )
 @click.option("--address", default=None, help="Ray: address of a running cluster (default: start one here).")
-@click.option(
-    "--lake", envvar="VRP_LAKE", help="Lake directory or s3://bucket/prefix (default $VRP_LAKE, ./vrp-lake)."
-)
+@lake_option
 def ingest_run(**params: object) -> None:
     """Capture hidden states, image attention, logit lens, answers and K samples into the lake.
 
     A rerun of the same configuration adds nothing; an interrupted run resumes where it stopped.
     """
     from vrp.ingest.run import IngestError, IngestOptions, run_ingest
-    from vrp.lake import LakeError, resolve_lake_root
+    from vrp.lake import LakeError
 
-    lake = resolve_lake_root(params.pop("lake"))
+    lake = lake_root(params.pop("lake_dir"))
     options = IngestOptions(
         model=params["model"],
         dataset=params["dataset"],
@@ -169,7 +153,7 @@ def ingest_run(**params: object) -> None:
         image_dir=params["image_dir"],
         limit=params["limit"],
         batch_size=params["batch_size"],
-        layers=_parse_layers(params["layers"]),
+        layers=parse_int_list(params["layers"], param_hint="--layers"),
         dtype=params["dtype"],
         device=params["device"],
         max_new_tokens=params["max_new_tokens"],
@@ -180,8 +164,8 @@ def ingest_run(**params: object) -> None:
         min_pixels=params["min_pixels"],
         max_pixels=params["max_pixels"],
         strict=params["strict"],
-        max_bytes=_parse_bytes(str(params["max_bytes"])),
-        shard=_parse_shard(str(params["shard"])),
+        max_bytes=parse_bytes(str(params["max_bytes"])),
+        shard=parse_shard(str(params["shard"])),
     )
     if options.dataset == "pope" and not (options.pope_file and options.image_dir):
         raise click.UsageError("--dataset pope needs --pope-file and --image-dir")
@@ -208,29 +192,6 @@ def ingest_run(**params: object) -> None:
         raise click.ClickException(str(exc)) from exc
     for line in summary.lines():
         click.echo(line)
-
-
-def _parse_bytes(value: str) -> int:
-    units = {
-        "": 1,
-        "B": 1,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-    }
-    text = value.strip().upper()
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number) :]
-    if unit not in units:
-        raise click.BadParameter(f"unknown size unit in {value!r}; use e.g. 500MiB or 20GiB")
-    try:
-        return int(float(number) * units[unit])
-    except ValueError as exc:
-        raise click.BadParameter(f"expected a size such as 20GiB, got {value!r}") from exc
 
 
 @click.group()
@@ -260,16 +221,14 @@ def toy() -> None:
     type=click.IntRange(min=1),
     help="Exact number of steps (overrides --minutes; reproduces a card's run).",
 )
-@click.option(
-    "--seed", default=0, show_default=True, type=int, help="Model initialisation and training data seed."
-)
+@seed_option(default=0, help="Model initialisation and training data seed.")
 @click.option(
     "--decay-start",
     default=None,
     type=click.IntRange(min=0),
     help="Step where the learning rate starts to decay (with --steps; a card records it).",
 )
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@batch_size_option(default=64)
 @click.option(
     "--threads",
     default=1,
@@ -324,9 +283,9 @@ def _intervention_options(command):  # noqa: ANN001, ANN202 - a click decorator
     options = [
         click.option("--base-run", required=True, help="run_id of the `vrp ingest run` to intervene on."),
         click.option("--model", help="Checkpoint to load (default: the base run's own model source)."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random control."),
-        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1)),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        seed_option(default=0, help="Seed of the random control."),
+        batch_size_option(default=8),
+        device_option,
         click.option(
             "--data-dir", type=click.Path(file_okay=False), help="Base run's shapes-POPE folder, if moved."
         ),
@@ -334,7 +293,7 @@ def _intervention_options(command):  # noqa: ANN001, ANN202 - a click decorator
         click.option(
             "--image-dir", type=click.Path(file_okay=False), help="Base run's POPE images, if moved."
         ),
-        click.option("--lake", envvar="VRP_LAKE", help="Lake directory (default $VRP_LAKE or ./vrp-lake)."),
+        lake_option,
     ]
     for option in reversed(options):
         command = option(command)
@@ -344,14 +303,13 @@ def _intervention_options(command):  # noqa: ANN001, ANN202 - a click decorator
 def _run_plan(make_plan, params: dict) -> None:  # noqa: ANN001 - make_plan(lake) -> InterventionPlan
     """Build the plan (every prerequisite checked, no model loaded), then run it and print the summary."""
     from vrp.ingest.interventions import InterventionError, run_intervention
-    from vrp.lake import open_lake, resolve_lake_root
 
-    root = resolve_lake_root(params["lake"])
+    lake = open_existing_lake(params["lake_dir"])
     try:
-        plan = make_plan(open_lake(root))
+        plan = make_plan(lake)
         summary = run_intervention(
             plan,
-            root,
+            lake.root,
             model=params["model"],
             device=params["device"],
             batch_size=params["batch_size"],
@@ -364,13 +322,6 @@ def _run_plan(make_plan, params: dict) -> None:  # noqa: ANN001 - make_plan(lake
         raise click.ClickException(str(exc)) from exc
     for line in summary.lines():
         click.echo(line)
-
-
-def _floats(value: str, name: str) -> list[float]:
-    try:
-        return [float(part) for part in value.split(",") if part.strip()]
-    except ValueError as exc:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=name) from exc
 
 
 @ingest.group("intervene")
@@ -487,7 +438,7 @@ def intervene_destroy(**params: object) -> None:
             raise click.BadParameter("expected an integer or 'peak'", param_hint="--layer") from exc
     else:
         layer = "peak"
-    fractions = _floats(str(params["fractions"]), "--fractions")
+    fractions = parse_float_list(str(params["fractions"]), param_hint="--fractions")
     _run_plan(
         lambda lake: plan_destroy(
             lake,

@@ -151,7 +151,7 @@ def run_ray_ingest(
 
     from tqdm.auto import tqdm
 
-    from vrp.lake import open_lake, storage
+    from vrp.lake import RunWriter, storage
 
     ray = import_ray()
     if options.shard != (0, 1):
@@ -220,7 +220,7 @@ def run_ray_ingest(
                         failed[futures[ref]] = _cause(exc)
                     bar.update(1)
         # shards finish at different times, so the runs row gets its final counts once, here
-        open_lake(lake_root).writer(run_row).finish("failed" if failed else "complete")
+        RunWriter(lake_root, run_row).finish("failed" if failed else "complete")
         summary = _merge(run_row["run_id"], plans[0]["model"], parts, time.monotonic() - started)
         if failed:
             lines = "; ".join(f"shard {i + 1}/{workers}: {why}" for i, why in sorted(failed.items()))

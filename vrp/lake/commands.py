@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 from datetime import date, datetime
 from typing import Any
@@ -14,32 +13,12 @@ from typing import Any
 import click
 import pyarrow as pa
 
-from vrp.lake import maintenance, storage
+from vrp.cli.options import format_option, lake_option, open_existing_lake
+from vrp.lake import maintenance
 from vrp.lake.errors import LakeError
-from vrp.lake.lake import Lake, open_lake, resolve_lake_root
 from vrp.lake.query import list_queries, named_query, run_query
 
 TABLE_ROWS_ON_SCREEN = 200
-
-lake_option = click.option(
-    "--lake",
-    "lake_dir",
-    default=None,
-    metavar="DIR",
-    help="Lake directory or s3://bucket/prefix (default: $VRP_LAKE, else ./vrp-lake).",
-)
-
-
-def _open(lake_dir: str | None) -> Lake:
-    root = resolve_lake_root(lake_dir)
-    if not storage.is_remote(root) and not os.path.isdir(root):
-        raise click.ClickException(
-            f"no lake at {root}: ingest a run first (vrp ingest run), or pass --lake DIR / set VRP_LAKE"
-        )
-    try:
-        return open_lake(root)
-    except LakeError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 def _human_bytes(n: int) -> str:
@@ -105,14 +84,7 @@ def format_result(table: pa.Table, fmt: str, *, limit_rows: bool) -> str:
 
 @click.command()
 @lake_option
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "csv", "json", "parquet"]),
-    default="table",
-    show_default=True,
-    help="Output format (parquet needs --out).",
-)
+@format_option("table", "csv", "json", "parquet", help="Output format (parquet needs --out).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result to this file.")
 @click.option("--name", default=None, help="Run the named query vrp/queries/NAME.sql instead of SQL.")
 @click.option("--list", "list_names", is_flag=True, help="List the named queries and exit.")
@@ -154,7 +126,7 @@ def query(
             raise click.UsageError("give a SQL statement, --name NAME or --list")
         if fmt == "parquet" and out is None:
             raise click.UsageError("--format parquet needs --out FILE")
-        lake = _open(lake_dir)
+        lake = open_existing_lake(lake_dir)
         result = run_query(lake, sql, timeout=timeout)
     except LakeError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -182,7 +154,7 @@ def lake() -> None:
 @lake_option
 def info(lake_dir: str | None) -> None:
     """Tables (version, files, rows, bytes) and runs."""
-    the_lake = _open(lake_dir)
+    the_lake = open_existing_lake(lake_dir)
     click.echo(f"lake {the_lake.root}")
     click.echo(f"{'table':16s} {'version':>7s} {'files':>6s} {'rows':>10s} {'size':>10s}")
     for t in maintenance.table_info(the_lake):
@@ -205,7 +177,7 @@ def info(lake_dir: str | None) -> None:
 @lake_option
 def check(lake_dir: str | None) -> None:
     """Verify every committed file (exists, size as logged, Parquet footer reads); list orphans."""
-    the_lake = _open(lake_dir)
+    the_lake = open_existing_lake(lake_dir)
     problems, orphans = maintenance.check(the_lake)
     for p in problems:
         click.echo(f"DAMAGED {p.table}: {p.path}: {maintenance_one_line(p.problem)}")
@@ -245,7 +217,7 @@ def maintenance_one_line(text: str) -> str:
 )
 def vacuum(lake_dir: str | None, yes: bool, min_age_minutes: float, retain_hours: int | None) -> None:
     """Remove orphan files left by killed writers (dry run unless --yes)."""
-    the_lake = _open(lake_dir)
+    the_lake = open_existing_lake(lake_dir)
     orphans = maintenance.vacuum(the_lake, dry_run=not yes, min_age_s=min_age_minutes * 60)
     verb = "removed" if yes else "would remove"
     for o in orphans:
@@ -263,7 +235,7 @@ def vacuum(lake_dir: str | None, yes: bool, min_age_minutes: float, retain_hours
 @lake_option
 def compact(lake_dir: str | None) -> None:
     """Merge small files (Delta optimize) in every table; readers see the same rows."""
-    the_lake = _open(lake_dir)
+    the_lake = open_existing_lake(lake_dir)
     for name, metrics in maintenance.compact(the_lake).items():
         removed, added = metrics.get("numFilesRemoved", 0), metrics.get("numFilesAdded", 0)
         click.echo(f"{name:16s} files removed {removed}, added {added}")
@@ -276,7 +248,7 @@ def compact(lake_dir: str | None) -> None:
 @click.argument("run_id")
 def drop_run(lake_dir: str | None, yes: bool, run_id: str) -> None:
     """Delete every row of RUN_ID from every table (after a confirmation)."""
-    the_lake = _open(lake_dir)
+    the_lake = open_existing_lake(lake_dir)
     counts = maintenance.run_rows(the_lake, run_id)
     if not counts:
         raise click.ClickException(f"no rows of run {run_id} in {the_lake.root} (see vrp lake info)")
@@ -296,7 +268,7 @@ def export(lake_dir: str | None, dest: str) -> None:
     """Copy a consistent snapshot (one version of each table) with a README card for collaborators."""
     from vrp.lake.export import CARD_NAME, export_lake
 
-    the_lake = _open(lake_dir)
+    the_lake = open_existing_lake(lake_dir)
     try:
         exported = export_lake(the_lake, dest)
     except LakeError as exc:

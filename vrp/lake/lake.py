@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -28,10 +28,8 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from vrp.lake import delta, storage
 from vrp.lake.errors import LakeValidationError
 from vrp.lake.validate import Rows, to_arrow, validate
+from vrp.lake.writer import RunWriter
 from vrp.schema import TABLES, TableSpec
-
-if TYPE_CHECKING:
-    from vrp.lake.writer import RunWriter
 
 DEFAULT_LAKE = "./vrp-lake"
 
@@ -169,9 +167,7 @@ class Lake:
         owned_sample_ids: Iterable[str] | None = None,
     ) -> RunWriter:
         """A writer for one run (one shard of it); call ``begin()`` before committing."""
-        from vrp.lake.writer import RunWriter
-
-        return RunWriter(self, run, shard=shard, owned_sample_ids=owned_sample_ids)
+        return RunWriter(self.root, run, shard=shard, owned_sample_ids=owned_sample_ids)
 
     def write_table(self, name: str, rows: Rows, *, replace_where: dict[str, Any] | None = None) -> None:
         """Write analysis outputs (e.g. ``probe_layers``) in one validated, atomic commit.

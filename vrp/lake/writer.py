@@ -2,7 +2,8 @@
 
 Usage::
 
-    writer = lake.writer(run_row, shard=(i, n), owned_sample_ids=my_ids)
+    writer = RunWriter(lake_root, run_row, shard=(i, n), owned_sample_ids=my_ids)
+    # or, from an open lake: lake.writer(run_row, ...)
     done = writer.begin()                  # clean up a killed attempt, mark the run running
     for batch in batches_without(done):
         writer.commit({"layers": ..., "hidden": ..., "samples": ...})
@@ -20,22 +21,20 @@ failure is never stored twice.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable
 
-from vrp.lake import delta
+from vrp.lake import delta, storage
 from vrp.lake.errors import LakeError, LakeValidationError
 from vrp.lake.identity import canonical_json
 from vrp.lake.validate import Rows, to_arrow, validate
 from vrp.schema import SCHEMA_VERSION, TABLES, TableSpec, parse_width_rule
-
-if TYPE_CHECKING:
-    from vrp.lake.lake import Lake
 
 #: Columns a row may omit when the run already says them.
 _FILLED_FROM_RUN = ("run_id", "model", "dataset", "split", "base_run_id", "kind")
@@ -69,11 +68,15 @@ def _run_config(run: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RunWriter:
-    """Writes the rows of one run (one shard of it) into the lake; see the module docstring."""
+    """Writes the rows of one run (one shard of it) into the lake at `root`; see the module docstring.
+
+    It needs the lake's root only (not a :class:`~vrp.lake.lake.Lake`): writes go straight to each
+    table's Delta log, never through a reader's pinned snapshot.
+    """
 
     def __init__(
         self,
-        lake: Lake,
+        root: str | os.PathLike[str],
         run: Mapping[str, Any],
         *,
         shard: tuple[int, int] = (0, 1),
@@ -93,7 +96,7 @@ class RunWriter:
                 "a sharded writer must say which samples it owns (owned_sample_ids), so its resume "
                 "clean-up never touches another shard's rows"
             )
-        self.lake = lake
+        self.root = storage.normalize_root(root)
         self.run = dict(run)
         self.config = _run_config(run)
         self.marker = completion_table(run)
@@ -109,7 +112,7 @@ class RunWriter:
     # ------------------------------------------------------------------ helpers
     def _table(self, name: str) -> DeltaTable:
         if name not in self._tables:
-            self._tables[name] = delta.ensure_table(self.lake.root, TABLES[name])
+            self._tables[name] = delta.ensure_table(self.root, TABLES[name])
         return self._tables[name]
 
     def _fill(self, spec: TableSpec) -> dict[str, Any]:

@@ -1,13 +1,14 @@
-"""Attention-map metrics of DESIGN.md section 2: spatial entropy and cluster count.
+"""Attention-map metrics: spatial entropy and cluster count (defined in docs/ARCHITECTURE.md).
 
-Pure numpy (plus scikit-learn's DBSCAN): the capture engine calls them on every layer's map at
-ingest time and analyses can call them again on any aggregate map read from the lake.
+These are definitions of stored signals, so they live outside both rooms that use them: the
+capture engine calls them on every layer's map at ingest time, and analyses can call them again
+on any aggregate map read from the lake. Pure numpy; scikit-learn's DBSCAN is imported only when
+``cluster_count`` runs, so a capture that stores no cluster counts never loads scikit-learn.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import DBSCAN
 
 ENTROPY_DELTA = 1e-9
 CLUSTER_PERCENTILE = 90.0
@@ -43,5 +44,7 @@ def cluster_count(attention_map: np.ndarray) -> int:
     cells = np.argwhere(grid >= threshold)
     if len(cells) < CLUSTER_MIN_SAMPLES:
         return 0
+    from sklearn.cluster import DBSCAN  # only here: see the module docstring
+
     labels = DBSCAN(eps=CLUSTER_EPS, min_samples=CLUSTER_MIN_SAMPLES).fit_predict(cells)
     return int(len(set(labels.tolist()) - {-1}))
