@@ -1,4 +1,4 @@
-"""The house rules that keep one place for each shared piece (docs/ARCHITECTURE.md, "Rooms").
+"""The house rules that keep one place for each shared piece (docs/ARCHITECTURE.md section 3).
 
 Every command takes ``--lake`` from the one options module and opens the lake through its one
 opener; the metric definitions import no scikit-learn until DBSCAN runs; the writer needs only
@@ -17,6 +17,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import vrp
+import vrp.lake.lake
+import vrp.lake.writer
 from vrp.analysis.store import fit_and_store_probes
 from vrp.analysis.synthetic import write_synthetic_lake
 from vrp.cli import COMMANDS, main
@@ -156,8 +159,6 @@ def _imported_modules(module: ModuleType) -> set[str]:
 
 def test_the_writer_does_not_import_the_reader() -> None:
     """No lake <-> writer cycle: the reader builds writers, the writer never needs a reader."""
-    import vrp.lake.writer
-
     imported = _imported_modules(vrp.lake.writer)
     assert not {"vrp.lake.lake", "vrp.lake.Lake"} & imported
     assert "vrp.lake.writer" in _imported_modules(vrp.lake.lake)
@@ -202,3 +203,73 @@ def test_probes_fitted_by_the_function_equal_those_of_the_command(tmp_path) -> N
     neurons_a = open_lake(a).arrow("probe_neurons").select(["layer", "method", "neuron", "rank"]).to_pylist()
     neurons_b = open_lake(b).arrow("probe_neurons").select(["layer", "method", "neuron", "rank"]).to_pylist()
     assert sorted(neurons_a, key=str) == sorted(neurons_b, key=str) and neurons_a
+
+
+#: docs/ARCHITECTURE.md section 3: the rooms of vrp/ and the rooms each may import. The package
+#: root (`import vrp` for __version__) is open to all. A new room goes here and in that table.
+ROOMS: dict[str, set[str]] = {
+    "schema": set(),
+    "metrics": set(),
+    "lake": {"schema", "cli"},
+    "cli": {"lake"},
+    "ingest": {"schema", "metrics", "lake", "cli", "toys"},
+    "analysis": {"schema", "metrics", "lake", "cli"},
+    "toys": {"ingest"},
+    "demo": {"schema", "metrics", "lake", "cli", "ingest", "analysis", "toys"},
+    "queries": set(),
+    "__init__": {"lake"},
+}
+
+
+def _room_of(path: Path, package: Path) -> str:
+    parts = path.relative_to(package).parts
+    return parts[0] if len(parts) > 1 else path.stem
+
+
+def test_rooms_import_only_what_the_architecture_allows() -> None:
+    package = Path(vrp.__file__).resolve().parent
+    wrong = []
+    for path in sorted(package.rglob("*.py")):
+        room = _room_of(path, package)
+        assert room in ROOMS, f"new room {room!r}: add it to ROOMS here and to docs/ARCHITECTURE.md section 3"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                parts = target.split(".")
+                if parts[0] != "vrp" or len(parts) == 1:
+                    continue
+                if parts[1] != room and parts[1] not in ROOMS[room]:
+                    wrong.append(f"{path.relative_to(package)} ({room}) imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
+def _readme() -> str:
+    return (Path(vrp.__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_readme_documents_every_command() -> None:
+    readme = _readme()
+    leaves = [name for name, command in _all_commands() if not isinstance(command, click.Group)]
+    missing = [name for name in leaves if f"`vrp {name}`" not in readme]
+    assert not missing, f"add these commands to the README's command table: {missing}"
+
+
+def test_the_readme_layout_names_every_room_of_the_tree() -> None:
+    readme = _readme()
+    layout = readme[readme.index("## Layout") :]
+    layout = layout[: layout.index("\n## ", 1)]
+    package = Path(vrp.__file__).resolve().parent
+    entries = [
+        f"vrp/{p.name}/" if p.is_dir() else f"vrp/{p.name}"
+        for p in package.iterdir()
+        if p.name != "__init__.py" and not p.name.startswith((".", "__pycache__"))
+    ]
+    root = package.parent
+    entries += [f"{d}/" for d in ("docs", "tests", "benchmarks") if (root / d).is_dir()]
+    missing = [e for e in entries if e not in layout]
+    assert not missing, f"the README's Layout lacks {missing}"

@@ -1,4 +1,4 @@
-"""Held-out probes of correctness on hidden states (DESIGN.md section 2), numpy + scikit-learn only.
+"""Held-out probes of correctness on hidden states (docs/ARCHITECTURE.md section 4.7), numpy + sklearn.
 
 What it offers:
 
@@ -388,7 +388,7 @@ def rank_neurons_l1(
     top_variance: int = L1_TOP_VARIANCE,
     seed: int = SEED,
 ) -> list[NeuronRank]:
-    """DESIGN.md's probe neurons: L1 logistic (C = 0.1) on the highest-variance coordinates.
+    """Probe neurons (docs/ARCHITECTURE.md section 4.7): L1 logistic (C = 0.1) on high-variance coordinates.
 
     Fitted on all samples: this is a ranking for interventions, not an evaluation (the held-out
     numbers come from ``probe_sweep``). Coordinates are ranked by |coefficient| (standardised
@@ -409,7 +409,7 @@ def rank_neurons_l1(
 def rank_neurons_l2(X: np.ndarray, y: Sequence | np.ndarray, *, C: float = 1.0) -> list[NeuronRank]:
     """Every coordinate ranked by |coefficient| of an L2 logistic probe on all samples (standardised).
 
-    This is the order of the destruction sweep (DESIGN.md section 3): the most predictive
+    This is the order of the destruction sweep (docs/ARCHITECTURE.md section 5): the most predictive
     coordinates go first.
     """
     x = np.asarray(X, dtype=np.float32)

@@ -7,7 +7,7 @@ What this module offers:
 * :class:`TraceModules` - forward hooks on decoder layers, attention and MLP outputs that keep
   the answer position only and always remove themselves.
 * :func:`capture_batch` - runs one batch: prefill with both of the above active, the greedy
-  answer decoded from the same prefill, and every per-layer signal of DESIGN.md section 2.
+  answer decoded from the same prefill, and every per-layer signal of docs/ARCHITECTURE.md section 4.
 
 Usage::
 
@@ -222,7 +222,7 @@ class BatchCapture:
 def log_softmax_stats(
     logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]
 ) -> dict[str, np.ndarray]:
-    """First-token statistics of DESIGN.md section 2 from next-token logits [B, V] (float32)."""
+    """First-token statistics of docs/ARCHITECTURE.md section 4 from next-token logits [B, V] (float32)."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()

@@ -1,4 +1,4 @@
-"""Causal interventions: patch masking, probe-neuron ablation and the destruction sweep (DESIGN.md section 3).
+"""Causal interventions: patch masking, probe-neuron ablation, destruction sweep (docs/ARCHITECTURE.md 5).
 
 What this module offers:
 

@@ -127,7 +127,7 @@ def estimate_bytes(adapter: Any, n_samples: int, layers: Sequence[int], n_image_
 def run_config(
     adapter: Any, options: IngestOptions, dataset_hash: str, layers: Sequence[int]
 ) -> dict[str, Any]:
-    """Everything that changes the numbers: hashed into run_id (DESIGN.md section 6)."""
+    """Everything that changes the numbers: hashed into run_id (docs/ARCHITECTURE.md section 6)."""
     from vrp.schema import SCHEMA_VERSION
 
     return {

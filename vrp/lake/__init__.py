@@ -1,8 +1,8 @@
 """The activation lake: Delta tables written crash-safely per run, read through DuckDB and Polars.
 
 ``open_lake(root)`` gives a :class:`Lake` (``.sql``, ``.table``, ``.arrow``, ``.writer``,
-``.write_table``); :class:`RunWriter` implements the completion and resume rules of DESIGN.md
-section 6. Schemas live in :mod:`vrp.schema`.
+``.write_table``); :class:`RunWriter` implements the completion and resume rules of
+docs/ARCHITECTURE.md section 6.3. Schemas live in :mod:`vrp.schema`.
 """
 
 from vrp.lake.errors import LakeError, LakeSchemaVersionError, LakeValidationError

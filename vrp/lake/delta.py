@@ -1,7 +1,7 @@
 """Thin, explicit helpers over ``deltalake``: table creation, appends with application transactions,
 retried deletes/merges, and the Parquet writer settings of the lake.
 
-Everything that touches the Delta log goes through here, so the rules of DESIGN.md section 6
+Everything that touches the Delta log goes through here, so the rules of docs/ARCHITECTURE.md section 6
 (create race-safely, never append a retried batch twice, provenance in every commit) live in
 one place.
 """
@@ -33,7 +33,7 @@ from vrp.schema import SCHEMA_VERSION, SCHEMA_VERSION_PROPERTY, TableSpec
 T = TypeVar("T")
 
 #: Row-group cap for tables holding vectors: a few thousand rows keep selective vector reads fast
-#: (reference/lake.md 1.3); narrow tables keep the library default.
+#: (docs/ARCHITECTURE.md section 6.2); narrow tables keep the library default.
 VECTOR_ROW_GROUP_ROWS = 4096
 
 

@@ -1,7 +1,7 @@
 """Deterministic identities for lake rows.
 
 ``sample_id`` names one question and is the same for every model, so runs of different models
-join on it. ``run_id`` hashes everything that changes the numbers (DESIGN.md section 6), so the
+join on it. ``run_id`` hashes everything that changes the numbers (docs/ARCHITECTURE.md section 6), so the
 same configuration always lands on the same run and a rerun resumes instead of duplicating.
 The code version is deliberately *not* hashed: a resume after a bug fix is still a resume.
 """

@@ -1,6 +1,6 @@
 """Read-only SQL for `vrp query`: one SELECT/EXPLAIN statement on a locked-down DuckDB connection.
 
-Two fences, because either alone has holes (reference/lake.md 5.3): DuckDB's own parser
+Two fences, because either alone has holes (docs/ARCHITECTURE.md section 7): DuckDB's own parser
 classifies the input, so ``SELECT 1; DROP ...`` shows up as two statements and COPY, ATTACH,
 INSTALL/LOAD, SET, PRAGMA and CALL are refused by type; and the connection runs with external
 access disabled and its configuration locked, so a SELECT cannot read files such as

@@ -2,5 +2,5 @@
 
 ``vrp.metrics.attention``: ``normalise_map``, ``spatial_entropy``, ``cluster_count``. Capture
 computes them at ingest time; analyses recompute them on maps read from the lake. Neither room
-imports the other for them (see docs/ARCHITECTURE.md, "Rooms").
+imports the other for them (see docs/ARCHITECTURE.md section 3).
 """

@@ -1,4 +1,4 @@
-"""Attention-map metrics: spatial entropy and cluster count (defined in docs/ARCHITECTURE.md).
+"""Attention-map metrics: spatial entropy and cluster count (docs/ARCHITECTURE.md section 4.1).
 
 These are definitions of stored signals, so they live outside both rooms that use them: the
 capture engine calls them on every layer's map at ingest time, and analyses can call them again

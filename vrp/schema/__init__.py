@@ -1,6 +1,6 @@
 """Arrow schemas of the activation lake: one :class:`TableSpec` per Delta table.
 
-This module is the single source of truth for what the lake stores (DESIGN.md section 6). The
+This module is the single source of truth for what the lake stores (docs/ARCHITECTURE.md section 6). The
 writer validates every batch against these specs before it touches disk, and the reader uses
 them to present empty tables for a fresh lake, so both sides agree on column names and types.
 

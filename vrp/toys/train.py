@@ -5,7 +5,7 @@ is a real ``LlavaForConditionalGeneration`` / ``PaliGemmaForConditionalGeneratio
 ``Qwen2VLForConditionalGeneration`` at a tiny size (built by ``vrp.ingest.models.tiny.build_tiny``)
 trained until it answers shapes-POPE questions well but not perfectly.
 
-What made such training work (DESIGN.md section 7), all done here:
+What made such training work (docs/ARCHITECTURE.md section 8), all done here:
 
 - pixels normalised with the training images' own per-channel mean/std (with 0.5/0.5 the vision
   features collapse), built into the saved image processor so inference sees the same;

@@ -77,7 +77,7 @@ def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
     variants (``"yes"``, ``" Yes"``, ...) and keeping the first token when it decodes to the whole word,
     and looking the word up directly with each tokenizer family's space marker (``▁`` SentencePiece,
     ``Ġ`` byte-level BPE). Summing probabilities over all of them is what makes p_yes comparable across
-    families (DESIGN.md section 2).
+    families (docs/ARCHITECTURE.md section 4).
     """
     casings = {word.lower(), word.capitalize(), word.upper()}
     found: set[int] = set()
