@@ -380,10 +380,8 @@ def execute_ingest(
 
 def _committed_sample_ids(lake: Any, run_id: str) -> set[str]:
     """Sample ids of this run already committed, read without writing anything."""
-    if not lake.has_table("samples"):
-        return set()
-    rows = lake.sql(f"select sample_id from samples where run_id = '{run_id}'").fetchall()
-    return {row[0] for row in rows}
+    ids = lake.arrow("samples", filter={"run_id": run_id}, columns=["sample_id"]).column("sample_id")
+    return set(ids.to_pylist())
 
 
 def _tally(summary: IngestSummary, rows: list[dict[str, Any]]) -> None:
