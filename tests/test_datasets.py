@@ -310,3 +310,17 @@ def test_cli_writes_a_set_and_refuses_foreign_folders(tmp_path: Path) -> None:
     result = runner.invoke(main, ["data", "shapes-pope", "--out", str(tmp_path / "foreign"), "--images", "2"])
     assert result.exit_code != 0 and "not a shapes-POPE folder" in result.output
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
+
+
+def test_pope_source_from_the_file_name_or_a_field(pope_dir: Path) -> None:
+    samples, _ = load_pope(pope_dir / "coco_pope_adversarial.json", pope_dir / "img")
+    assert {s.source for s in samples} == {"coco"} and {s.task for s in samples} == {"yesno"}
+    rows = [dict(ROWS[0]), {**ROWS[1], "source": "GQA"}]
+    (pope_dir / "aokvqa_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, _ = load_pope(pope_dir / "aokvqa_pope_random.json", pope_dir / "img")
+    assert [s.source for s in samples] == ["aokvqa", "gqa"]
+    (pope_dir / "my_pope_random.json").write_text(json.dumps(ROWS[0]) + "\n")
+    samples, _ = load_pope(pope_dir / "my_pope_random.json", pope_dir / "img")
+    assert samples[0].source is None
+    shapes, _ = load_pope(pope_dir / "coco_pope_adversarial.json", pope_dir / "img", dataset="shapes-pope")
+    assert shapes[0].source is None  # only POPE's own files name an image source

@@ -239,6 +239,25 @@ def log_softmax_stats(
     }
 
 
+def first_token_truth(logits: torch.Tensor, truth_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The truth token's first-token statistics from next-token logits [B, V] and truth ids [B].
+
+    ``truth_prob`` is its softmax probability, ``truth_margin`` its logit minus the best other
+    logit (positive exactly when greedy decoding starts with it), ``truth_rank`` how many tokens
+    score above it (0 = the greedy token).
+    """
+    logits = logits.float()
+    batch = torch.arange(logits.shape[0])
+    truth = logits[batch, truth_ids]
+    others = logits.clone()
+    others[batch, truth_ids] = float("-inf")
+    return {
+        "truth_prob": torch.softmax(logits, dim=-1)[batch, truth_ids].double(),
+        "truth_margin": (truth - others.max(-1).values).double(),
+        "truth_rank": (logits > truth[:, None]).sum(-1),
+    }
+
+
 def _final_norm_scale(adapter: Any, h_last: torch.Tensor) -> torch.Tensor:
     """The final RMSNorm as a per-sample diagonal map: weight(+offset) / rms(h_last). [B, d]
 
@@ -329,6 +348,8 @@ def _summarise(
     others = lens.clone()
     others[:, batch, truth_ids] = float("-inf")
     truth_margin = truth_logit - others.max(-1).values
+    truth_rank = (lens > truth_logit[..., None]).sum(-1)  # [L, B], 0 = the lens's top token
+    first = first_token_truth(first_logits, truth_ids)
     answer_logit = lens[:, batch, first_token]
     answer_rank = (lens > answer_logit[..., None]).sum(-1)  # [L, B]
 
@@ -358,6 +379,7 @@ def _summarise(
                     "lens_entropy": float(lens_stats[layer]["token_entropy"][b]),
                     "attn_contrib": float(attn_contrib[layer, b]),
                     "mlp_contrib": float(mlp_contrib[layer, b]),
+                    "lens_truth_rank": int(truth_rank[layer, b]),
                 }
             )
             head_rows.extend(
@@ -377,6 +399,7 @@ def _summarise(
             "correct": None if answer is None else answer == label,
             **{key: float(values[b]) for key, values in stats.items()},
             "answer_logprob": float(answer_logprob[b]),
+            **{key: values[b].item() for key, values in first.items()},
             "n_image_tokens": int(len(pos)),
             "grid_h": int(grid_h),
             "grid_w": int(grid_w),

@@ -490,6 +490,11 @@ def _sample_rows(
         "question": sample.question,
         "object": sample.object,
         "label": sample.label,
+        "task": sample.task,
+        "answers": None if sample.answers is None else list(sample.answers),
+        "question_type": sample.question_type,
+        "answer_type": sample.answer_type,
+        "source": sample.source,
         **captured,
         # None when the answer did not parse: unscored, never silently counted as wrong
         "correct": captured["correct"],

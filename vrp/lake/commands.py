@@ -17,6 +17,7 @@ from vrp.cli.options import format_option, lake_option, open_existing_lake
 from vrp.lake import maintenance
 from vrp.lake.errors import LakeError
 from vrp.lake.query import list_queries, named_query, run_query
+from vrp.schema import SCHEMA_VERSION
 
 TABLE_ROWS_ON_SCREEN = 200
 
@@ -240,6 +241,28 @@ def compact(lake_dir: str | None) -> None:
         removed, added = metrics.get("numFilesRemoved", 0), metrics.get("numFilesAdded", 0)
         click.echo(f"{name:16s} files removed {removed}, added {added}")
     click.echo("old files stay for time travel; `vrp lake vacuum --retain-hours H --yes` deletes them")
+
+
+@lake.command()
+@lake_option
+def migrate(lake_dir: str | None) -> None:
+    """Upgrade a lake written by an older VRP to this VRP's schema version, in place.
+
+    Adds the columns this version has and the lake lacks (empty for existing rows; no data file
+    is rewritten), creates missing tables, then records the new version. Safe to re-run, also
+    after an interrupted migration. Stop any ingest writing to the lake first.
+    """
+    from vrp.lake.migrate import migrate_lake
+
+    root = resolve_lake_root(lake_dir)
+    try:
+        report = migrate_lake(root)
+    except LakeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in report.lines():
+        click.echo(line)
+    done = "" if report.changed else " (nothing to do)"
+    click.echo(f"lake {report.root} is at schema version {SCHEMA_VERSION}{done}")
 
 
 @lake.command("drop-run")

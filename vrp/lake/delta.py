@@ -45,23 +45,30 @@ def table_path(root: str | os.PathLike[str], name: str) -> str:
 def writer_properties(spec: TableSpec) -> WriterProperties:
     """zstd everywhere; floats and vectors byte-stream-split without dictionary.
 
-    deltalake 1.6 ignores per-column settings for nested columns, so byte-stream-split is the
-    *default* (it is what the vector elements get) and every non-float column is overridden
-    with an encoding valid for its type.
+    deltalake 1.6 ignores per-column settings for nested columns, so in a table with vectors
+    byte-stream-split is the *default* (it is what the vector elements get) and every non-float
+    column is overridden with an encoding valid for its type. A table without vectors keeps PLAIN
+    as its default, so its nested string lists (``samples.answers``) get an encoding valid for
+    strings, and names its float columns byte-stream-split one by one.
     """
+    byte_stream_split = ColumnProperties(dictionary_enabled=False, encoding="BYTE_STREAM_SPLIT")
+    plain = ColumnProperties(dictionary_enabled=False, encoding="PLAIN")
     overrides: dict[str, ColumnProperties] = {}
     for field in spec.schema:
-        if field.name in spec.partition_by or pa.types.is_floating(field.type) or field.name in spec.vectors:
+        if field.name in spec.partition_by or field.name in spec.vectors:
             continue
-        if pa.types.is_integer(field.type) or pa.types.is_timestamp(field.type):
+        if pa.types.is_floating(field.type):
+            if not spec.vectors:
+                overrides[field.name] = byte_stream_split
+        elif pa.types.is_integer(field.type) or pa.types.is_timestamp(field.type):
             overrides[field.name] = ColumnProperties(dictionary_enabled=False, encoding="DELTA_BINARY_PACKED")
         else:
-            overrides[field.name] = ColumnProperties(dictionary_enabled=False, encoding="PLAIN")
+            overrides[field.name] = plain
     return WriterProperties(
         compression="ZSTD",
         compression_level=1,
         max_row_group_size=VECTOR_ROW_GROUP_ROWS if spec.vectors else None,
-        default_column_properties=ColumnProperties(dictionary_enabled=False, encoding="BYTE_STREAM_SPLIT"),
+        default_column_properties=byte_stream_split if spec.vectors else plain,
         column_properties=overrides,
     )
 
@@ -79,15 +86,32 @@ def load_table(root: str | os.PathLike[str], spec: TableSpec) -> DeltaTable | No
         if not storage.is_remote(path):
             raise
         raise storage.storage_error(exc, f"cannot read lake table {path}") from exc
-    check_table(dt, spec, path)
+    check_table(dt, spec, path, root=os.fspath(root))
     return dt
 
 
-def check_table(dt: DeltaTable, spec: TableSpec, path: str) -> None:
+def open_raw(root: str | os.PathLike[str], name: str) -> DeltaTable | None:
+    """The committed table `name` without any version check (for ``vrp lake migrate``), or None."""
+    path = table_path(root, name)
+    if not storage.is_remote(path) and not os.path.isdir(os.path.join(path, "_delta_log")):
+        return None
+    try:
+        with storage.translated_errors(path):
+            return DeltaTable(path, storage_options=storage.storage_options(path))
+    except TableNotFoundError:
+        return None
+
+
+def table_version(dt: DeltaTable) -> str | None:
+    """The VRP schema version a table records in its properties (None for a foreign table)."""
+    return dt.metadata().configuration.get(SCHEMA_VERSION_PROPERTY)
+
+
+def check_table(dt: DeltaTable, spec: TableSpec, path: str, root: str | None = None) -> None:
     """Refuse a table of another schema version, or one whose columns differ from the spec."""
-    found = dt.metadata().configuration.get(SCHEMA_VERSION_PROPERTY)
+    found = table_version(dt)
     if found != str(SCHEMA_VERSION):
-        raise LakeSchemaVersionError(spec.name, path, found, SCHEMA_VERSION)
+        raise LakeSchemaVersionError(spec.name, path, found, SCHEMA_VERSION, root=root)
     names = pa.schema(dt.schema().to_arrow()).names
     if names != spec.schema.names:
         raise LakeError(

@@ -25,13 +25,28 @@ class LakeValidationError(LakeError, ValueError):
 
 
 class LakeSchemaVersionError(LakeError):
-    """A table was written by a VRP with another schema version."""
+    """A table was written by a VRP with another schema version.
 
-    def __init__(self, table: str, path: str, found: str | None, expected: int) -> None:
+    An older version is upgraded in place by ``vrp lake migrate``; a newer one needs a newer VRP.
+    """
+
+    def __init__(
+        self, table: str, path: str, found: str | None, expected: int, root: str | None = None
+    ) -> None:
         self.table, self.path, self.found, self.expected = table, path, found, expected
         found_text = f"schema version {found}" if found is not None else "no VRP schema version"
+        if found is not None and found.isdigit() and int(found) < expected:
+            lake = f" --lake {root}" if root else ""
+            advice = (
+                f"Upgrade the lake in place with `vrp lake migrate{lake}` (it adds the new columns, "
+                "empty for existing rows), or write to a new lake (--lake DIR or $VRP_LAKE)."
+            )
+        else:
+            advice = (
+                "Write to a new lake (--lake DIR or $VRP_LAKE), or read this one with a VRP release whose "
+                f"schema version is {found if found is not None else 'the one that wrote it'}."
+            )
         super().__init__(
             f"lake table '{table}' at {path} has {found_text}, but this VRP uses schema version {expected}. "
-            f"Write to a new lake (--lake DIR or $VRP_LAKE), or read this one with a VRP release whose "
-            f"schema version is {found if found is not None else 'the one that wrote it'}."
+            + advice
         )

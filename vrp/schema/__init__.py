@@ -17,8 +17,18 @@ described by :attr:`TableSpec.vectors`:
 The rule is also stored in the vector field's Arrow metadata (key ``vrp.width``) so it travels
 with the Delta schema, and each commit records the widths it wrote in its commit metadata.
 
-Bump :data:`SCHEMA_VERSION` whenever a column is renamed, removed or retyped; the lake refuses
-to mix versions (see ``vrp.lake``).
+Bump :data:`SCHEMA_VERSION` whenever the tables change; the lake refuses to open tables of
+another version (see ``vrp.lake``). A new column is nullable and goes at the *end* of its
+table's field list: ``vrp lake migrate`` (``vrp.lake.migrate``) then upgrades an older lake in
+place by appending the missing columns (null in existing rows), creating missing tables and
+bumping the version property, with no per-version code. Renaming, removing or retyping a column
+cannot be migrated that way and needs a new lake.
+
+Version 2 added the columns of open-ended answers: ``samples.task``, ``answers`` (the human
+answers), ``score``, ``question_type``, ``answer_type``, ``source`` and the truth token's
+``truth_prob``/``truth_margin``/``truth_rank`` (the yes/no columns stay null for open answers);
+``layers.lens_truth_rank``; ``generations.score``; ``interventions.score``/``truth_prob``/
+``truth_margin``.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION: int = 1
+SCHEMA_VERSION: int = 2
 
 #: Arrow metadata key on a vector field holding its width rule.
 WIDTH_METADATA_KEY = b"vrp.width"
@@ -76,6 +86,11 @@ def _vec(name: str, rule: str) -> pa.Field:
     return pa.field(name, vector_type(), nullable=False, metadata={WIDTH_METADATA_KEY: rule.encode()})
 
 
+def _strings() -> pa.DataType:
+    """A list of strings, its item named as Delta names it (so the stored schema reads back equal)."""
+    return pa.list_(pa.field("element", pa.string(), nullable=True))
+
+
 def _f64(*names: str) -> list[pa.Field]:
     return [_opt(n, pa.float64()) for n in names]
 
@@ -91,6 +106,9 @@ def _spec(
         fields, metadata={b"vrp.table": name.encode(), b"vrp.schema_version": b"%d" % SCHEMA_VERSION}
     )
     names = set(schema.names)
+    nested = [f.name for f in fields if pa.types.is_list(f.type) and f.name not in (vectors or {})]
+    if nested and vectors:  # the writer's encodings (vrp.lake.delta.writer_properties) need this
+        raise AssertionError(f"table {name}: a table with vectors cannot hold other lists {nested}")
     missing = (set(partition_by) | set(key) | set(vectors or {})) - names
     if missing:
         raise AssertionError(f"table {name}: spec names unknown columns {sorted(missing)}")
@@ -159,6 +177,15 @@ TABLES: dict[str, TableSpec] = {
                 _opt("image_w", pa.int32()),
                 *_f64("spatial_entropy", "spatial_entropy_norm"),
                 _opt("cluster_count", pa.int32()),
+                # schema version 2: open-ended answers (DESIGN.md section 6)
+                _opt("task", pa.string()),
+                _opt("answers", _strings()),
+                _opt("score", pa.float64()),
+                _opt("question_type", pa.string()),
+                _opt("answer_type", pa.string()),
+                _opt("source", pa.string()),
+                *_f64("truth_prob", "truth_margin"),
+                _opt("truth_rank", pa.int32()),
             ],
             ("model", "dataset"),
             ("run_id", "sample_id"),
@@ -190,6 +217,7 @@ TABLES: dict[str, TableSpec] = {
                 *_f64("lens_yes_no_margin", "lens_truth_margin"),
                 _opt("lens_answer_rank", pa.int32()),
                 *_f64("lens_entropy", "attn_contrib", "mlp_contrib"),
+                _opt("lens_truth_rank", pa.int32()),  # schema version 2
             ],
             ("model",),
             ("run_id", "sample_id", "layer"),
@@ -236,6 +264,7 @@ TABLES: dict[str, TableSpec] = {
                 _opt("correct", pa.bool_()),
                 _opt("seed", pa.int64()),
                 *_f64("temperature", "top_p"),
+                _opt("score", pa.float64()),  # schema version 2
             ],
             ("model",),
             ("run_id", "sample_id", "k"),
@@ -285,6 +314,7 @@ TABLES: dict[str, TableSpec] = {
                 *_ANSWER,
                 *_f64("yes_no_margin", "p_yes", "p_no"),
                 _opt("seed", pa.int64()),
+                *_f64("score", "truth_prob", "truth_margin"),  # schema version 2
             ],
             ("model", "kind"),
             ("run_id", "sample_id", "condition", "level"),

@@ -38,6 +38,7 @@ _OBJECT_PATTERN = re.compile(
     r"^\s*is\s+there\s+(?:an?\s+|any\s+)?(?P<object>.+?)\s+in\s+the\s+(?:image|picture|photo)\s*[?.]?\s*$",
     re.IGNORECASE,
 )
+_SOURCE_PATTERN = re.compile(r"(?:^|[^a-z])(coco|aokvqa|gqa)(?:[^a-z]|$)")
 _SPLIT_PATTERN = re.compile(r"(?:^|[^a-z])(random|popular|adversarial)(?:[^a-z]|$)")
 
 
@@ -67,6 +68,11 @@ class Sample:
     label: str
     image_path: str
     category: str | None = None
+    task: str = "yesno"  # which answer task scores it (vrp.tasks)
+    answers: tuple[str, ...] | None = None  # the human answers (VQAv2's ten), when there are any
+    question_type: str | None = None
+    answer_type: str | None = None
+    source: str | None = None  # where the image comes from (POPE: coco, aokvqa or gqa)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,16 @@ def infer_split(path: str | Path) -> str:
             f"pass the split explicitly (one of {', '.join(SPLITS)})"
         )
     return found.pop()
+
+
+def infer_source(path: str | Path) -> str | None:
+    """The image source named in a POPE file name (``aokvqa_pope_random.json`` -> ``aokvqa``), or None.
+
+    POPE's three sources are pooled under ``dataset = pope``; keeping the source apart lets a
+    study report them separately.
+    """
+    found = set(_SOURCE_PATTERN.findall(Path(path).name.lower()))
+    return found.pop() if len(found) == 1 else None
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -203,6 +219,7 @@ def load_pope(
     path = Path(pope_file)
     split = split if split is not None else infer_split(path)
     images = _ImageIndex(Path(image_dir))
+    file_source = infer_source(path) if dataset == "pope" else None
     samples: list[Sample] = []
     errors: list[SampleError] = []
     first_line: dict[str, int] = {}
@@ -272,6 +289,7 @@ def load_pope(
             reject(question_id, f"{where}: {image_error}")
             continue
         category = row.get("category")
+        source = row.get("source")
         samples.append(
             Sample(
                 sample_id=sample_id,
@@ -284,6 +302,7 @@ def load_pope(
                 label=normalised_label,
                 image_path=str(images.image_dir / image),
                 category=str(category) if category is not None else None,
+                source=source.strip().lower() if isinstance(source, str) and source.strip() else file_source,
             )
         )
     return samples, errors
