@@ -10,6 +10,7 @@ from PIL import Image
 from vrp.ingest.capture import TraceModules, capture_attention, capture_batch, logit_lens
 from vrp.ingest.models import load_adapter
 from vrp.ingest.models.tiny import build_tiny
+from vrp.tasks.yesno import yes_no_ids
 
 FAMILIES = ("llava", "paligemma", "qwen2vl")
 QUESTIONS = ["Is there a red circle in the image?", "Is there a square?"]
@@ -87,13 +88,13 @@ def test_capture_batch_signals(adapter) -> None:
         logits = adapter.model(**enc.inputs).logits[torch.arange(2), enc.answer_pos].float()
     for b in range(2):
         sample = cap.samples[b]
-        yes = torch.logsumexp(logits[b, adapter.yes_ids], 0)
-        no = torch.logsumexp(logits[b, adapter.no_ids], 0)
+        yes = torch.logsumexp(logits[b, yes_no_ids(adapter)[0]], 0)
+        no = torch.logsumexp(logits[b, yes_no_ids(adapter)[1]], 0)
         # the logit lens at the last layer is the model's own next-token distribution
         assert cap.layers[b][-1]["lens_yes_no_margin"] == pytest.approx(float(yes - no), abs=1e-4)
         assert sample["yes_no_margin"] == pytest.approx(float(yes - no), abs=1e-4)
         probs = torch.softmax(logits[b], -1)
-        assert sample["p_yes"] == pytest.approx(float(probs[adapter.yes_ids].sum()), abs=1e-6)
+        assert sample["p_yes"] == pytest.approx(float(probs[yes_no_ids(adapter)[0]].sum()), abs=1e-6)
         assert sample["top1_prob"] == pytest.approx(float(probs.max()), abs=1e-6)
         assert cap.layers[b][-1]["lens_answer_rank"] == 0
         assert sample["n_image_tokens"] == len(enc.image_pos[b]) == sample["grid_h"] * sample["grid_w"]
@@ -115,7 +116,7 @@ def test_direct_contributions_add_up_to_the_residual_update(adapter) -> None:
         logits = adapter.model(**enc.inputs).logits[torch.arange(2), enc.answer_pos].float()
     for b, label in enumerate(labels):
         resid = torch.from_numpy(cap.hidden[b]["resid"]).float()
-        ids = adapter.yes_ids if label == "yes" else adapter.no_ids
+        ids = yes_no_ids(adapter)[0] if label == "yes" else yes_no_ids(adapter)[1]
         truth = ids[int(logits[b, ids].argmax())]
         scale = weight / torch.sqrt(resid[-1].pow(2).mean() + eps)
         for layer in range(1, adapter.num_layers):

@@ -12,11 +12,13 @@ What this module offers:
 Usage::
 
     enc = adapter.encode(images, questions)
-    result = capture_batch(adapter, enc, labels=["yes", "no"])
+    result = capture_batch(adapter, enc, ["yes", "no"])  # yes/no labels, or samples of any task
     result.samples[0]["p_yes"], result.layers[0]  # numpy in, numbers out
 
 The engine never branches on the model family: everything family-specific comes from the
-adapter (module paths, image-token positions, patch grid, yes/no ids, final norm).
+adapter (module paths, image-token positions, patch grid, final norm). Nor on the kind of
+answer: the truth token, the task's own first-token statistics, parsing and scoring come from
+the task (``vrp.tasks``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from vrp.ingest.answers import parse_answer
 from vrp.metrics.attention import cluster_count, normalise_map, spatial_entropy
+from vrp.tasks import Gold, Task, get_task
+from vrp.tasks.base import as_gold
 
 ATTENTION_BACKEND = "vrp_sdpa"
 """Name under which the capturing attention is registered with transformers."""
@@ -219,20 +222,13 @@ class BatchCapture:
     greedy_tokens: torch.Tensor | None = None  # [B, new] answer token ids
 
 
-def log_softmax_stats(
-    logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]
-) -> dict[str, np.ndarray]:
-    """First-token statistics of docs/ARCHITECTURE.md section 4 from next-token logits [B, V] (float32)."""
+def first_token_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
+    """Task-free first-token statistics of docs/ARCHITECTURE.md section 4 from next-token logits [B, V] (float32)."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
     top2 = torch.topk(logits, 2, dim=-1).values
-    yes_lse = torch.logsumexp(logits[:, list(yes_ids)], dim=-1)
-    no_lse = torch.logsumexp(logits[:, list(no_ids)], dim=-1)
     return {
-        "p_yes": probs[:, list(yes_ids)].sum(-1).numpy(),
-        "p_no": probs[:, list(no_ids)].sum(-1).numpy(),
-        "yes_no_margin": (yes_lse - no_lse).numpy(),
         "top1_prob": probs.max(-1).values.numpy(),
         "top2_margin": (top2[:, 0] - top2[:, 1]).numpy(),
         "token_entropy": (-(probs * logp).nan_to_num(0.0).sum(-1)).numpy(),
@@ -252,7 +248,7 @@ def first_token_truth(logits: torch.Tensor, truth_ids: torch.Tensor) -> dict[str
     others = logits.clone()
     others[batch, truth_ids] = float("-inf")
     return {
-        "truth_prob": torch.softmax(logits, dim=-1)[batch, truth_ids].double(),
+        "truth_prob": torch.log_softmax(logits, dim=-1).exp()[batch, truth_ids].double(),
         "truth_margin": (truth - others.max(-1).values).double(),
         "truth_rank": (logits > truth[:, None]).sum(-1),
     }
@@ -281,12 +277,20 @@ def logit_lens(adapter: Any, resid: torch.Tensor) -> torch.Tensor:
 def capture_batch(
     adapter: Any,
     enc: Any,
-    labels: Sequence[str],
+    golds: Sequence[Gold | str],
     *,
+    task: Task | None = None,
+    images: Sequence[Any] | None = None,
+    questions: Sequence[str] | None = None,
     max_new_tokens: int = 8,
     keep_cache: bool = False,
 ) -> BatchCapture:
-    """Prefill once with every capture active, decode the greedy answer from the same prefill."""
+    """Prefill once with every capture active, decode the greedy answer from the same prefill.
+
+    `golds` are the samples (or bare yes/no labels); `task` defaults to yes/no. `images` and
+    `questions` (as encoded) are needed by tasks whose truth token is teacher-forced.
+    """
+    task = task if task is not None else get_task("yesno")
     model = adapter.model
     prompt_len = int(enc.inputs["input_ids"].shape[1])
     answer_pos = enc.answer_pos
@@ -309,13 +313,19 @@ def capture_batch(
             pad_token_id=adapter.tokenizer.pad_token_id,
         )
     require_every_layer(adapter, attn.rows, ATTENTION_BACKEND)
-    return _summarise(adapter, enc, labels, attn.rows, trace.values, out, prompt_len, keep_cache)
+    golds = [as_gold(g) for g in golds]
+    truth_ids = task.truth_ids(adapter, images or [], questions or [], golds, out.logits[0].float())
+    return _summarise(
+        adapter, enc, task, golds, truth_ids, attn.rows, trace.values, out, prompt_len, keep_cache
+    )
 
 
 def _summarise(
     adapter: Any,
     enc: Any,
-    labels: Sequence[str],
+    task: Task,
+    golds: Sequence[Gold],
+    truth_ids: torch.Tensor,
     attn_rows: dict[int, torch.Tensor],
     traced: dict[str, dict[int, torch.Tensor]],
     out: Any,
@@ -329,19 +339,21 @@ def _summarise(
     first_logits = out.logits[0].float()  # [B, V] the model's own next-token logits at the answer position
     lens = logit_lens(adapter, resid)  # [L, B, V]
 
-    stats = log_softmax_stats(first_logits, adapter.yes_ids, adapter.no_ids)
+    stats = {**task.token_stats(adapter, first_logits), **first_token_stats(first_logits)}
     new_tokens = out.sequences[:, prompt_len:]
     texts = adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     answer_logprob = _answer_logprob(out.logits, new_tokens, adapter)
     first_token = first_logits.argmax(-1)  # [B]
-    truth_ids = _truth_ids(first_logits, labels, adapter)
+    has_truth = truth_ids >= 0  # a sample without a right answer keeps its truth columns null
+    truth_ids = torch.where(has_truth, truth_ids, first_token)
     scale = _final_norm_scale(adapter, resid[-1])  # [B, d]
     w_truth = adapter.unembedding().weight.detach().float()[truth_ids]  # [B, d]
     attn_contrib = ((attn_out * scale[None]) * w_truth[None]).sum(-1)  # [L, B]
     mlp_contrib = ((mlp_out * scale[None]) * w_truth[None]).sum(-1)
 
     lens_stats = [
-        log_softmax_stats(lens[layer], adapter.yes_ids, adapter.no_ids) for layer in range(n_layers)
+        {**task.lens_stats(adapter, lens[layer]), **first_token_stats(lens[layer])}
+        for layer in range(n_layers)
     ]
     batch = torch.arange(first_logits.shape[0])
     truth_logit = lens[:, batch, truth_ids]  # [L, B]
@@ -354,10 +366,12 @@ def _summarise(
     answer_rank = (lens > answer_logit[..., None]).sum(-1)  # [L, B]
 
     result = BatchCapture(samples=[], layers=[], heads=[], maps=[], hidden=[])
-    for b, label in enumerate(labels):
+    for b, gold in enumerate(golds):
         pos = enc.image_pos[b].cpu()
         grid_h, grid_w = enc.grids[b]
-        answer, status = parse_answer(texts[b])
+        answer, status = task.parse(texts[b])
+        correct, score = task.score(answer, gold)
+        truth = bool(has_truth[b])
         layer_rows, head_rows, maps = [], [], []
         for layer in range(n_layers):
             row = attn_rows[layer][b].cpu().double()  # [H, S]
@@ -373,13 +387,13 @@ def _summarise(
                     "image_mass": float(mean_raw.sum()),
                     "spatial_entropy": spatial_entropy(grid),
                     "cluster_count": cluster_count(grid),
-                    "lens_yes_no_margin": float(lens_stats[layer]["yes_no_margin"][b]),
-                    "lens_truth_margin": float(truth_margin[layer, b]),
+                    **{c: float(lens_stats[layer][c][b]) for c in task.lens_columns},
+                    "lens_truth_margin": float(truth_margin[layer, b]) if truth else None,
                     "lens_answer_rank": int(answer_rank[layer, b]),
                     "lens_entropy": float(lens_stats[layer]["token_entropy"][b]),
-                    "attn_contrib": float(attn_contrib[layer, b]),
-                    "mlp_contrib": float(mlp_contrib[layer, b]),
-                    "lens_truth_rank": int(truth_rank[layer, b]),
+                    "attn_contrib": float(attn_contrib[layer, b]) if truth else None,
+                    "mlp_contrib": float(mlp_contrib[layer, b]) if truth else None,
+                    "lens_truth_rank": int(truth_rank[layer, b]) if truth else None,
                 }
             )
             head_rows.extend(
@@ -396,10 +410,11 @@ def _summarise(
             "answer_text": texts[b],
             "answer": answer,
             "parse_status": status,
-            "correct": None if answer is None else answer == label,
+            "correct": correct,
+            "score": score,
             **{key: float(values[b]) for key, values in stats.items()},
             "answer_logprob": float(answer_logprob[b]),
-            **{key: values[b].item() for key, values in first.items()},
+            **{key: values[b].item() if truth else None for key, values in first.items()},
             "n_image_tokens": int(len(pos)),
             "grid_h": int(grid_h),
             "grid_w": int(grid_w),
@@ -417,16 +432,6 @@ def _summarise(
     if keep_cache:
         result.greedy_output = out
     return result
-
-
-def _truth_ids(first_logits: torch.Tensor, labels: Sequence[str], adapter: Any) -> torch.Tensor:
-    """The label's first token: the variant of "yes"/"no" the model itself scores highest."""
-    ids = []
-    for b, label in enumerate(labels):
-        variants = adapter.yes_ids if label == "yes" else adapter.no_ids
-        best = int(first_logits[b, list(variants)].argmax())
-        ids.append(variants[best])
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def _answer_logprob(

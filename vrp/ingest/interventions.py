@@ -41,10 +41,11 @@ import torch
 from tqdm.auto import tqdm
 
 import vrp
-from vrp.ingest.answers import parse_answer
-from vrp.ingest.capture import log_softmax_stats
+from vrp.ingest.capture import first_token_truth
 from vrp.ingest.generate import sample_seed
 from vrp.lake.identity import make_run_id
+from vrp.tasks import Gold, Task, get_task, task_of_run
+from vrp.tasks.base import Label, as_gold
 
 KINDS = ("mask", "ablate", "destroy")
 MASK_CONDITIONS = ("full", "high", "low", "random")
@@ -208,9 +209,22 @@ class EditOutput:
 
 
 def answer_batch(
-    adapter: Any, inputs: dict[str, torch.Tensor], labels: Sequence[str], *, max_new_tokens: int = 8
+    adapter: Any,
+    inputs: dict[str, torch.Tensor],
+    golds: Sequence[Gold | str],
+    *,
+    task: Task | None = None,
+    images: Sequence[Any] | None = None,
+    questions: Sequence[str] | None = None,
+    max_new_tokens: int = 8,
 ) -> list[dict[str, Any]]:
-    """Greedy answer and first-token statistics per row (the base run's decoding, without any capture)."""
+    """Greedy answer and first-token statistics per row (the base run's decoding, without any capture).
+
+    Parsing, scoring and the task's own statistics come from `task` (yes/no by default); the
+    truth token's probability and margin are those of the intervened model's logits.
+    """
+    task = task if task is not None else get_task("yesno")
+    golds = [as_gold(g) for g in golds]
     prompt_len = int(inputs["input_ids"].shape[1])
     with torch.no_grad():
         out = adapter.model.generate(
@@ -221,20 +235,26 @@ def answer_batch(
             output_logits=True,
             pad_token_id=adapter.tokenizer.pad_token_id,
         )
-    stats = log_softmax_stats(out.logits[0].float().cpu(), adapter.yes_ids, adapter.no_ids)
+    logits = out.logits[0].float().cpu()
+    stats = task.token_stats(adapter, logits)
+    truth_ids = task.truth_ids(adapter, images or [], questions or [], golds, logits)
+    truth = first_token_truth(logits, truth_ids.clamp(min=0))
     texts = adapter.tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
     rows = []
-    for b, label in enumerate(labels):
-        answer, status = parse_answer(texts[b])
+    for b, gold in enumerate(golds):
+        answer, status = task.parse(texts[b])
+        correct, score = task.score(answer, gold)
+        known = bool(truth_ids[b] >= 0)
         rows.append(
             {
                 "answer_text": texts[b],
                 "answer": answer,
                 "parse_status": status,
-                "correct": None if answer is None else answer == label,
-                "p_yes": float(stats["p_yes"][b]),
-                "p_no": float(stats["p_no"][b]),
-                "yes_no_margin": float(stats["yes_no_margin"][b]),
+                "correct": correct,
+                "score": score,
+                **{key: float(values[b]) for key, values in stats.items()},
+                "truth_prob": float(truth["truth_prob"][b]) if known else None,
+                "truth_margin": float(truth["truth_margin"][b]) if known else None,
             }
         )
     return rows
@@ -581,9 +601,10 @@ class InterventionSummary:
     total: int
     skipped_done: int
     written: int = 0
-    # (condition, level) -> (correct, n, sum of yes/no margins) over the samples answered now
+    # (condition, level) -> (correct, n, sum of the task's margins) over the samples answered now
     tally: dict[tuple[str, float], tuple[int, int, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    margin_label: str = "yes/no margin"
 
     def lines(self) -> list[str]:
         out = [
@@ -594,7 +615,7 @@ class InterventionSummary:
         for (condition, level), (correct, n, margin) in sorted(self.tally.items()):
             out.append(
                 f"  {condition:<7} level {level:g}: accuracy {correct / n:.3f}, "
-                f"mean yes/no margin {margin / n:+.3f} (n={n})"
+                f"mean {self.margin_label} {margin / n:+.3f} (n={n})"
             )
         return out
 
@@ -704,8 +725,11 @@ def _condition_rows(
     """Every condition's interventions rows for one batch of samples."""
     from vrp.ingest.datasets import load_image
 
-    enc = adapter.encode([load_image(s) for s in batch], [s.question for s in batch])
-    batch_labels = [labels[s.sample_id] for s in batch]
+    images, questions = [load_image(s) for s in batch], [s.question for s in batch]
+    enc = adapter.encode(images, questions)
+    task = task_of_run(plan.base["config"])
+    golds = [Label(labels[s.sample_id], s.answers) for s in batch]
+    asked = {"task": task, "images": images, "questions": questions, "max_new_tokens": plan.max_new_tokens}
     common = {"kind": plan.kind, "setting": plan.setting}
     rows: list[dict[str, Any]] = []
     if plan.kind == "mask":
@@ -725,7 +749,7 @@ def _condition_rows(
             inputs = dict(enc.inputs)
             if any(chosen):
                 inputs["pixel_values"] = mask_cells(adapter, enc, chosen, grey)
-            answers = answer_batch(adapter, inputs, batch_labels, max_new_tokens=plan.max_new_tokens)
+            answers = answer_batch(adapter, inputs, golds, **asked)
             level = 0.0 if condition == "full" else plan.ratio
             for sample, cells, answer in zip(batch, chosen, answers, strict=True):
                 rows.append(
@@ -743,7 +767,7 @@ def _condition_rows(
     module = adapter.mlp(plan.layer)
     for edit in plan.edits:
         with EditOutput(module, edit.coords, edit.values):
-            answers = answer_batch(adapter, enc.inputs, batch_labels, max_new_tokens=plan.max_new_tokens)
+            answers = answer_batch(adapter, enc.inputs, golds, **asked)
         detail = (
             {"neurons": list(edit.coords), "values": list(edit.values) if edit.values else None}
             if plan.kind == "ablate"
@@ -815,7 +839,9 @@ def run_intervention(
         setting=plan.setting,
         total=len(samples),
         skipped_done=sum(s.sample_id in done for s in samples),
+        margin_label=task_of_run(plan.base["config"]).margin_label,
     )
+    margin_column = task_of_run(plan.base["config"]).margin_column
     if summary.skipped_done == len(samples) and status and status[0]["status"] == "complete":
         summary.seconds = time.monotonic() - started
         return summary  # nothing to do: not even the runs row is touched
@@ -838,7 +864,11 @@ def run_intervention(
             for row in rows:
                 key = (row["condition"], row["level"])
                 correct, n, margin = summary.tally.get(key, (0, 0, 0.0))
-                summary.tally[key] = (correct + bool(row["correct"]), n + 1, margin + row["yes_no_margin"])
+                summary.tally[key] = (
+                    correct + bool(row["correct"]),
+                    n + 1,
+                    margin + (row[margin_column] or 0.0),
+                )
             bar.update(len(batch))
             if len(pending_ids) >= commit_samples:
                 writer.commit({"interventions": pending})

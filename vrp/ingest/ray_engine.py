@@ -108,14 +108,13 @@ def _absolute(options: IngestOptions) -> IngestOptions:
 
 
 def _merge(run_id: str, model: str, parts: list[IngestSummary], seconds: float) -> IngestSummary:
-    total = IngestSummary(run_id=run_id, model=model, total=0, skipped_done=0, seconds=seconds)
+    task = parts[0].task if parts else None
+    total = IngestSummary(run_id=run_id, model=model, total=0, skipped_done=0, seconds=seconds, task=task)
     for part in parts:
         total.total += part.total
         total.skipped_done += part.skipped_done
         total.written += part.written
-        total.correct += part.correct
-        total.answered_yes += part.answered_yes
-        total.unknown += part.unknown
+        total.answers.extend(part.answers)
         total.estimated_bytes += part.estimated_bytes
         total.failures.extend(part.failures)
     return total

@@ -20,10 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 import vrp
-from vrp.ingest.answers import majority_answer, parse_answer
+from vrp.ingest.answers import majority_answer
 from vrp.ingest.capture import ATTENTION_BACKEND, BatchCapture, capture_batch
 from vrp.ingest.generate import sample_answers, sample_seed
 from vrp.lake.identity import make_run_id
+from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
 
 HIDDEN_SITES = ("resid", "mlp_out")
 
@@ -58,6 +59,7 @@ class IngestOptions:
     strict: bool = False
     max_bytes: int = 50 * 2**30
     shard: tuple[int, int] = (0, 1)
+    correct_rule: str = DEFAULT_CORRECT_RULE  # hashed (open answers): how `correct` is decided
 
 
 @dataclass
@@ -69,9 +71,9 @@ class IngestSummary:
     total: int
     skipped_done: int
     written: int = 0
-    correct: int = 0
-    answered_yes: int = 0
-    unknown: int = 0
+    task: Task | None = None  # says what the answers' summary lines report
+    # per written sample: answer, parse_status, correct, score, answer_type (the summary's inputs)
+    answers: list[dict[str, Any]] = field(default_factory=list)
     failures: list[tuple[str, str, str]] = field(
         default_factory=list
     )  # (sample_id or question id, stage, error)
@@ -79,18 +81,12 @@ class IngestSummary:
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        scored = self.written - self.unknown
         out = [
             f"run {self.run_id} ({self.model}): {self.written} new samples, "
             f"{self.skipped_done} already in the lake, {len(self.failures)} failed, {self.seconds:.1f}s",
         ]
-        if scored:
-            out.append(
-                f"accuracy {self.correct / scored:.3f} and yes-ratio {self.answered_yes / scored:.3f} "
-                f"over {scored} parsed answers; unknown answers {self.unknown} (stored unscored)"
-            )
-        elif self.written:
-            out.append(f"no answer parsed as yes/no: {self.unknown} unknown answers (stored unscored)")
+        if self.task is not None:
+            out.extend(self.task.summary_lines(self.answers))
         for ident, stage, error in self.failures[:20]:
             out.append(f"  failed [{stage}] {ident}: {error}")
         if len(self.failures) > 20:
@@ -125,7 +121,7 @@ def estimate_bytes(adapter: Any, n_samples: int, layers: Sequence[int], n_image_
 
 
 def run_config(
-    adapter: Any, options: IngestOptions, dataset_hash: str, layers: Sequence[int]
+    adapter: Any, options: IngestOptions, dataset_hash: str, layers: Sequence[int], task: Task
 ) -> dict[str, Any]:
     """Everything that changes the numbers: hashed into run_id (docs/ARCHITECTURE.md section 6)."""
     from vrp.schema import SCHEMA_VERSION
@@ -138,6 +134,7 @@ def run_config(
         "dataset_hash": dataset_hash,
         "limit": options.limit,
         "adapter": adapter.settings,
+        "task": task.identity(adapter),
         "dtype": options.dtype,
         "decoding": {"max_new_tokens": options.max_new_tokens, "greedy": True},
         "self_consistency": {
@@ -174,6 +171,7 @@ class IngestPlan:
 
     options: IngestOptions
     adapter: Any
+    task: Task
     layers: list[int]
     run_row: dict[str, Any]
     samples: list[Any]  # this shard's questions
@@ -211,7 +209,7 @@ def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Any = None) 
     Reads only: nothing is written to the lake. The run id hashes the whole (unsharded) question
     set, so every shard of a run, and a local run of the same questions, share one run id.
     """
-    from vrp.ingest.datasets import dataset_fingerprint, load_dataset
+    from vrp.ingest.datasets import dataset_fingerprint, dataset_task, load_dataset
     from vrp.ingest.models import load_adapter
     from vrp.lake import open_lake
 
@@ -242,8 +240,13 @@ def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Any = None) 
             min_pixels=options.min_pixels,
             max_pixels=options.max_pixels,
         )
+    task = get_task(dataset_task(options.dataset), correct_rule=options.correct_rule)
+    try:
+        task.check(adapter)
+    except TaskError as exc:
+        raise IngestError(str(exc)) from exc
     layers = resolve_layers(options.layers, adapter.num_layers)
-    config = run_config(adapter, options, fingerprint, layers)
+    config = run_config(adapter, options, fingerprint, layers, task)
     run_id = make_run_id(config)
     run_row = {
         "run_id": run_id,
@@ -268,6 +271,7 @@ def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Any = None) 
     return IngestPlan(
         options=options,
         adapter=adapter,
+        task=task,
         layers=layers,
         run_row=run_row,
         samples=samples,
@@ -317,6 +321,7 @@ def execute_ingest(
         total=len(samples),
         skipped_done=len(samples) - plan.pending,
         estimated_bytes=plan.estimated_bytes,
+        task=plan.task,
     )
     # Nothing is written before this point: the writer first cleans up this shard's incomplete
     # samples, then reports what is committed (the authority; the plan's read only sized the run).
@@ -346,7 +351,7 @@ def execute_ingest(
         while position < len(todo):
             batch = todo[position : position + batch_size]
             try:
-                rows, batch_failures = _process_batch(adapter, batch, layers, options)
+                rows, batch_failures = _process_batch(adapter, plan.task, batch, layers, options)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -384,12 +389,13 @@ def _committed_sample_ids(lake: Any, run_id: str) -> set[str]:
     return set(ids.to_pylist())
 
 
+SUMMARY_COLUMNS = ("answer", "parse_status", "correct", "score", "answer_type")
+
+
 def _tally(summary: IngestSummary, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         summary.written += 1
-        summary.correct += bool(row["correct"])
-        summary.answered_yes += row["answer"] == "yes"
-        summary.unknown += row["parse_status"] != "ok"
+        summary.answers.append({c: row.get(c) for c in SUMMARY_COLUMNS})
 
 
 def _image_tokens_per_sample(adapter: Any, samples: Sequence[Any]) -> int:
@@ -406,7 +412,7 @@ def _image_tokens_per_sample(adapter: Any, samples: Sequence[Any]) -> int:
 
 
 def _process_batch(
-    adapter: Any, batch: Sequence[Any], layers: Sequence[int], options: IngestOptions
+    adapter: Any, task: Task, batch: Sequence[Any], layers: Sequence[int], options: IngestOptions
 ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
     """Load, encode, capture and (optionally) sample one batch -> lake rows and failure rows."""
     from vrp.ingest.datasets import load_image
@@ -421,10 +427,18 @@ def _process_batch(
             failures.append({"sample_id": sample.sample_id, "stage": "preprocess", "error": str(exc)})
     if not ready:
         return {}, failures
-    enc = adapter.encode(images, [s.question for s in ready])
+    questions = [s.question for s in ready]
+    enc = adapter.encode(images, questions)
     k = options.self_consistency
     cap = capture_batch(
-        adapter, enc, [s.label for s in ready], max_new_tokens=options.max_new_tokens, keep_cache=k > 0
+        adapter,
+        enc,
+        ready,
+        task=task,
+        images=images,
+        questions=questions,
+        max_new_tokens=options.max_new_tokens,
+        keep_cache=k > 0,
     )
     samples_k: list[list[str]] = [[] for _ in ready]
     seeds: list[list[int]] = [[sample_seed(options.seed, s.sample_id, i) for i in range(k)] for s in ready]
@@ -449,12 +463,13 @@ def _process_batch(
                 }
             )
             continue
-        for table, table_rows in _sample_rows(sample, cap, b, layers, samples_k[b], seeds[b]).items():
+        for table, table_rows in _sample_rows(task, sample, cap, b, layers, samples_k[b], seeds[b]).items():
             rows.setdefault(table, []).extend(table_rows)
     return rows, failures
 
 
 def _sample_rows(
+    task: Task,
     sample: Any,
     cap: BatchCapture,
     b: int,
@@ -467,7 +482,8 @@ def _sample_rows(
     generations = []
     answers = []
     for k, (text, seed) in enumerate(zip(texts, seeds, strict=True)):
-        answer, _status = parse_answer(text)
+        answer, _status = task.parse(text)
+        correct, score = task.score(answer, sample)
         answers.append(answer)
         generations.append(
             {
@@ -475,7 +491,8 @@ def _sample_rows(
                 "k": k,
                 "text": text,
                 "answer": answer,
-                "correct": None if answer is None else answer == sample.label,
+                "correct": correct,
+                "score": score,
                 "seed": seed,
             }
         )

@@ -58,6 +58,7 @@ from vrp.ingest.datasets.shapes import (
     render_images,
     vocabulary,
 )
+from vrp.tasks.yesno import yes_no_ids
 
 FAMILIES: tuple[str, ...] = ("llava", "paligemma", "qwen2vl")
 EVAL_SEED_OFFSET = 900_001  # held-out images: seed + offset, never a training seed's stream
@@ -234,8 +235,8 @@ def evaluate(adapter: Any, images: Sequence[Any], seed: int, *, batch_size: int 
     model.eval()
     by_name = {im.name: im.image for im in images}
     accuracy: dict[str, float] = {}
-    yes_ids = torch.tensor(adapter.yes_ids)
-    no_ids = torch.tensor(adapter.no_ids)
+    yes_ids = torch.tensor(yes_no_ids(adapter)[0])
+    no_ids = torch.tensor(yes_no_ids(adapter)[1])
     for split in SPLITS:
         rows = make_questions(images, split, seed)
         correct = 0

@@ -33,9 +33,12 @@ from vrp.ingest.datasets.shapes import (
 )
 
 DATASETS: tuple[str, ...] = ("pope", "shapes-pope")
+#: which answer task (``vrp.tasks``) scores each dataset
+DATASET_TASKS: dict[str, str] = {"pope": "yesno", "shapes-pope": "yesno"}
 
 __all__ = [
     "DATASETS",
+    "DATASET_TASKS",
     "DEFAULT_SEED",
     "SPLITS",
     "PopeFormatError",
@@ -43,6 +46,7 @@ __all__ = [
     "SampleError",
     "SampleLoadError",
     "dataset_fingerprint",
+    "dataset_task",
     "default_shapes_dir",
     "generate_shapes_pope",
     "infer_split",
@@ -51,6 +55,14 @@ __all__ = [
     "load_pope",
     "parse_object",
 ]
+
+
+def dataset_task(name: str) -> str:
+    """The task that scores dataset `name` (``yesno`` or ``open``)."""
+    try:
+        return DATASET_TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}") from None
 
 
 def _check_split(split: str | None) -> None:

@@ -53,6 +53,8 @@ class FamilySpec:
     drop_inputs: tuple[str, ...] = ()
     # per-row tensors the model keeps from prefill to decoding (M-RoPE deltas), by dotted path
     decode_state: tuple[str, ...] = ()
+    # what separates the prompt from the answer in a teacher-forced sequence (LLaVA: "ASSISTANT: 2")
+    answer_separator: str = ""
     notes: tuple[str, ...] = ()
 
 
@@ -156,19 +158,11 @@ class Adapter:
         self.num_kv_heads = int(getattr(text, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(text, "head_dim", None) or self.hidden_size // self.num_heads)
         self.vocab_size = int(text.vocab_size)
-        self.yes_ids = answer_token_ids(self.tokenizer, "yes")
-        self.no_ids = answer_token_ids(self.tokenizer, "no")
-        if not self.yes_ids or not self.no_ids:
-            raise ValueError(
-                f"tokenizer of {source} has no single-token 'yes'/'no'; yes/no margins are undefined"
-            )
         self.settings: dict[str, Any] = {
             "family": self.spec.family,
             "prompt_template": self.prompt_template_record(),
             "attn_implementation": getattr(config, "_attn_implementation", None),
             "image_processor": self._image_processor_settings(),
-            "yes_ids": self.yes_ids,
-            "no_ids": self.no_ids,
             **(settings or {}),
         }
 
@@ -181,6 +175,27 @@ class Adapter:
         """The text handed to the processor for one question (image placeholder included)."""
         image_token = getattr(self.processor, "image_token", "<image>")
         return self._template.replace("{image}", image_token).replace("{question}", question)
+
+    def answer_ids(self, image: Image.Image, question: str, answer: str) -> list[int]:
+        """The ids of `answer` as they follow the prompt in a teacher-forced sequence.
+
+        The prompt alone and the prompt followed by the answer are both tokenised by the model's
+        processor; the ids past their common prefix are the answer's, so a tokenizer that spells
+        a word differently after the prompt (SentencePiece's "▁2") gives that spelling.
+        """
+        prompt = self._processed_ids(image, self.prompt(question), None)
+        full = self._processed_ids(image, self.prompt(question), answer)
+        start = next((i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), len(prompt))
+        ids = full[start:]
+        if not ids:
+            raise ValueError(f"the answer {answer!r} adds no token after the prompt")
+        return ids
+
+    def _processed_ids(self, image: Image.Image, prompt: str, answer: str | None) -> list[int]:
+        """Unpadded input ids of one prompt, with `answer` appended after the family's separator."""
+        text = prompt if answer is None else prompt + self.spec.answer_separator + answer
+        batch = self.processor(images=[image], text=[text], return_tensors="pt")
+        return [int(i) for i in batch["input_ids"][0]]
 
     # ----- encoding ----------------------------------------------------------------------------------
     def encode(self, images: Sequence[Image.Image], questions: Sequence[str]) -> Encoded:

@@ -22,6 +22,7 @@ LLAVA = FamilySpec(
     prefix_bidirectional=False,
     fp16_nan=False,
     prompt_template="USER: {image}\n{question}\nASSISTANT:",
+    answer_separator=" ",
     notes=(
         "prompt 'USER: <image>\\n{question}\\nASSISTANT:' as in the study's code",
         "grid = pixel_values / vision patch (24x24 for 336/14); needs "

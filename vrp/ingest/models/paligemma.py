@@ -10,6 +10,8 @@ must keep ``token_type_ids``; the processor's BC ``labels`` output is dropped. G
 
 from __future__ import annotations
 
+from PIL import Image
+
 from .base import Adapter, FamilySpec
 
 PALIGEMMA = FamilySpec(
@@ -43,3 +45,8 @@ class PaliGemmaAdapter(Adapter):
     """PaliGemma: the shared implementation; everything family-specific is in ``PALIGEMMA``."""
 
     spec = PALIGEMMA
+
+    def _processed_ids(self, image: Image.Image, prompt: str, answer: str | None) -> list[int]:
+        """PaliGemma's processor puts the answer (its ``suffix``) after the prompt's newline."""
+        batch = self.processor(images=[image], text=[prompt], suffix=None if answer is None else [answer])
+        return [int(i) for i in batch["input_ids"][0]]
