@@ -13,7 +13,7 @@ from typing import Any
 import click
 import pyarrow as pa
 
-from vrp.cli.options import format_option, lake_option, open_existing_lake
+from vrp.cli.options import format_option, lake_option, lake_root, open_existing_lake, user_errors
 from vrp.lake import maintenance
 from vrp.lake.errors import LakeError
 from vrp.lake.query import list_queries, named_query, run_query
@@ -254,11 +254,8 @@ def migrate(lake_dir: str | None) -> None:
     """
     from vrp.lake.migrate import migrate_lake
 
-    root = resolve_lake_root(lake_dir)
-    try:
-        report = migrate_lake(root)
-    except LakeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    with user_errors(LakeError):
+        report = migrate_lake(lake_root(lake_dir))
     for line in report.lines():
         click.echo(line)
     done = "" if report.changed else " (nothing to do)"
