@@ -20,12 +20,13 @@ from vrp.cli.options import (
     parse_int_list,
     parse_shard,
     seed_option,
+    user_errors,
 )
 
 
 @click.group()
 def data() -> None:
-    """Make and inspect datasets (POPE-format yes/no object questions)."""
+    """Make and inspect datasets (POPE-format yes/no and VQAv2-format open questions)."""
 
 
 @data.command("shapes-pope")
@@ -58,6 +59,35 @@ def shapes_pope(out_dir: Path, images: int, seed: int, image_size: int) -> None:
     click.echo(f"wrote {images} images to {folder} (questions: {', '.join(counts)})")
 
 
+@data.command("shapes-vqa")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to write (replaced if it already holds a shapes-VQA set).",
+)
+@click.option("--images", default=60, show_default=True, type=click.IntRange(min=1), help="Number of images.")
+@seed_option(default=4321, help="Generator seed; use a seed no toy model was trained on for evaluation.")
+@click.option(
+    "--image-size", default=80, show_default=True, type=click.IntRange(min=32), help="Side in pixels."
+)
+def shapes_vqa(out_dir: Path, images: int, seed: int, image_size: int) -> None:
+    """Write synthetic open questions (color, count, shape, content, yes/no) in the VQAv2 file layout.
+
+    Read it with `vrp ingest run --dataset shapes-vqa --data-dir OUT`, or as VQAv2 with
+    --questions-file/--annotations-file/--image-dir.
+    """
+    from vrp.ingest.datasets import generate_shapes_vqa, load_dataset
+
+    with user_errors(FileExistsError, ValueError, RuntimeError):
+        folder = generate_shapes_vqa(out_dir, images=images, seed=seed, image_size=image_size)
+    samples, _ = load_dataset("shapes-vqa", data_dir=folder)
+    types = sorted({s.answer_type for s in samples if s.answer_type})
+    counts = ", ".join(f"{t} {sum(s.answer_type == t for s in samples)}" for t in types)
+    click.echo(f"wrote {images} images and {len(samples)} questions to {folder} (answer types: {counts})")
+
+
 @click.group()
 def ingest() -> None:
     """Run a model over a benchmark once and write every signal into the lake."""
@@ -68,16 +98,58 @@ def ingest() -> None:
     "--model", required=True, help="Registry name (toy-llava, llava-1.5-7b, ...), local directory or hub id."
 )
 @click.option(
-    "--dataset", type=click.Choice(["shapes-pope", "pope"]), default="shapes-pope", show_default=True
+    "--dataset",
+    type=click.Choice(["shapes-pope", "pope", "vqav2", "shapes-vqa"]),
+    default="shapes-pope",
+    show_default=True,
+    help="Yes/no (shapes-pope, pope) or open-ended (vqav2, shapes-vqa) questions.",
 )
 @click.option(
     "--split", type=click.Choice(["random", "popular", "adversarial"]), help="One split (default: all)."
 )
 @click.option(
-    "--data-dir", type=click.Path(file_okay=False), help="A shapes-POPE folder (default: generated)."
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="A shapes-POPE or shapes-VQA folder (default: generated).",
 )
 @click.option("--pope-file", type=click.Path(dir_okay=False), help="POPE questions (JSON lines or array).")
-@click.option("--image-dir", type=click.Path(file_okay=False), help="Folder of the POPE images.")
+@click.option("--image-dir", type=click.Path(file_okay=False), help="Folder of the POPE or COCO images.")
+@click.option(
+    "--questions-file", type=click.Path(dir_okay=False), help="VQAv2 questions JSON (official layout)."
+)
+@click.option(
+    "--annotations-file",
+    type=click.Path(dir_okay=False),
+    help="VQAv2 annotations JSON; without it answers are stored, not scored (test-dev).",
+)
+@click.option(
+    "--data-file",
+    type=click.Path(dir_okay=False),
+    help="One data file with embedded images: VQAv2 Parquet (Hugging Face layout).",
+)
+@click.option(
+    "--question-ids",
+    "question_ids_file",
+    type=click.Path(dir_okay=False),
+    help="File of question ids, one a line: only those questions.",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    help="Only N questions, drawn with --seed and stratified by answer type.",
+)
+@click.option(
+    "--prompt-template",
+    help="Question template with {question}, e.g. '{question} Answer briefly.' (default: the dataset's).",
+)
+@click.option(
+    "--correct",
+    "correct_rule",
+    type=click.Choice(["lenient", "exact", "vqa"]),
+    default="lenient",
+    show_default=True,
+    help="Open answers: lenient (substring of the main answer, the study's), exact, or vqa (score >= 0.5).",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions.")
 @batch_size_option(default=8)
 @click.option("--layers", help="Layers whose hidden states and maps are stored, e.g. '-1,-2' (default: all).")
@@ -96,7 +168,7 @@ def ingest() -> None:
 )
 @click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@seed_option(default=0, help="Base seed of the self-consistency draws.")
+@seed_option(default=0, help="Base seed of the self-consistency draws and of --sample.")
 @click.option(
     "--min-pixels", type=click.IntRange(min=1), help="Qwen2-VL: lower bound on the resized image area."
 )
@@ -144,6 +216,13 @@ def ingest_run(**params: object) -> None:
     from vrp.lake import LakeError
 
     lake = lake_root(params.pop("lake_dir"))
+    question_ids = None
+    if params["question_ids_file"]:
+        from vrp.ingest.datasets import read_question_ids
+        from vrp.ingest.datasets.vqav2 import VqaFormatError
+
+        with user_errors(VqaFormatError):
+            question_ids = tuple(read_question_ids(str(params["question_ids_file"])))
     options = IngestOptions(
         model=params["model"],
         dataset=params["dataset"],
@@ -166,6 +245,13 @@ def ingest_run(**params: object) -> None:
         strict=params["strict"],
         max_bytes=parse_bytes(str(params["max_bytes"])),
         shard=parse_shard(str(params["shard"])),
+        correct_rule=str(params["correct_rule"]),
+        questions_file=params["questions_file"],
+        annotations_file=params["annotations_file"],
+        data_file=params["data_file"],
+        question_ids=question_ids,
+        sample=params["sample"],
+        prompt_template=params["prompt_template"],
     )
     if options.dataset == "pope" and not (options.pope_file and options.image_dir):
         raise click.UsageError("--dataset pope needs --pope-file and --image-dir")

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 import vrp
 from vrp.ingest.capture import first_token_truth
 from vrp.ingest.generate import sample_seed
+from vrp.ingest.prompts import apply_template
 from vrp.lake.identity import make_run_id
 from vrp.tasks import Gold, Task, get_task, task_of_run
 from vrp.tasks.base import Label, as_gold
@@ -643,20 +644,27 @@ def find_base_samples(
         "data_dir": data_dir or source.get("data_dir"),
         "pope_file": pope_file or source.get("pope_file"),
         "image_dir": image_dir or source.get("image_dir"),
+        "questions_file": source.get("questions_file"),
+        "annotations_file": source.get("annotations_file"),
+        "data_file": source.get("data_file"),
     }
-    if dataset == "shapes-pope":
-        kwargs.pop("pope_file")
-        kwargs.pop("image_dir")
+    if dataset in ("shapes-pope", "shapes-vqa"):
+        kwargs = {"data_dir": kwargs["data_dir"]}
     else:
         kwargs.pop("data_dir")
-    try:
-        samples, _errors = load_dataset(dataset, split=None if split in (None, "all") else split, **kwargs)
+    rows = lake.sql(
+        f"select sample_id, label, question_id from samples where run_id = {_sql_str(plan.base_run_id)}"
+    ).fetchall()
+    try:  # only the base run's questions: a VQAv2 file holds far more than a run answers
+        samples, _errors = load_dataset(
+            dataset,
+            split=None if split in (None, "all") or dataset not in ("pope", "shapes-pope") else split,
+            question_ids={row[2] for row in rows},
+            **kwargs,
+        )
     except (ValueError, FileNotFoundError) as exc:
         raise InterventionError(f"cannot re-read the base run's dataset {dataset!r}: {exc}") from exc
-    rows = lake.sql(
-        f"select sample_id, label from samples where run_id = {_sql_str(plan.base_run_id)}"
-    ).fetchall()
-    labels = dict(rows)
+    labels = {row[0]: row[1] for row in rows}
     found = [s for s in samples if s.sample_id in labels]
     missing = set(labels) - {s.sample_id for s in found}
     if missing:
@@ -725,7 +733,9 @@ def _condition_rows(
     """Every condition's interventions rows for one batch of samples."""
     from vrp.ingest.datasets import load_image
 
-    images, questions = [load_image(s) for s in batch], [s.question for s in batch]
+    template = plan.base["config"].get("question_template", "{question}")
+    images = [load_image(s) for s in batch]
+    questions = [apply_template(template, s.question) for s in batch]
     enc = adapter.encode(images, questions)
     task = task_of_run(plan.base["config"])
     golds = [Label(labels[s.sample_id], s.answers) for s in batch]

@@ -23,6 +23,7 @@ import vrp
 from vrp.ingest.answers import majority_answer
 from vrp.ingest.capture import ATTENTION_BACKEND, BatchCapture, capture_batch
 from vrp.ingest.generate import sample_answers, sample_seed
+from vrp.ingest.prompts import apply_template, question_template
 from vrp.lake.identity import make_run_id
 from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
 
@@ -60,6 +61,12 @@ class IngestOptions:
     max_bytes: int = 50 * 2**30
     shard: tuple[int, int] = (0, 1)
     correct_rule: str = DEFAULT_CORRECT_RULE  # hashed (open answers): how `correct` is decided
+    questions_file: str | None = None  # VQAv2 official questions JSON
+    annotations_file: str | None = None  # VQAv2 official annotations JSON (optional)
+    data_file: str | None = None  # one data file with embedded images (VQAv2 Parquet, ...)
+    question_ids: tuple[str, ...] | None = None  # only these questions (e.g. the study's 1,000)
+    sample: int | None = None  # this many questions, seeded by `seed`, stratified by answer type
+    prompt_template: str | None = None  # the question template; None = the dataset's default
 
 
 @dataclass
@@ -135,6 +142,8 @@ def run_config(
         "limit": options.limit,
         "adapter": adapter.settings,
         "task": task.identity(adapter),
+        "question_template": question_template(options.dataset, options.prompt_template),
+        "sample": None if options.sample is None else {"n": options.sample, "seed": options.seed},
         "dtype": options.dtype,
         "decoding": {"max_new_tokens": options.max_new_tokens, "greedy": True},
         "self_consistency": {
@@ -157,6 +166,9 @@ def data_source(options: IngestOptions) -> dict[str, str | None]:
             ("data_dir", options.data_dir),
             ("pope_file", options.pope_file),
             ("image_dir", options.image_dir),
+            ("questions_file", options.questions_file),
+            ("annotations_file", options.annotations_file),
+            ("data_file", options.data_file),
         )
     }
 
@@ -219,12 +231,24 @@ def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Any = None) 
         split=options.split,
         pope_file=options.pope_file,
         image_dir=options.image_dir,
+        questions_file=options.questions_file,
+        annotations_file=options.annotations_file,
+        data_file=options.data_file,
+        question_ids=options.question_ids,
+        sample=options.sample,
+        sample_seed=options.seed,
     )
     if options.limit is not None:
         samples = samples[: options.limit]
     if not samples and not load_errors:
         raise IngestError(
             "the dataset has no questions to ingest (check --split, --limit and the data files)"
+        )
+    if not samples:
+        first = load_errors[0]
+        raise IngestError(
+            f"no question could be read: all {len(load_errors)} rows were rejected "
+            f"(first, question {first.question_id}: {first.error}); check the file's layout and --dataset"
         )
     fingerprint = dataset_fingerprint(samples)
     index, count = options.shard
@@ -427,7 +451,8 @@ def _process_batch(
             failures.append({"sample_id": sample.sample_id, "stage": "preprocess", "error": str(exc)})
     if not ready:
         return {}, failures
-    questions = [s.question for s in ready]
+    template = question_template(options.dataset, options.prompt_template)
+    questions = [apply_template(template, s.question) for s in ready]
     enc = adapter.encode(images, questions)
     k = options.self_consistency
     cap = capture_batch(

@@ -17,10 +17,11 @@ The shapes-POPE generator (``shapes.py``) writes this same format, so both go th
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,17 @@ class Sample:
     question_id: str
     image_id: str
     question: str
-    object: str
+    object: str | None  # the object a POPE question names (None for open questions)
     label: str
-    image_path: str
+    image_path: str | None  # None when the image travels embedded (image_bytes)
     category: str | None = None
     task: str = "yesno"  # which answer task scores it (vrp.tasks)
     answers: tuple[str, ...] | None = None  # the human answers (VQAv2's ten), when there are any
     question_type: str | None = None
     answer_type: str | None = None
     source: str | None = None  # where the image comes from (POPE: coco, aokvqa or gqa)
+    # the encoded image when a data file embeds it (Parquet, TSV) rather than naming a file
+    image_bytes: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,18 @@ class _ImageIndex:
         return content_hash(data), None
 
 
+def decode_rgb_bytes(data: bytes, where: str) -> Image.Image:
+    """Fully decode an embedded image into RGB, or raise :class:`SampleLoadError` naming `where`."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError as exc:
+        raise SampleLoadError(f"embedded image is not a picture PIL can read: {where}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise SampleLoadError(f"embedded image cannot be decoded ({exc}): {where}") from exc
+
+
 def decode_rgb(path: str | Path) -> Image.Image:
     """Fully decode an image file into RGB, or raise :class:`SampleLoadError` saying what is wrong.
 
@@ -198,6 +213,10 @@ def decode_rgb(path: str | Path) -> Image.Image:
 
 def load_image(sample: Sample) -> Image.Image:
     """The sample's image as RGB (grey, palette and RGBA images are converted)."""
+    if sample.image_bytes is not None:
+        return decode_rgb_bytes(sample.image_bytes, f"{sample.dataset} question {sample.question_id}")
+    if sample.image_path is None:
+        raise SampleLoadError(f"{sample.dataset} question {sample.question_id} has no image")
     return decode_rgb(sample.image_path)
 
 
@@ -315,5 +334,5 @@ def dataset_fingerprint(samples: Iterable[Sample]) -> str:
     label, so a run config that includes it changes when the POPE file or an image changes, and
     not when the folder is merely moved.
     """
-    rows = sorted((s.sample_id, s.question, s.label, s.object) for s in samples)
+    rows = sorted((s.sample_id, s.question, s.label, s.object, list(s.answers or ())) for s in samples)
     return content_hash(canonical_json(rows).encode())
