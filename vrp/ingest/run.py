@@ -357,6 +357,9 @@ def execute_ingest(
     failures = [
         {
             "sample_id": e.sample_id or f"{e.dataset}:{e.split}:{e.question_id}",
+            "dataset": e.dataset,
+            "split": e.split,
+            "question_id": e.question_id,
             "stage": e.stage,
             "error": e.error,
         }
