@@ -324,3 +324,78 @@ def test_pope_source_from_the_file_name_or_a_field(pope_dir: Path) -> None:
     assert samples[0].source is None
     shapes, _ = load_pope(pope_dir / "coco_pope_adversarial.json", pope_dir / "img", dataset="shapes-pope")
     assert shapes[0].source is None  # only POPE's own files name an image source
+
+
+def _image_bytes(folder: Path, name: str) -> bytes:
+    return (folder / name).read_bytes()
+
+
+def test_lmms_eval_parquet_and_vlmevalkit_tsv_give_the_same_questions(pope_dir: Path) -> None:
+    import base64
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    reference, _ = load_pope(pope_dir / "coco_pope_adversarial.json", pope_dir / "img")
+    img = pope_dir / "img"
+    lmms = [
+        {
+            "question_id": str(r["question_id"]),
+            "question": r["text"],
+            "answer": r["label"],
+            "image": {"bytes": _image_bytes(img, r["image"]), "path": None},
+            "image_source": r["image"],
+            "category": "adversarial",
+        }
+        for r in ROWS
+    ]
+    lmms.append({**lmms[0], "question_id": "9", "image": {"bytes": b"broken", "path": None}})
+    pq.write_table(pa.Table.from_pylist(lmms), pope_dir / "pope_test.parquet")
+    samples, errors = load_pope(pope_dir / "pope_test.parquet", pope_dir)
+    assert [s.sample_id for s in samples] == [s.sample_id for s in reference]
+    assert [(s.label, s.object, s.split) for s in samples] == [
+        (s.label, s.object, s.split) for s in reference
+    ]
+    assert samples[0].image_bytes == _image_bytes(img, "a.png") and samples[0].image_path is None
+    assert [e.question_id for e in errors] == ["9"] and "not a picture" in errors[0].error
+    assert load_image(samples[2]).size == (8, 8)
+
+    header = "index\timage\tquestion\tanswer\tcategory\n"
+    lines = [
+        f"{r['question_id']}\t{base64.b64encode(_image_bytes(img, r['image'])).decode()}\t{r['text']}\t"
+        f"{r['label']}\tadversarial\n"
+        for r in ROWS
+    ]
+    lines.append("10\tnot-base64!\tIs there a cat in the image?\tno\tadversarial\n")
+    lines.append(
+        f"11\t{base64.b64encode(_image_bytes(img, 'a.png')).decode()}\tIs there a dog?\tno\tcolour\n"
+    )
+    (pope_dir / "POPE.tsv").write_text(header + "".join(lines))
+    tsv, tsv_errors = load_pope(pope_dir / "POPE.tsv", pope_dir)
+    assert [(s.question_id, s.label, s.object, s.split) for s in tsv] == [
+        (s.question_id, s.label, s.object, s.split) for s in reference
+    ]
+    why = {e.question_id: e.error for e in tsv_errors}
+    assert "no readable image" in why["10"] and "names no POPE split" in why["11"]
+
+
+def test_a_pope_run_with_every_row_rejected_exits_non_zero(pope_dir: Path, tmp_path: Path) -> None:
+    (pope_dir / "POPE.tsv").write_text(
+        "index\timage\tquestion\tanswer\tcategory\n1\t\tIs there a cat?\tyes\trandom\n"
+    )
+    toy = Path(__file__).resolve().parents[1] / "vrp" / "toys" / "toy-llava"
+    args = [
+        "ingest",
+        "run",
+        "--model",
+        str(toy),
+        "--dataset",
+        "pope",
+        "--pope-file",
+        str(pope_dir / "POPE.tsv"),
+    ]
+    for extra in ([], ["--strict"]):
+        result = CliRunner().invoke(main, [*args, *extra, "--lake", str(tmp_path / "lake")])
+        assert result.exit_code != 0, result.output
+        assert "no question could be read: all 1 rows were rejected" in result.output
+        assert len(result.output.strip().splitlines()) == 1

@@ -112,7 +112,11 @@ def ingest() -> None:
     type=click.Path(file_okay=False),
     help="A shapes-POPE or shapes-VQA folder (default: generated).",
 )
-@click.option("--pope-file", type=click.Path(dir_okay=False), help="POPE questions (JSON lines or array).")
+@click.option(
+    "--pope-file",
+    type=click.Path(dir_okay=False),
+    help="POPE questions: JSON lines or array, lmms-eval .parquet or VLMEvalKit .tsv (images embedded).",
+)
 @click.option("--image-dir", type=click.Path(file_okay=False), help="Folder of the POPE or COCO images.")
 @click.option(
     "--questions-file", type=click.Path(dir_okay=False), help="VQAv2 questions JSON (official layout)."
@@ -253,8 +257,11 @@ def ingest_run(**params: object) -> None:
         sample=params["sample"],
         prompt_template=params["prompt_template"],
     )
-    if options.dataset == "pope" and not (options.pope_file and options.image_dir):
-        raise click.UsageError("--dataset pope needs --pope-file and --image-dir")
+    embedded = str(options.pope_file or "").lower().endswith((".parquet", ".tsv"))
+    if options.dataset == "pope" and not (options.pope_file and (options.image_dir or embedded)):
+        raise click.UsageError(
+            "--dataset pope needs --pope-file and --image-dir (a .parquet or .tsv file embeds its images)"
+        )
     engine = params["engine"]
     if engine == "local" and (params["address"] or params["gpus_per_worker"]):
         raise click.UsageError("--address and --gpus-per-worker need --engine ray")

@@ -17,6 +17,9 @@ The shapes-POPE generator (``shapes.py``) writes this same format, so both go th
 
 from __future__ import annotations
 
+import base64
+import binascii
+import csv
 import io
 import json
 import re
@@ -129,7 +132,18 @@ def infer_source(path: str | Path) -> str | None:
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, parsed record, parse error) for each record of a JSON-lines or JSON-array file."""
+    """(line number, parsed record, parse error) for each record of a POPE file in any layout.
+
+    JSON lines or a JSON array (POPE's own), lmms-eval's Parquet or VLMEvalKit's TSV; the table
+    layouts are turned into POPE's record shape with the image bytes under ``image_bytes``.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _table_records(path, _parquet_rows(path))
+        return
+    if suffix == ".tsv":
+        yield from _table_records(path, _tsv_rows(path))
+        return
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
@@ -151,6 +165,74 @@ def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             yield number, json.loads(line), None
         except json.JSONDecodeError as exc:
             yield number, None, f"line {number} is not valid JSON ({exc.msg})"
+
+
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except FileNotFoundError as exc:
+        raise PopeFormatError(f"POPE file not found: {path}") from exc
+    except (OSError, ValueError) as exc:
+        raise PopeFormatError(f"cannot read {path} as Parquet: {exc}") from exc
+
+
+def _tsv_rows(path: Path) -> list[dict[str, Any]]:
+    csv.field_size_limit(2**31 - 1)  # base64 images are far longer than csv's default field limit
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            return list(csv.DictReader(handle, delimiter="\t"))
+    except FileNotFoundError as exc:
+        raise PopeFormatError(f"POPE file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PopeFormatError(f"cannot read {path} as a TSV file: {exc}") from exc
+
+
+def _image_cell(value: Any) -> bytes | None:
+    """Image bytes from a table cell: raw bytes, a {"bytes": ...} struct, or base64 text."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, dict) and isinstance(value.get("bytes"), bytes | bytearray):
+        return bytes(value["bytes"])
+    if isinstance(value, str) and value.strip():
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    return None
+
+
+def _table_records(path: Path, rows: list[dict[str, Any]]) -> Iterator[tuple[int, Any, str | None]]:
+    """lmms-eval Parquet (question_id, question, answer, image, category, image_source) and
+    VLMEvalKit TSV (index, image as base64, question, answer, category) rows as POPE records.
+
+    Both store POPE's split in ``category``; the image's name, when given, in ``image_source``.
+    """
+    if rows and not {"question", "answer", "image"} <= set(rows[0]):
+        raise PopeFormatError(
+            f"{path.name} has columns {sorted(rows[0])}: expected lmms-eval's Parquet (question_id, "
+            "question, answer, image, category) or VLMEvalKit's TSV (index, image, question, answer, category)"
+        )
+    for number, row in enumerate(rows, start=1):
+        question_id = row.get("question_id", row.get("index"))
+        category = row.get("category")
+        image_name = row.get("image_source") or f"{path.name} row {number}"
+        yield (
+            number,
+            {
+                "question_id": int(question_id)
+                if isinstance(question_id, str) and question_id.isdigit()
+                else question_id,
+                "image": image_name,
+                "image_bytes": _image_cell(row.get("image")),
+                "text": row.get("question"),
+                "label": row.get("answer"),
+                "split": category if category in SPLITS else None,
+                "source": row.get("source") or infer_source(str(image_name)),
+            },
+            None,
+        )
 
 
 class _ImageIndex:
@@ -179,6 +261,17 @@ class _ImageIndex:
         except SampleLoadError as exc:
             return None, str(exc)
         return content_hash(data), None
+
+
+def _embedded_image(data: bytes | None, where: str) -> tuple[str | None, str | None]:
+    """(content hash, error) of an image embedded in a table row."""
+    if data is None:
+        return None, "no readable image in the row (expected image bytes or base64 text)"
+    try:
+        decode_rgb_bytes(data, where)
+    except SampleLoadError as exc:
+        return None, str(exc)
+    return content_hash(data), None
 
 
 def decode_rgb_bytes(data: bytes, where: str) -> Image.Image:
@@ -236,7 +329,13 @@ def load_pope(
     :class:`PopeFormatError`.
     """
     path = Path(pope_file)
-    split = split if split is not None else infer_split(path)
+    table = path.suffix.lower() in (".parquet", ".tsv")
+    if split is None and table:  # the table layouts name each row's split in its category
+        found = set(_SPLIT_PATTERN.findall(path.name.lower()))
+        split = found.pop() if len(found) == 1 else None
+    elif split is None:
+        split = infer_split(path)
+    file_split = split
     images = _ImageIndex(Path(image_dir))
     file_source = infer_source(path) if dataset == "pope" else None
     samples: list[Sample] = []
@@ -244,10 +343,11 @@ def load_pope(
     first_line: dict[str, int] = {}
 
     def reject(question_id: str, error: str, sample_id: str | None = None) -> None:
-        errors.append(SampleError(dataset, split, question_id, sample_id, "load", error))
+        errors.append(SampleError(dataset, split or "unknown", question_id, sample_id, "load", error))
 
     for number, row, parse_error in _records(path):
-        where = f"{path.name} line {number}"
+        where = f"{path.name} {'row' if table else 'line'} {number}"
+        split = file_split or (row.get("split") if isinstance(row, dict) else None)
         if parse_error is not None:
             reject(f"<line {number}>", f"{path.name}: {parse_error}")
             continue
@@ -275,11 +375,20 @@ def load_pope(
             )
             continue
         first_line[question_id] = number
+        if split is None:
+            reject(
+                question_id, f"{where}: category {row.get('category')!r} names no POPE split; pass --split"
+            )
+            continue
         image = row["image"]
         if not isinstance(image, str) or not image.strip():
             reject(question_id, f"{where}: image must be a non-empty file name, got {image!r}")
             continue
-        image_hash, image_error = images.lookup(image)
+        embedded = row.get("image_bytes")
+        if table:
+            image_hash, image_error = _embedded_image(embedded, where)
+        else:
+            image_hash, image_error = images.lookup(image)
         sample_id = make_sample_id(dataset, split, question_id, image_hash) if image_hash else None
         question = row["text"]
         if not isinstance(question, str) or not question.strip():
@@ -319,7 +428,8 @@ def load_pope(
                 question=question.strip(),
                 object=obj,
                 label=normalised_label,
-                image_path=str(images.image_dir / image),
+                image_path=None if table else str(images.image_dir / image),
+                image_bytes=embedded if table else None,
                 category=str(category) if category is not None else None,
                 source=source.strip().lower() if isinstance(source, str) and source.strip() else file_source,
             )
