@@ -212,7 +212,8 @@ def _table_records(path: Path, rows: list[dict[str, Any]]) -> Iterator[tuple[int
     if rows and not {"question", "answer", "image"} <= set(rows[0]):
         raise PopeFormatError(
             f"{path.name} has columns {sorted(rows[0])}: expected lmms-eval's Parquet (question_id, "
-            "question, answer, image, category) or VLMEvalKit's TSV (index, image, question, answer, category)"
+            "question, answer, image, category) or VLMEvalKit"
+            "'s TSV (index, image, question, answer, category)"
         )
     for number, row in enumerate(rows, start=1):
         question_id = row.get("question_id", row.get("index"))
