@@ -1,4 +1,4 @@
-"""`vrp analyze correlations|probes|margins` and `vrp report`.
+"""`vrp analyze correlations|probes|margins|vqa` and `vrp report`.
 
 ``analyze`` prints tables; ``analyze probes`` also stores them in ``probe_layers`` and
 ``probe_neurons`` (the intervention commands read the neuron rankings from there). ``report``
@@ -28,6 +28,23 @@ from vrp.cli.options import (
 from vrp.lake import LakeError
 
 boot_option = n_boot_option(default=stats.N_BOOT)
+type_map_option = click.option(
+    "--type-map",
+    "type_map_file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Question-type prefix -> tag (JSON object, or 'prefix<TAB>tag' lines): VQA results per tag.",
+)
+
+
+def _type_map(path: str | None) -> dict[str, str] | None:
+    from vrp.analysis.type_map import TypeMapError, read_type_map
+
+    if path is None:
+        return None
+    with user_errors(TypeMapError):
+        return read_type_map(path)
+
+
 seed_of_folds = seed_option(default=SEED, help="Seed of the folds and the bootstrap.")
 
 
@@ -206,6 +223,51 @@ def margins(lake_dir: str | None, models: tuple[str, ...]) -> None:
         )
 
 
+@analyze.command()
+@lake_option
+@models_option
+@type_map_option
+def vqa(lake_dir: str | None, models: tuple[str, ...], type_map_file: str | None) -> None:
+    """Open answers: accuracy and mean VQA score per run, answer type, question type (and tag)."""
+    from vrp.analysis.type_map import tag_metrics
+
+    lake = open_existing_lake(lake_dir)
+    type_map = _type_map(type_map_file)
+    with user_errors(LakeError):
+        rows = [r for r in data.query(lake, "vqa_metrics").to_pylist() if not models or r["model"] in models]
+    if not rows:
+        raise click.ClickException("no open-answer runs in the lake (ingest --dataset vqav2 or shapes-vqa)")
+    shown = [r for r in rows if r["level"] != "question_type" or type_map is None]
+    table = [
+        [
+            r["model"],
+            r["run_id"],
+            r["level"],
+            r["type"],
+            str(r["n"]),
+            str(r["n_scored"]),
+            rendering._num(r["accuracy"]),
+            rendering._num(r["mean_score"]),
+        ]
+        for r in shown
+    ]
+    if type_map is not None:
+        table += [
+            [
+                r["model"],
+                r["run_id"],
+                "tag",
+                r["tag"],
+                str(r["n"]),
+                str(r["n_scored"]),
+                rendering._num(r["accuracy"]),
+                rendering._num(r["mean_score"]),
+            ]
+            for r in tag_metrics(rows, type_map)
+        ]
+    _print_table(["model", "run", "level", "group", "n", "scored", "accuracy", "mean score"], table)
+
+
 @click.command()
 @lake_option
 @click.option(
@@ -221,11 +283,20 @@ def margins(lake_dir: str | None, models: tuple[str, ...]) -> None:
 )
 @boot_option
 @seed_of_folds
-def report(lake_dir: str | None, out_dir: str, force: bool, n_boot: int, seed: int) -> None:
-    """Markdown + self-contained HTML report of the study's tables and figures (reads the lake only)."""
+@type_map_option
+def report(
+    lake_dir: str | None, out_dir: str, force: bool, n_boot: int, seed: int, type_map_file: str | None
+) -> None:
+    """Markdown + self-contained HTML report of the study's tables and figures (reads the lake only).
+
+    Each task gets its section: POPE metrics for yes/no runs, VQA metrics for open-answer runs.
+    """
     lake = open_existing_lake(lake_dir)
+    type_map = _type_map(type_map_file)
     try:
-        outcome = rendering.write_report(lake.root, out_dir, force=force, n_boot=n_boot, seed=seed)
+        outcome = rendering.write_report(
+            lake.root, out_dir, force=force, n_boot=n_boot, seed=seed, type_map=type_map
+        )
     except (LakeError, ProbeError, ValueError, OSError) as exc:
         raise click.ClickException(f"report failed: {exc}") from exc
     click.echo(outcome.message)

@@ -127,14 +127,20 @@ def headline(
     ci = data.query(lake, "correlation_inputs").to_pylist()
     if models:
         ci = [r for r in ci if r["model"] in models]
+    # one group per model, and per task when the lake holds several: yes/no and open answers are
+    # different populations, so their correlations are never pooled together
+    tasks = sorted({r["task"] for r in ci})
     by_model: dict[str, list[dict]] = defaultdict(list)
+    task_of_group: dict[str, str] = {}
     for r in ci:
-        by_model[r["model"]].append(r)
+        group = r["model"] if len(tasks) < 2 else f"{r['model']} [{r['task']}]"
+        by_model[group].append(r)
+        task_of_group[group] = r["task"]
     run_probe_list: list[RunProbes] = []
     probe_score: dict[tuple[str, str], float] = {}
     skipped: list[str] = []
     if with_probe:
-        for run in data.base_runs(lake, sorted(by_model)):
+        for run in data.base_runs(lake, sorted({r["model"] for r in ci})):
             try:
                 got = best_probe_scores(lake, run["run_id"], seed=seed, n_boot=n_boot)
             except probes.ProbeError as exc:
@@ -158,14 +164,19 @@ def headline(
                 mets[BEST_PROBE] = p
         groups[model] = (mets, np.array([r["y"] for r in rows]))
     directions[BEST_PROBE] = 1
-    table = stats.correlation_tables(
-        groups, pooled="pooled" if len(groups) > 1 else None, directions=directions, n_boot=n_boot, seed=seed
-    )
+    table: list[stats.Correlation] = []
+    names: list[str] = []
+    for task in tasks:
+        part = {g: v for g, v in groups.items() if task_of_group[g] == task}
+        pooled = ("pooled" if len(tasks) < 2 else f"pooled [{task}]") if len(part) > 1 else None
+        table += stats.correlation_tables(
+            part, pooled=pooled, directions=directions, n_boot=n_boot, seed=seed
+        )
+        names += [*sorted(part), *([pooled] if pooled else [])]
     by_group: dict[str, list[stats.Correlation]] = defaultdict(list)
     for row in table:
         by_group[row.group].append(row)
     rows = [r for g in by_group.values() for r in stats.with_bh(g)]
-    names = [*sorted(groups), *(["pooled"] if len(groups) > 1 else [])]
     return Headline(
         rows=rows, groups=names, metrics=[*labels, BEST_PROBE], probes=run_probe_list, skipped=skipped
     )

@@ -4,8 +4,9 @@ What this module offers:
 
 * :func:`intervention_deltas` - per intervention run, condition and level: accuracy against the
   paired reference (the run's own ``full`` condition, else the base run's answers), the change with
-  a paired bootstrap CI and McNemar's exact p, and the mean yes/no margin; overall and, with
-  ``by=``, per question type (``split``, ``category``).
+  a paired bootstrap CI and McNemar's exact p, and the mean first-token margin (yes/no margin
+  for yes/no answers, truth margin for open ones); overall and, with ``by=``, per question type
+  (``split``, ``category``, VQA's ``question_type``/``answer_type``, or a ``type_tag``).
 * :func:`deltas_from_lake` - the same, reading ``interventions`` and the base runs' ``samples``.
 * :func:`destruction_curve_figure` - accuracy and margin against the destroyed fraction, one line
   per model and order, written with matplotlib's Agg canvas (no display, no global backend change).
@@ -17,13 +18,14 @@ and the bootstrap resamples questions, keeping each question's pair together.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vrp.analysis.stats import N_BOOT, SEED, mcnemar_exact, paired_bootstrap_diff
+from vrp.analysis.type_map import tag_of
 
 REFERENCE_CONDITION = "full"
 
@@ -46,6 +48,12 @@ def _records(rows: Any) -> list[dict[str, Any]]:
 def _truth(value: Any) -> bool:
     """An unparsable answer (correct is null) counts as wrong, as in the accuracy the study reports."""
     return bool(value) if value is not None else False
+
+
+def _margin(row: dict[str, Any]) -> Any:
+    """The answer's first-token margin: yes/no for yes/no answers, the truth margin for open ones."""
+    value = row.get("yes_no_margin")
+    return value if value is not None else row.get("truth_margin")
 
 
 def _finite_mean(values: Iterable[Any]) -> float | None:
@@ -138,8 +146,8 @@ def intervention_deltas(
                         "b": test.b,
                         "c": test.c,
                         "p": test.p,
-                        "margin_ref": _finite_mean(f.get("yes_no_margin") for _, f in pairs),
-                        "margin": _finite_mean(r.get("yes_no_margin") for r, _ in pairs),
+                        "margin_ref": _finite_mean(_margin(f) for _, f in pairs),
+                        "margin": _finite_mean(_margin(r) for r, _ in pairs),
                     }
                 )
     out.sort(
@@ -163,12 +171,15 @@ def deltas_from_lake(
     run_ids: Sequence[str] | None = None,
     kind: str | None = None,
     by: str | None = None,
+    type_map: Mapping[str, str] | None = None,
     n_boot: int = N_BOOT,
     seed: int = SEED,
 ) -> list[dict[str, Any]]:
     """:func:`intervention_deltas` over the lake's ``interventions`` (optionally some runs or one kind).
 
     Reads only: the base runs' ``samples`` rows provide the baseline answers and question types.
+    With `type_map` (``vrp.analysis.type_map``) each base sample also gets a ``type_tag`` column,
+    so ``by="type_tag"`` breaks the deltas down by the user's question-type tags.
     """
     if not lake.has_table("interventions"):
         return []
@@ -181,8 +192,11 @@ def deltas_from_lake(
     if interventions.num_rows == 0:
         return []
     bases = sorted({b for b in interventions.column("base_run_id").to_pylist() if b})
-    columns = ["run_id", "sample_id", "correct", "yes_no_margin", "split", "category"]
-    baseline = lake.arrow("samples", filter={"run_id": bases}, columns=columns) if bases else None
+    columns = ["run_id", "sample_id", "correct", "yes_no_margin", "truth_margin", "split", "category"]
+    columns += ["question_type", "answer_type"]
+    baseline = lake.arrow("samples", filter={"run_id": bases}, columns=columns).to_pylist() if bases else None
+    if baseline and type_map is not None:
+        baseline = [{**row, "type_tag": tag_of(row["question_type"], type_map)} for row in baseline]
     return intervention_deltas(interventions, baseline, by=by, n_boot=n_boot, seed=seed)
 
 

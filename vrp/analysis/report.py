@@ -18,7 +18,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vrp.analysis import compute, data, margins, stats
 from vrp.analysis.interventions import deltas_from_lake, destruction_curve_figure
+from vrp.analysis.type_map import tag_metrics
 from vrp.lake import Lake, open_lake
 
 TIMESTAMP_PREFIX = "Generated "
@@ -194,6 +195,50 @@ def pope_table(lake: Lake) -> Table:
     )
 
 
+def vqa_tables(lake: Lake, type_map: Mapping[str, str] | None = None) -> list[Table]:
+    """Open answers: accuracy and mean VQA score per run overall, per answer type (and per tag of
+    the user's type map), then per question type."""
+    metrics = data.query(lake, "vqa_metrics").to_pylist()
+    head = ["model", "dataset", "run", "group", "n", "scored", "accuracy", "mean score"]
+
+    def cells(r: dict, group: str) -> list[str]:
+        return [
+            r["model"],
+            r["dataset"],
+            r["run_id"],
+            group,
+            str(r["n"]),
+            str(r["n_scored"]),
+            _num(r["accuracy"]),
+            _num(r["mean_score"]),
+        ]
+
+    main = [
+        cells(r, r["type"] if r["level"] == "answer_type" else "all")
+        for r in metrics
+        if r["level"] != "question_type"
+    ]
+    note = (
+        "Accuracy follows each run's `correct` rule (lenient: the normalised answer equals the main "
+        "answer or one contains the other; exact; or vqa: score >= 0.5); the mean score is the official "
+        "VQA accuracy against the human answers. Answers without human answers, and empty answers, are "
+        "counted in n but not scored."
+    )
+    if type_map is not None:
+        main += [cells(r, f"tag: {r['tag']}") for r in tag_metrics(metrics, type_map)]
+        note += " Tags come from the --type-map file (longest question-type prefix)."
+    per_type = [cells(r, r["type"]) for r in metrics if r["level"] == "question_type"]
+    return [
+        Table("VQA metrics (open answers)", head, main, note),
+        Table(
+            "VQA metrics per question type",
+            head,
+            per_type,
+            "The `question_type` of each question's annotation.",
+        ),
+    ]
+
+
 def probe_table(h: compute.Headline) -> Table:
     rows = []
     for rp in sorted(h.probes, key=lambda p: (p.model, p.run_id)):
@@ -269,13 +314,15 @@ def margin_table(mm: Sequence[compute.ModelMargins]) -> Table:
     )
 
 
-def intervention_table(effects: Sequence[dict]) -> Table:
-    """Overall rows of :func:`vrp.analysis.interventions.intervention_deltas`."""
+def intervention_table(effects: Sequence[dict], *, by: str | None = None) -> Table:
+    """Rows of :func:`vrp.analysis.interventions.intervention_deltas`: overall, or per group of `by`."""
+    chosen = [e for e in effects if (e["group"] is None) == (by is None)]
     rows = [
         [
             str(e["model"]),
             str(e["kind"]),
             e["condition"],
+            *([] if by is None else [str(e["group"])]),
             _num(e["level"], 2),
             str(e["setting"]),
             e["reference"],
@@ -287,8 +334,7 @@ def intervention_table(effects: Sequence[dict]) -> Table:
             f"{e['b']}/{e['c']}",
             _p(e["p"]),
         ]
-        for e in effects
-        if e["group"] is None
+        for e in chosen
     ]
     header = [
         "model",
@@ -309,6 +355,9 @@ def intervention_table(effects: Sequence[dict]) -> Table:
         "Paired per question against the run's own `full` condition when it has one, else the base "
         "run's answers; exact McNemar test and a paired bootstrap CI of the change."
     )
+    if by is not None:
+        header.insert(3, by.replace("_", " "))
+        return Table(f"Interventions per {by.replace('_', ' ')}", header, rows, note)
     return Table("Interventions", header, rows, note)
 
 
@@ -426,9 +475,18 @@ def figure_entropy(profiles: dict[str, margins.EntropyProfile], path: Path) -> b
 
 
 def render(
-    lake: Lake, out: Path, *, generated: str, n_boot: int = stats.N_BOOT, seed: int = stats.SEED
+    lake: Lake,
+    out: Path,
+    *,
+    generated: str,
+    n_boot: int = stats.N_BOOT,
+    seed: int = stats.SEED,
+    type_map: Mapping[str, str] | None = None,
 ) -> None:
-    """Write report.md, report.html and figures/ for the lake into ``out`` (created)."""
+    """Write report.md, report.html and figures/ for the lake into ``out`` (created).
+
+    Each task gets its own section: the POPE table for yes/no runs, the VQA tables for open ones.
+    """
     runs = (
         sorted(lake.arrow("runs").to_pylist(), key=lambda r: (r["model"], r["run_id"]))
         if lake.has_table("runs")
@@ -438,7 +496,9 @@ def render(
         raise ValueError("the lake has no capture runs yet: run `vrp ingest run` first")
     h = compute.headline(lake, n_boot=n_boot, seed=seed)
     mm = compute.model_margins(lake)
-    effects = deltas_from_lake(lake, n_boot=n_boot, seed=seed)
+    by = "type_tag" if type_map is not None else "question_type"
+    effects = deltas_from_lake(lake, by=by, type_map=type_map, n_boot=n_boot, seed=seed)
+    tasks = {t for (t,) in lake.sql("SELECT DISTINCT coalesce(task, 'yesno') FROM samples").fetchall()}
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -452,9 +512,16 @@ def render(
     if any(e["kind"] == "destroy" and e["group"] is None for e in effects):
         destruction_curve_figure(effects, figdir / "destruction_curve.png")
         figures.append(("destruction_curve.png", "Destruction sweep"))
-    tables = [headline_table(h, n_boot), pope_table(lake), probe_table(h), margin_table(mm)]
+    tables = [headline_table(h, n_boot)]
+    if "yesno" in tasks:
+        tables.append(pope_table(lake))
+    if "open" in tasks:
+        tables += vqa_tables(lake, type_map)
+    tables += [probe_table(h), margin_table(mm)]
     if effects:
         tables.append(intervention_table(effects))
+        if any(e["group"] is not None for e in effects):
+            tables.append(intervention_table(effects, by=by))
     tables += [detail_table(h), provenance_table(runs)]
     title = "VRP report"
     stamp = f"{TIMESTAMP_PREFIX}{generated} from {lake.root}."
@@ -492,10 +559,12 @@ def write_report(
     n_boot: int = stats.N_BOOT,
     seed: int = stats.SEED,
     now: datetime | None = None,
+    type_map: Mapping[str, str] | None = None,
 ) -> Outcome:
     """Render into ``out_root/<UTC time>/`` and point ``out_root/latest`` at it, unless nothing changed."""
     lake = open_lake(lake_root)
-    versions = lake.versions()
+    # a different type map renders different tables from the same lake
+    versions = {**lake.versions(), **({"type_map": dict(type_map)} if type_map is not None else {})}
     out_root = Path(out_root)
     latest = out_root / "latest"
     previous = latest / "versions.json"
@@ -521,7 +590,14 @@ def write_report(
     tmp = out_root / f".{target.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        render(lake, tmp, generated=now.strftime("%Y-%m-%d %H:%M:%S UTC"), n_boot=n_boot, seed=seed)
+        render(
+            lake,
+            tmp,
+            generated=now.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            n_boot=n_boot,
+            seed=seed,
+            type_map=type_map,
+        )
         (tmp / "versions.json").write_text(
             json.dumps({"lake": lake.root, "versions": versions}, indent=1, sort_keys=True) + "\n",
             encoding="utf-8",

@@ -1,7 +1,8 @@
 -- One row per scored answer: correctness y and every metric the headline correlation table uses
 -- Unparsable answers (parse_status 'unknown', or correct IS NULL) are left out: their y is undefined. abs_yes_no_margin is
--- the confidence form of the signed yes/no margin.
+-- the confidence form of the signed yes/no margin (null for open answers, which have no yes/no).
 SELECT s.model, s.run_id, s.sample_id, s.dataset, s.split, s.image_id,
+       coalesce(s.task, 'yesno') AS task,
        CAST(s.correct AS INTEGER) AS y,
        s.cluster_count,
        s.spatial_entropy,

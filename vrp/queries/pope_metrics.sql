@@ -2,12 +2,12 @@
 -- "yes" is the positive class. Unparsable answers (parse_status = 'unknown') stay in every
 -- denominator: they are wrong for accuracy and, as POPE's own scorer does, not-"yes" for
 -- precision, recall and the yes-ratio. Intervention runs are left out (their answers live in
--- the interventions table).
+-- the interventions table), and so are open answers (see vqa_metrics).
 WITH base AS (
     SELECT s.model, s.dataset, s.split, s.run_id, s.label, s.answer
     FROM samples AS s
     LEFT JOIN runs AS r USING (run_id)
-    WHERE r.base_run_id IS NULL
+    WHERE r.base_run_id IS NULL AND coalesce(s.task, 'yesno') = 'yesno'
 ),
 counts AS (
     SELECT model, dataset, split, run_id,
