@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vrp.ingest.answers import majority_answer, parse_answer
+from vrp.ingest.answers import majority_answer
+from vrp.tasks.yesno import parse_answer
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vrp.ingest.answers import parse_answer
 from vrp.ingest.datasets import generate_shapes_pope, load_dataset, load_image
 from vrp.ingest.models import REGISTRY, load_adapter
+from vrp.tasks.yesno import parse_answer
 
 TOYS = ("toy-llava", "toy-paligemma", "toy-qwen2vl")
 HELD_OUT_SEED = 777  # never used for training (the cards record the training seeds)

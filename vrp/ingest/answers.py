@@ -1,32 +1,13 @@
-"""Answer parsing and self-consistency agreement (pure functions).
+"""Self-consistency agreement over parsed answers (a pure function, the same for every task).
 
-The study's code scored POPE answers by whole-string equality, so "Yes, there is a dog." counted
-as wrong. VRP takes the first yes/no word and keeps everything else as ``unknown`` (never scored
-silently); the raw text is always stored beside the parsed answer.
+Parsing itself belongs to the answer's task (``vrp.tasks``): the first yes/no word for yes/no
+questions, the normalised first line for open ones.
 """
 
 from __future__ import annotations
 
-import re
-import string
 from collections import Counter
 from collections.abc import Sequence
-
-YES_NO = ("yes", "no")
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalise_text(text: str) -> str:
-    """Lowercase, punctuation replaced by spaces, whitespace collapsed."""
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
-
-
-def parse_answer(text: str) -> tuple[str | None, str]:
-    """(answer, parse_status): the first "yes"/"no" word, else (None, "unknown")."""
-    for word in normalise_text(text).split():
-        if word in YES_NO:
-            return word, "ok"
-    return None, "unknown"
 
 
 def majority_answer(answers: Sequence[str | None]) -> tuple[str | None, float]:

@@ -223,7 +223,7 @@ class BatchCapture:
 
 
 def first_token_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """Task-free first-token statistics of docs/ARCHITECTURE.md section 4 from next-token logits [B, V] (float32)."""
+    """Task-free first-token statistics (docs/ARCHITECTURE.md section 4) from next-token logits [B, V]."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()

@@ -177,7 +177,7 @@ TABLES: dict[str, TableSpec] = {
                 _opt("image_w", pa.int32()),
                 *_f64("spatial_entropy", "spatial_entropy_norm"),
                 _opt("cluster_count", pa.int32()),
-                # schema version 2: open-ended answers (DESIGN.md section 6)
+                # schema version 2: open-ended answers (docs/ARCHITECTURE.md section 6)
                 _opt("task", pa.string()),
                 _opt("answers", _strings()),
                 _opt("score", pa.float64()),

@@ -7,6 +7,8 @@ the spelling of the label the model itself scores highest.
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -14,14 +16,56 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vrp.ingest.answers import parse_answer
 from vrp.tasks.base import Gold, Task, TaskError
+
+YES_NO = ("yes", "no")
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalise_text(text: str) -> str:
+    """Lowercase, punctuation replaced by spaces, whitespace collapsed."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def parse_answer(text: str) -> tuple[str | None, str]:
+    """(answer, parse_status): the first "yes"/"no" word, else (None, "unknown").
+
+    The study's code scored POPE answers by whole-string equality, so "Yes, there is a dog."
+    counted as wrong; everything without a yes/no word stays ``unknown`` (never scored silently)
+    and the raw text is stored beside the parsed answer.
+    """
+    for word in normalise_text(text).split():
+        if word in YES_NO:
+            return word, "ok"
+    return None, "unknown"
+
+
+def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
+    """Ids of every single first token that spells ``word`` in some casing, with or without a leading space.
+
+    Two independent routes, because tokenizers disagree on how a leading space is written: encoding the
+    variants (``"yes"``, ``" Yes"``, ...) and keeping the first token when it decodes to the whole word,
+    and looking the word up directly with each tokenizer family's space marker (``▁`` SentencePiece,
+    ``Ġ`` byte-level BPE). Summing probabilities over all of them is what makes p_yes comparable across
+    families (docs/ARCHITECTURE.md section 4).
+    """
+    casings = {word.lower(), word.capitalize(), word.upper()}
+    found: set[int] = set()
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for casing in casings:
+        for text in (casing, " " + casing):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids[0] != unk and tokenizer.decode([ids[0]]).strip() == casing:
+                found.add(int(ids[0]))
+        for marker in ("", "▁", "Ġ", " "):
+            token_id = tokenizer.convert_tokens_to_ids(marker + casing)
+            if isinstance(token_id, int) and token_id != unk and token_id >= 0:
+                found.add(token_id)
+    return sorted(found)
 
 
 def yes_no_ids(adapter: Any) -> tuple[list[int], list[int]]:
     """The tokenizer's single-token spellings of yes and no, or :class:`TaskError` if it has none."""
-    from vrp.ingest.models.base import answer_token_ids
-
     cached = getattr(adapter, "_yes_no_ids", None)
     if cached is None:
         cached = (answer_token_ids(adapter.tokenizer, "yes"), answer_token_ids(adapter.tokenizer, "no"))

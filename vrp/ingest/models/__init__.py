@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Adapter, Encoded, FamilySpec, answer_token_ids
+from vrp.tasks.yesno import answer_token_ids
+
+from .base import Adapter, Encoded, FamilySpec
 from .llava import LLAVA
 from .loading import REGISTRY, load_adapter
 from .paligemma import PALIGEMMA

@@ -10,7 +10,6 @@ What this module offers:
 - ``Adapter``: the shared implementation. A family subclass only declares its ``spec`` and, where the
   family's geometry differs, overrides ``_row_geometry`` or ``prompt``; the capture engine never
   branches on the family.
-- ``answer_token_ids``: every casing / leading-space form of a word that is a single first token.
 
 Image tokens are always located by the image-token id in ``input_ids`` (never by fixed offsets, the
 defect of the study's own code), and every row is checked: its image-token count must equal the area
@@ -28,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-__all__ = ["Adapter", "Encoded", "FamilySpec", "answer_token_ids"]
+__all__ = ["Adapter", "Encoded", "FamilySpec"]
 
 
 @dataclass(frozen=True)
@@ -70,30 +69,6 @@ class Encoded:
     cell_sizes: list[tuple[int, int]] = field(default_factory=list)
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
-
-
-def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
-    """Ids of every single first token that spells ``word`` in some casing, with or without a leading space.
-
-    Two independent routes, because tokenizers disagree on how a leading space is written: encoding the
-    variants (``"yes"``, ``" Yes"``, ...) and keeping the first token when it decodes to the whole word,
-    and looking the word up directly with each tokenizer family's space marker (``▁`` SentencePiece,
-    ``Ġ`` byte-level BPE). Summing probabilities over all of them is what makes p_yes comparable across
-    families (docs/ARCHITECTURE.md section 4).
-    """
-    casings = {word.lower(), word.capitalize(), word.upper()}
-    found: set[int] = set()
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for casing in casings:
-        for text in (casing, " " + casing):
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if ids and ids[0] != unk and tokenizer.decode([ids[0]]).strip() == casing:
-                found.add(int(ids[0]))
-        for marker in ("", "▁", "Ġ", " "):
-            token_id = tokenizer.convert_tokens_to_ids(marker + casing)
-            if isinstance(token_id, int) and token_id != unk and token_id >= 0:
-                found.add(token_id)
-    return sorted(found)
 
 
 def _resolve(model: torch.nn.Module, path: str) -> torch.nn.Module:
