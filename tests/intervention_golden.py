@@ -1,0 +1,122 @@
+"""The golden record of the mask / ablate / destroy rows on the three shipped toys.
+
+``python tests/intervention_golden.py`` rewrites ``tests/data/interventions_golden.json``; it was
+first run with the code of the single-module interventions (before ``vrp/interventions/``), so
+``test_interventions_golden.py`` checks that moving the kinds into their own modules changed no row.
+
+What is recorded: every column of every ``interventions`` row except ``run_id`` (a run id hashes
+the schema version and the config layout, which may change without any answer changing) and
+``model`` / ``base_run_id`` (named by the toy). Floats are stored with ``repr``, which round-trips
+float64 exactly, so the comparison is bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+GOLDEN = Path(__file__).parent / "data" / "interventions_golden.json"
+TOYS = ("toy-llava", "toy-paligemma", "toy-qwen2vl")
+QUESTIONS = 6
+COMPARED = (
+    "sample_id",
+    "kind",
+    "condition",
+    "level",
+    "setting",
+    "detail",
+    "answer_text",
+    "answer",
+    "parse_status",
+    "correct",
+    "yes_no_margin",
+    "p_yes",
+    "p_no",
+    "seed",
+)
+
+
+def _probe_rows(run_id: str, model: str, layer: int, hidden: int) -> list[dict[str, Any]]:
+    """A fixed L1 (8 neurons) and L2 (all) ranking of one layer, as `vrp analyze probes` writes them."""
+    rng = np.random.default_rng(7)
+    l1 = [int(c) for c in rng.choice(hidden, size=8, replace=False)]
+    l2 = [int(c) for c in rng.permutation(hidden)]
+    return [
+        {
+            "run_id": run_id,
+            "model": model,
+            "site": "mlp_out",
+            "layer": layer,
+            "method": method,
+            "neuron": neuron,
+            "coef": float(len(order) - rank),
+            "rank": rank + 1,
+        }
+        for method, order in (("l1", l1), ("l2", l2))
+        for rank, neuron in enumerate(order)
+    ]
+
+
+def produce_rows(workdir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Ingest each toy on a few held-out questions, run mask, ablate and destroy; rows per toy."""
+    from vrp.ingest.datasets import generate_shapes_pope
+    from vrp.ingest.interventions import plan_ablate, plan_destroy, plan_mask, run_intervention
+    from vrp.ingest.run import IngestOptions, run_ingest
+    from vrp.lake import open_lake
+
+    torch.set_num_threads(1)
+    quiet = {"echo": lambda _line: None, "progress": False}
+    data = generate_shapes_pope(workdir / "shapes", images=4, seed=2026)
+    lake_dir = str(workdir / "lake")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for toy in TOYS:
+        options = IngestOptions(
+            model=toy, data_dir=str(data), limit=QUESTIONS, batch_size=4, self_consistency=0
+        )
+        base = run_ingest(options, lake_dir, **quiet).run_id
+        lake = open_lake(lake_dir)
+        config = json.loads(lake.arrow("runs", filter={"run_id": base}).to_pylist()[0]["config"])
+        hidden = int(config["hidden_size"])
+        lake.write_table("probe_neurons", _probe_rows(base, toy, 3, hidden))
+        plans = [
+            plan_mask(lake, base, ratio=0.3, seed=1),
+            plan_ablate(lake, base, layer=-1, top_k=3, mode="mean", seed=0),
+            plan_destroy(lake, base, layer=-1, fractions=[0.25, 0.5], order="probe"),
+            plan_destroy(lake, base, layer=1, fractions=[0.1], order="random", seed=4),
+        ]
+        rows: list[dict[str, Any]] = []
+        for plan in plans:
+            run_intervention(plan, lake_dir, batch_size=4, **quiet)
+            table = open_lake(lake_dir).arrow("interventions", filter={"run_id": plan.run_id})
+            rows.extend({c: r[c] for c in COMPARED} for r in table.to_pylist())
+        out[toy] = sorted(
+            rows, key=lambda r: (r["kind"], r["setting"], r["sample_id"], r["condition"], r["level"])
+        )
+    return out
+
+
+def encode(rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Floats as their repr string, so JSON keeps every bit."""
+    return {
+        toy: [{k: repr(v) if isinstance(v, float) else v for k, v in row.items()} for row in toy_rows]
+        for toy, toy_rows in rows.items()
+    }
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        record = encode(produce_rows(Path(tmp)))
+    GOLDEN.parent.mkdir(exist_ok=True)
+    lines = [
+        f"{json.dumps(toy)}: [\n" + ",\n".join(json.dumps(row, sort_keys=True) for row in rows) + "\n]"
+        for toy, rows in sorted(record.items())
+    ]
+    GOLDEN.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+    print(f"wrote {sum(len(v) for v in record.values())} rows to {GOLDEN}", file=sys.stderr)
