@@ -65,8 +65,8 @@ def _probe_rows(run_id: str, model: str, layer: int, hidden: int) -> list[dict[s
 def produce_rows(workdir: Path) -> dict[str, list[dict[str, Any]]]:
     """Ingest each toy on a few held-out questions, run mask, ablate and destroy; rows per toy."""
     from vrp.ingest.datasets import generate_shapes_pope
-    from vrp.ingest.interventions import plan_ablate, plan_destroy, plan_mask, run_intervention
     from vrp.ingest.run import IngestOptions, run_ingest
+    from vrp.interventions import plan_ablate, plan_destroy, plan_mask, run_intervention
     from vrp.lake import open_lake
 
     torch.set_num_threads(1)

@@ -11,11 +11,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vrp.cli import main
-from vrp.ingest import interventions as iv
 from vrp.ingest.datasets import generate_shapes_pope
 from vrp.ingest.models import load_adapter
 from vrp.ingest.models.tiny import build_tiny
 from vrp.ingest.run import IngestOptions, run_ingest
+from vrp.interventions import ablate, hooks, mask, scoring
+from vrp.interventions import base as ivbase
+from vrp.interventions import destroy as destroy_kind
 from vrp.lake import open_lake
 
 FAMILIES = ("llava", "paligemma", "qwen2vl")
@@ -65,14 +67,14 @@ def _stored_maps(lake_dir: str, run_id: str, layer: int) -> dict[str, np.ndarray
 def _random_image(rng: np.random.Generator, height: int, width: int) -> Image.Image:
     """An image at the preprocessed size (every processor leaves it unresized), with no pixel at 128."""
     pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    pixels[pixels == iv.GREY] = iv.GREY - 1
+    pixels[pixels == mask.GREY] = mask.GREY - 1
     return Image.fromarray(pixels)
 
 
 def _grey_boxes(image: Image.Image, boxes: list[tuple[int, int, int, int]]) -> Image.Image:
     pixels = np.asarray(image).copy()
     for x0, y0, x1, y1 in boxes:
-        pixels[y0:y1, x0:x1] = iv.GREY
+        pixels[y0:y1, x0:x1] = mask.GREY
     return Image.fromarray(pixels)
 
 
@@ -80,17 +82,17 @@ def _grey_boxes(image: Image.Image, boxes: list[tuple[int, int, int, int]]) -> I
 def test_high_mask_greys_exactly_the_top_attended_patches(world, family) -> None:
     adapter = world["adapters"][family]
     run_id = world["runs"][family]
-    plan = iv.plan_mask(open_lake(world["lake"]), run_id, ratio=0.3, layer=-1, seed=1)
+    plan = mask.plan_mask(open_lake(world["lake"]), run_id, ratio=0.3, layer=-1, seed=1)
     assert plan.layer == 1 and plan.setting == "ratio=0.3,layer=1,seed=1"
 
     # the chosen cells are the 30% most attended cells of the stored last-layer map
     maps = _stored_maps(world["lake"], run_id, 1)
     sample_id, attention = sorted(maps.items())[0]
-    high = iv.rank_cells(plan.maps[sample_id][2], "high", iv.n_cells(0.3, attention.size))
+    high = mask.rank_cells(plan.maps[sample_id][2], "high", ivbase.n_cells(0.3, attention.size))
     assert len(high) == 5  # 0.3 * 16 = 4.8 -> 5
     others = np.setdiff1d(np.arange(attention.size), high)
     assert attention[high].min() >= attention[others].max()
-    low = iv.rank_cells(attention, "low", 5)
+    low = mask.rank_cells(attention, "low", 5)
     assert attention[low].max() <= attention[np.setdiff1d(np.arange(16), low)].min()
 
     # masking the preprocessed pixels == greying those boxes in an image the processor leaves unresized
@@ -100,7 +102,7 @@ def test_high_mask_greys_exactly_the_top_attended_patches(world, family) -> None
     questions = ["Is there a red circle in the image?", "Is there a blue star?"]
     enc = adapter.encode(images, questions)
     cells = [high, [0, enc.grids[1][0] * enc.grids[1][1] - 1]]
-    masked = iv.mask_cells(adapter, enc, cells)
+    masked = mask.mask_cells(adapter, enc, cells)
     greyed = [
         _grey_boxes(image, [adapter.patch_box(enc, row, cell) for cell in cells[row]])
         for row, image in enumerate(images)
@@ -118,8 +120,8 @@ def test_high_mask_greys_exactly_the_top_attended_patches(world, family) -> None
 def test_zero_patches_reproduce_the_baseline_answers(world, family) -> None:
     run_id = world["runs"][family]
     lake = open_lake(world["lake"])
-    plan = iv.plan_mask(lake, run_id, ratio=0.01, seed=3)  # 0.01 * 16 cells rounds to none
-    summary = iv.run_intervention(plan, world["lake"], adapter=world["adapters"][family], **QUIET)
+    plan = mask.plan_mask(lake, run_id, ratio=0.01, seed=3)  # 0.01 * 16 cells rounds to none
+    summary = ivbase.run_intervention(plan, world["lake"], adapter=world["adapters"][family], **QUIET)
     assert summary.written == N_QUESTIONS
     lake = open_lake(world["lake"])
     rows = lake.sql(
@@ -140,16 +142,18 @@ def test_mask_rerun_writes_nothing_and_a_new_seed_draws_new_random_patches(world
     lake_dir = world["lake"]
     adapter = world["adapters"]["llava"]
     base = world["runs"]["llava"]
-    first = iv.plan_mask(open_lake(lake_dir), base, ratio=0.3, seed=1)
-    iv.run_intervention(first, lake_dir, adapter=adapter, **QUIET)
+    first = mask.plan_mask(open_lake(lake_dir), base, ratio=0.3, seed=1)
+    ivbase.run_intervention(first, lake_dir, adapter=adapter, **QUIET)
     versions = open_lake(lake_dir).versions()
-    again = iv.run_intervention(iv.plan_mask(open_lake(lake_dir), base, ratio=0.3, seed=1), lake_dir, **QUIET)
+    again = ivbase.run_intervention(
+        mask.plan_mask(open_lake(lake_dir), base, ratio=0.3, seed=1), lake_dir, **QUIET
+    )
     assert again.written == 0 and again.skipped_done == N_QUESTIONS
     assert open_lake(lake_dir).versions() == versions, "a rerun must not commit anything"
 
-    second = iv.plan_mask(open_lake(lake_dir), base, ratio=0.3, seed=2)
+    second = mask.plan_mask(open_lake(lake_dir), base, ratio=0.3, seed=2)
     assert second.run_id != first.run_id
-    iv.run_intervention(second, lake_dir, adapter=adapter, **QUIET)
+    ivbase.run_intervention(second, lake_dir, adapter=adapter, **QUIET)
     lake = open_lake(lake_dir)
 
     def patches(run_id: str, condition: str) -> dict[str, list[int]]:
@@ -185,7 +189,7 @@ def test_edit_hook_zeroes_exactly_the_listed_coordinates_and_removal_restores_lo
         base_logits = adapter.model(**enc.inputs).logits
         handle.remove()
         edited: list[torch.Tensor] = []
-        with iv.EditOutput(module, coords):
+        with hooks.EditOutput(module, coords):
             handle = _trace(module, edited)  # registered after the edit: sees the edited output
             edited_logits = adapter.model(**enc.inputs).logits
             handle.remove()
@@ -201,14 +205,14 @@ def test_edit_hook_zeroes_exactly_the_listed_coordinates_and_removal_restores_lo
     # decoding steps are edited too, and mean mode writes the given values at every position
     values = [0.5, -1.25, 2.0]
     calls: list[torch.Tensor] = []
-    with iv.EditOutput(module, coords, values):
+    with hooks.EditOutput(module, coords, values):
         handle = _trace(module, calls)
-        iv.answer_batch(adapter, enc.inputs, ["yes", "no"], max_new_tokens=3)
+        scoring.answer_batch(adapter, enc.inputs, ["yes", "no"], max_new_tokens=3)
         handle.remove()
     assert len(calls) >= 2 and calls[1].shape[1] == 1  # prefill, then one token per step
     for out in calls:
         assert torch.equal(out[..., coords], torch.tensor(values).expand_as(out[..., coords]))
-    with pytest.raises(RuntimeError, match="boom"), iv.EditOutput(module, coords):
+    with pytest.raises(RuntimeError, match="boom"), hooks.EditOutput(module, coords):
         raise RuntimeError("boom")
     assert not module._forward_hooks, "the hook removes itself on error"
 
@@ -258,8 +262,8 @@ def test_ablate_and_destroy_runs(world) -> None:
     adapter = world["adapters"][family]
     l1, l2 = _write_probes(lake_dir, base, adapter.name, 1)
 
-    plan = iv.plan_ablate(open_lake(lake_dir), base, layer=-1, top_k=3, mode="mean", seed=0)
-    iv.run_intervention(plan, lake_dir, adapter=adapter, **QUIET)
+    plan = ablate.plan_ablate(open_lake(lake_dir), base, layer=-1, top_k=3, mode="mean", seed=0)
+    ivbase.run_intervention(plan, lake_dir, adapter=adapter, **QUIET)
     lake = open_lake(lake_dir)
     rows = lake.sql(
         f"select condition, level, detail, seed from interventions where run_id = '{plan.run_id}'"
@@ -280,15 +284,17 @@ def test_ablate_and_destroy_runs(world) -> None:
     assert details["probe"]["values"] == pytest.approx(hidden[:, sorted(l1[:3])].mean(axis=0).tolist())
     assert {s for c, _lv, _d, s in rows if c == "random"} == {0}
 
-    other = iv.plan_ablate(open_lake(lake_dir), base, layer=1, top_k=3, mode="mean", seed=5)
+    other = ablate.plan_ablate(open_lake(lake_dir), base, layer=1, top_k=3, mode="mean", seed=5)
     assert other.run_id != plan.run_id
     assert other.edits[1].coords == plan.edits[1].coords and other.edits[2].coords != plan.edits[2].coords
 
-    destroy = iv.plan_destroy(open_lake(lake_dir), base, layer="peak", fractions=[0.25, 0.5], order="probe")
+    destroy = destroy_kind.plan_destroy(
+        open_lake(lake_dir), base, layer="peak", fractions=[0.25, 0.5], order="probe"
+    )
     assert (
         destroy.layer == 1 and destroy.setting == "layer=1,order=probe,seed=0"
     )  # layer 1 has the best AUROC
-    iv.run_intervention(destroy, lake_dir, adapter=adapter, **QUIET)
+    ivbase.run_intervention(destroy, lake_dir, adapter=adapter, **QUIET)
     lake = open_lake(lake_dir)
     got = lake.sql(
         "select condition, level, count(*), min(detail) from interventions "
@@ -301,9 +307,9 @@ def test_ablate_and_destroy_runs(world) -> None:
         ("probe", 0.5, 6, 32),
     ]
     assert [e.coords for e in destroy.edits[1:]] == [tuple(sorted(l2[:16])), tuple(sorted(l2[:32]))]
-    with pytest.raises(iv.InterventionError, match="no l2 probe neurons for layer 0"):
+    with pytest.raises(ivbase.InterventionError, match="no l2 probe neurons for layer 0"):
         # layer 0's neurons were never ranked: the L2 order is read per layer
-        iv.plan_destroy(open_lake(lake_dir), base, layer=0, order="probe")
+        destroy_kind.plan_destroy(open_lake(lake_dir), base, layer=0, order="probe")
 
 
 def test_missing_prerequisites_fail_before_any_model_is_loaded(world, tmp_path) -> None:

@@ -66,8 +66,8 @@ def run_demo(
     """Every stage of the study on the toys; returns the report folder. Reruns resume."""
     from vrp.analysis.report import write_report
     from vrp.analysis.store import fit_and_store_probes
-    from vrp.ingest.interventions import plan_ablate, plan_destroy, plan_mask, run_intervention
     from vrp.ingest.run import IngestOptions, run_ingest
+    from vrp.interventions import plan_ablate, plan_destroy, plan_mask, run_intervention
     from vrp.lake import open_lake
 
     started = time.monotonic()

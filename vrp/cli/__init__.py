@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lake": ("vrp.lake.commands", "lake"),
     "data": ("vrp.ingest.commands", "data"),
     "ingest": ("vrp.ingest.commands", "ingest"),
+    "intervene": ("vrp.interventions.commands", "intervene"),
     "toy": ("vrp.ingest.commands", "toy"),
     "analyze": ("vrp.analysis.commands", "analyze"),
     "report": ("vrp.analysis.commands", "report"),

@@ -14,9 +14,7 @@ from vrp.cli.options import (
     device_option,
     lake_option,
     lake_root,
-    open_existing_lake,
     parse_bytes,
-    parse_float_list,
     parse_int_list,
     parse_shard,
     seed_option,
@@ -371,175 +369,11 @@ def toy_train(
     )
 
 
-def _intervention_options(command):  # noqa: ANN001, ANN202 - a click decorator
-    """Options every `vrp ingest intervene` command shares (base run, model, data, batching, lake)."""
-    options = [
-        click.option("--base-run", required=True, help="run_id of the `vrp ingest run` to intervene on."),
-        click.option("--model", help="Checkpoint to load (default: the base run's own model source)."),
-        seed_option(default=0, help="Seed of the random control."),
-        batch_size_option(default=8),
-        device_option,
-        click.option(
-            "--data-dir", type=click.Path(file_okay=False), help="Base run's shapes-POPE folder, if moved."
-        ),
-        click.option("--pope-file", type=click.Path(dir_okay=False), help="Base run's POPE file, if moved."),
-        click.option(
-            "--image-dir", type=click.Path(file_okay=False), help="Base run's POPE images, if moved."
-        ),
-        lake_option,
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _add_intervene_alias() -> None:
+    """`vrp ingest intervene ...` stays an alias of `vrp intervene ...` (vrp/interventions/commands.py)."""
+    from vrp.interventions.commands import intervene
+
+    ingest.add_command(intervene, "intervene")
 
 
-def _run_plan(make_plan, params: dict) -> None:  # noqa: ANN001 - make_plan(lake) -> InterventionPlan
-    """Build the plan (every prerequisite checked, no model loaded), then run it and print the summary."""
-    from vrp.ingest.interventions import InterventionError, run_intervention
-
-    lake = open_existing_lake(params["lake_dir"])
-    try:
-        plan = make_plan(lake)
-        summary = run_intervention(
-            plan,
-            lake.root,
-            model=params["model"],
-            device=params["device"],
-            batch_size=params["batch_size"],
-            data_dir=params["data_dir"],
-            pope_file=params["pope_file"],
-            image_dir=params["image_dir"],
-            echo=click.echo,
-        )
-    except (InterventionError, ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    for line in summary.lines():
-        click.echo(line)
-
-
-@ingest.group("intervene")
-def intervene() -> None:
-    """Causal interventions on a base run: each writes a run of its own to `interventions`.
-
-    Inputs come from the lake (the base run's attention maps, the probe neurons of
-    `vrp analyze probes`); every prerequisite is checked before the model is loaded, and a rerun
-    of the same setting writes nothing.
-    """
-
-
-@intervene.command("mask")
-@_intervention_options
-@click.option(
-    "--ratio", default=0.3, show_default=True, type=float, help="Share of patches to grey out, in (0, 1)."
-)
-@click.option(
-    "--conditions",
-    default="full,high,low,random",
-    show_default=True,
-    help="full (no mask), high / low (most / least attended patches), random (seeded).",
-)
-@click.option(
-    "--layer", default=-1, show_default=True, type=int, help="Layer whose stored map ranks the patches."
-)
-def intervene_mask(**params: object) -> None:
-    """Grey out (RGB 128) the most / least attended or random patches and re-answer.
-
-    Masking happens on the preprocessed pixel values (in the processor's normalisation), so
-    exactly the pixels of the chosen patches change, Qwen2-VL's merged patches included.
-    """
-    from vrp.ingest.interventions import plan_mask
-
-    conditions = [c.strip() for c in str(params["conditions"]).split(",") if c.strip()]
-    _run_plan(
-        lambda lake: plan_mask(
-            lake,
-            str(params["base_run"]),
-            ratio=float(params["ratio"]),
-            conditions=conditions,
-            layer=int(params["layer"]),
-            seed=int(params["seed"]),
-        ),
-        params,
-    )
-
-
-@intervene.command("ablate")
-@_intervention_options
-@click.option(
-    "--layer", required=True, type=int, help="Decoder layer whose MLP output is edited (-1 = last)."
-)
-@click.option(
-    "--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Probe neurons to ablate."
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["zero", "mean"]),
-    default="zero",
-    show_default=True,
-    help="mean = the coordinate's mean MLP output at the answer position over the base run.",
-)
-@click.option(
-    "--control",
-    type=click.Choice(["random", "none"]),
-    default="random",
-    show_default=True,
-    help="random: k other coordinates drawn with --seed.",
-)
-def intervene_ablate(**params: object) -> None:
-    """Zero or mean-replace the top-k L1 probe neurons of a layer's MLP output at every position."""
-    from vrp.ingest.interventions import plan_ablate
-
-    _run_plan(
-        lambda lake: plan_ablate(
-            lake,
-            str(params["base_run"]),
-            layer=int(params["layer"]),
-            top_k=int(params["top_k"]),
-            mode=str(params["mode"]),
-            control=str(params["control"]),
-            seed=int(params["seed"]),
-        ),
-        params,
-    )
-
-
-@intervene.command("destroy")
-@_intervention_options
-@click.option("--layer", required=True, help="Decoder layer (-1 = last) or 'peak' (best probe layer).")
-@click.option(
-    "--fractions",
-    default="0.05,0.1,0.25,0.5,0.75",
-    show_default=True,
-    help="Shares of the MLP output coordinates to zero.",
-)
-@click.option(
-    "--order",
-    type=click.Choice(["probe", "random"]),
-    default="probe",
-    show_default=True,
-    help="probe: the L2 probe's |coefficient| order; random: a permutation drawn with --seed.",
-)
-def intervene_destroy(**params: object) -> None:
-    """Zero a growing share of a layer's MLP output coordinates and re-answer (the destruction sweep)."""
-    from vrp.ingest.interventions import plan_destroy
-
-    layer_text = str(params["layer"]).strip()
-    if layer_text != "peak":
-        try:
-            layer: int | str = int(layer_text)
-        except ValueError as exc:
-            raise click.BadParameter("expected an integer or 'peak'", param_hint="--layer") from exc
-    else:
-        layer = "peak"
-    fractions = parse_float_list(str(params["fractions"]), param_hint="--fractions")
-    _run_plan(
-        lambda lake: plan_destroy(
-            lake,
-            str(params["base_run"]),
-            layer=layer,
-            fractions=fractions,
-            order=str(params["order"]),
-            seed=int(params["seed"]),
-        ),
-        params,
-    )
+_add_intervene_alias()

@@ -8,7 +8,6 @@ are processed. A bad sample (unreadable image, bad label, NaN in its activations
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 import vrp
 from vrp.ingest.answers import majority_answer
@@ -25,6 +22,7 @@ from vrp.ingest.capture import ATTENTION_BACKEND, BatchCapture, capture_batch
 from vrp.ingest.generate import sample_answers, sample_seed
 from vrp.ingest.prompts import apply_template, question_template
 from vrp.lake.identity import make_run_id
+from vrp.runs.loop import BatchOutcome, run_loop
 from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
 
 HIDDEN_SITES = ("resid", "mlp_out")
@@ -351,62 +349,50 @@ def execute_ingest(
     # samples, then reports what is committed (the authority; the plan's read only sized the run).
     lake = open_lake(lake_root)
     writer = lake.writer(plan.run_row, shard=options.shard, owned_sample_ids=[s.sample_id for s in samples])
-    done = writer.begin()
-    todo = [s for s in samples if s.sample_id not in done]
 
-    failures = [
-        {
-            "sample_id": e.sample_id or f"{e.dataset}:{e.split}:{e.question_id}",
-            "dataset": e.dataset,
-            "split": e.split,
-            "question_id": e.question_id,
-            "stage": e.stage,
-            "error": e.error,
-        }
-        for e in plan.load_errors
-    ]
-    if failures:
-        writer.fail(failures)
-        summary.failures.extend((f["sample_id"], f["stage"], f["error"]) for f in failures)
+    def record_load_errors(_todo: list[Any]) -> None:
+        failures = [
+            {
+                "sample_id": e.sample_id or f"{e.dataset}:{e.split}:{e.question_id}",
+                "dataset": e.dataset,
+                "split": e.split,
+                "question_id": e.question_id,
+                "stage": e.stage,
+                "error": e.error,
+            }
+            for e in plan.load_errors
+        ]
+        if failures:
+            writer.fail(failures)
+            summary.failures.extend((f["sample_id"], f["stage"], f["error"]) for f in failures)
 
-    show = sys.stderr.isatty() if progress is None else progress
-    pending: dict[str, list[dict[str, Any]]] = {}
-    pending_samples = 0
-    batch_size = options.batch_size
-    with tqdm(total=len(todo), desc=f"ingest {adapter.name}", unit="q", disable=not show) as bar:
-        position = 0
-        while position < len(todo):
-            batch = todo[position : position + batch_size]
-            try:
-                rows, batch_failures = _process_batch(adapter, plan.task, batch, layers, options)
-            except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-                batch_size = max(1, batch_size // 2)
-                torch.cuda.empty_cache()
-                echo(f"out of GPU memory: retrying with batch size {batch_size}")
-                continue
-            position += len(batch)
-            bar.update(len(batch))
-            if batch_failures:
-                if options.strict:
-                    first = batch_failures[0]
-                    raise IngestError(
-                        f"sample {first['sample_id']} failed at {first['stage']}: {first['error']} "
-                        "(--strict stops the run; without it the sample is recorded in failures)"
-                    )
-                writer.fail(batch_failures)
-                summary.failures.extend((f["sample_id"], f["stage"], f["error"]) for f in batch_failures)
-            for table, table_rows in rows.items():
-                pending.setdefault(table, []).extend(table_rows)
-            pending_samples += len(rows.get("samples", []))
-            _tally(summary, rows.get("samples", []))
-            if pending_samples >= options.commit_samples:
-                writer.commit(pending)
-                pending, pending_samples = {}, 0
-    if pending_samples:
-        writer.commit(pending)
-    writer.finish("complete")
+    def step(batch: Sequence[Any]) -> BatchOutcome:
+        rows, failures = _process_batch(adapter, plan.task, batch, layers, options)
+        return BatchOutcome(rows=rows, completed=len(rows.get("samples", [])), failures=failures)
+
+    def tally(outcome: BatchOutcome) -> None:
+        if outcome.failures:
+            if options.strict:
+                first = outcome.failures[0]
+                raise IngestError(
+                    f"sample {first['sample_id']} failed at {first['stage']}: {first['error']} "
+                    "(--strict stops the run; without it the sample is recorded in failures)"
+                )
+            summary.failures.extend((f["sample_id"], f["stage"], f["error"]) for f in outcome.failures)
+        _tally(summary, outcome.rows.get("samples", []))
+
+    run_loop(
+        writer,
+        samples,
+        step,
+        batch_size=options.batch_size,
+        commit_samples=options.commit_samples,
+        desc=f"ingest {adapter.name}",
+        progress=progress,
+        echo=echo,
+        start=record_load_errors,
+        on_batch=tally,
+    )
     return summary
 
 

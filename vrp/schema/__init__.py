@@ -315,6 +315,11 @@ TABLES: dict[str, TableSpec] = {
                 *_f64("yes_no_margin", "p_yes", "p_no"),
                 _opt("seed", pa.int64()),
                 *_f64("score", "truth_prob", "truth_margin"),  # schema version 2
+                # the first token's entropy: with truth_margin, the masking detector (high minus full)
+                *_f64("token_entropy"),
+                # patch: whose activations were written in, and the share of the truth-margin gap closed
+                _opt("donor_sample_id", pa.string()),
+                *_f64("restoration"),
             ],
             ("model", "kind"),
             ("run_id", "sample_id", "condition", "level"),
