@@ -406,3 +406,75 @@ def test_missing_prerequisites_fail_before_any_model_is_loaded(lake_world, tmp_p
     assert "ends before it starts" in fails("knockout", "--base-run", base, "--layers", "2-1")
     assert "names a window twice" in fails("knockout", "--base-run", base, "--layers", "0-1,0-1")
     assert "out of range" in fails("knockout", "--base-run", base, "--layers", "0-5")
+
+
+def test_named_queries_and_report_figures_of_patch_knockout_and_the_mask_detector(world, lake_world) -> None:
+    from vrp.analysis.report import _causal_figures
+    from vrp.interventions.mask import plan_mask
+    from vrp.lake.query import named_query
+
+    lake_dir, base = lake_world["lake"], lake_world["base"]
+    adapter = world["adapters"]["llava"]
+    for plan in (
+        patch.plan_patch(open_lake(lake_dir), base, site="mlp_out", layers="0,2", pairs="random", seed=4),
+        plan_knockout(open_lake(lake_dir), base, layers="0,1-2", source="text"),
+        plan_mask(open_lake(lake_dir), base, ratio=0.5, seed=1),
+    ):
+        ivbase.run_intervention(plan, lake_dir, adapter=adapter, batch_size=6, **QUIET)
+    lake = open_lake(lake_dir)
+    rows = lake.arrow("interventions").to_pylist()
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values)
+
+    restoration = lake.sql(named_query("patch_restoration")).to_arrow_table().to_pylist()
+    for got in restoration:
+        cell = [
+            r
+            for r in rows
+            if r["kind"] == "patch"
+            and r["condition"] == "patch"
+            and int(r["level"]) == got["layer"]
+            and f"site={got['site']}," in r["setting"]
+            and f"pairs={got['pairs']}," in r["setting"]
+        ]
+        assert got["n"] == sum(r["restoration"] is not None for r in cell)
+        assert got["mean_restoration"] == pytest.approx(mean(r["restoration"] for r in cell))
+    assert {(r["site"], r["layer"]) for r in restoration if r["pairs"] == "random"} >= {
+        ("mlp_out", 0),
+        ("mlp_out", 2),
+    }
+
+    effects = lake.sql(named_query("knockout_effects")).to_arrow_table().to_pylist()
+    text = {r["window"]: r for r in effects if r["source"] == "text"}
+    assert sorted(text) == ["0", "1-2"] and text["1-2"]["first_layer"] == 1
+    runs = {r["run_id"] for r in rows if r["kind"] == "knockout" and "from=text" in r["setting"]}
+    full = {r["sample_id"]: r for r in rows if r["run_id"] in runs and r["condition"] == "full"}
+    window = [r for r in rows if r["run_id"] in runs and r["condition"] == "1-2"]
+    acc = mean(float(bool(r["correct"])) for r in window) - mean(
+        float(bool(f["correct"])) for f in full.values()
+    )
+    assert text["1-2"]["delta_accuracy"] == pytest.approx(acc)
+    assert text["1-2"]["delta_truth_margin"] == pytest.approx(
+        mean(r["truth_margin"] - full[r["sample_id"]]["truth_margin"] for r in window)
+    )
+
+    detector = lake.sql(named_query("mask_detector")).to_arrow_table().to_pylist()
+    masked = {(r["sample_id"], r["condition"]): r for r in rows if r["kind"] == "mask"}
+    assert len(detector) == 12
+    for got in detector:
+        high, ref = masked[(got["sample_id"], "high")], masked[(got["sample_id"], "full")]
+        assert got["mask_entropy_delta"] == pytest.approx(high["token_entropy"] - ref["token_entropy"])
+        assert got["mask_truth_margin_delta"] == pytest.approx(high["truth_margin"] - ref["truth_margin"])
+    inputs = {
+        r["sample_id"]: r for r in lake.sql(named_query("correlation_inputs")).to_arrow_table().to_pylist()
+    }
+    for got in detector:
+        if got["sample_id"] in inputs:  # unparsable answers are not in the correlation table
+            assert inputs[got["sample_id"]]["mask_entropy_delta"] == pytest.approx(got["mask_entropy_delta"])
+
+    figures = _causal_figures(lake, world["root"] / "figures")
+    assert [name for name, _ in figures] == ["patch_restoration.png", "knockout_by_window.png"]
+    for name, _ in figures:
+        assert (world["root"] / "figures" / name).stat().st_size > 1000

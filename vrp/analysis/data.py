@@ -26,6 +26,10 @@ HEADLINE_METRICS: tuple[tuple[str, str, int], ...] = (
     ("|yes/no margin|", "abs_yes_no_margin", 1),
     ("answer log-prob", "answer_logprob", 1),
     ("self-consistency", "sc_agreement", 1),
+    # the masking detector (high minus full per sample): an answer that loses much when its most
+    # attended patches are greyed was grounded in them
+    ("mask: entropy rise (high - full)", "mask_entropy_delta", 1),
+    ("mask: truth-margin change (high - full)", "mask_truth_margin_delta", -1),
 )
 
 

@@ -237,3 +237,71 @@ def destruction_curve_figure(rows: Sequence[dict[str, Any]], path: str | Path) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def patch_heatmap_figure(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """The causal-tracing heatmap: mean restoration by layer x site, one panel per model and pairing.
+
+    ``rows``: the named query ``patch_restoration`` (model, site, layer, mean_restoration, n,
+    positions, pairs). Colour 1 = the donor's truth margin fully restored, 0 = no change.
+    """
+    from matplotlib.figure import Figure
+
+    panels: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("mean_restoration") is not None:
+            panels.setdefault((str(row["model"]), str(row["positions"]), str(row["pairs"])), []).append(row)
+    if not panels:
+        raise ValueError("no patch rows to draw: run `vrp intervene patch` first")
+    sites = ("resid", "attn_out", "mlp_out")
+    fig = Figure(figsize=(4.5 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, ((model, positions, pairs), cells) in zip(axes, sorted(panels.items()), strict=True):
+        layers = sorted({int(c["layer"]) for c in cells})
+        grid = np.full((len(sites), len(layers)), np.nan)
+        for c in cells:
+            if c["site"] in sites:
+                grid[sites.index(c["site"]), layers.index(int(c["layer"]))] = c["mean_restoration"]
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=min(0.0, np.nanmin(grid)), vmax=1.0)
+        ax.set(xticks=range(len(layers)), xticklabels=layers, yticks=range(len(sites)), yticklabels=sites)
+        ax.set_xlabel("layer")
+        ax.set_title(f"{model}\n({positions} positions, {pairs} pairs)", fontsize="small")
+        fig.colorbar(image, ax=ax, label="mean restoration")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def knockout_figure(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Change in accuracy and truth margin by knockout window, one line per model and source.
+
+    ``rows``: the named query ``knockout_effects`` (model, source, window, first_layer,
+    delta_accuracy, delta_truth_margin, n, ...). Where the lines dip is where image information
+    flows into the answer.
+    """
+    from matplotlib.figure import Figure
+
+    lines: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        lines.setdefault((str(row["model"]), str(row["source"])), []).append(row)
+    if not lines:
+        raise ValueError("no knockout rows to draw: run `vrp intervene knockout` first")
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    acc_ax, margin_ax = fig.subplots(1, 2)
+    for (model, source), points in sorted(lines.items()):
+        points = sorted(points, key=lambda r: (r["first_layer"], str(r["window"])))
+        x = [p["first_layer"] for p in points]
+        label = f"{model} (from {source})"
+        acc_ax.plot(x, [100 * p["delta_accuracy"] for p in points], marker="o", label=label)
+        margin_ax.plot(x, [p["delta_truth_margin"] for p in points], marker="o", label=label)
+    for ax, what in ((acc_ax, "accuracy (pp)"), (margin_ax, "mean truth margin")):
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set(xlabel="first layer of the knocked-out window", ylabel=f"change in {what}")
+    acc_ax.set_title("Knockout of image attention: accuracy")
+    margin_ax.set_title("Knockout of image attention: truth margin")
+    acc_ax.legend(fontsize="small")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

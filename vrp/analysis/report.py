@@ -27,7 +27,12 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from vrp.analysis import compute, data, margins, stats
-from vrp.analysis.interventions import deltas_from_lake, destruction_curve_figure
+from vrp.analysis.interventions import (
+    deltas_from_lake,
+    destruction_curve_figure,
+    knockout_figure,
+    patch_heatmap_figure,
+)
 from vrp.analysis.type_map import tag_metrics
 from vrp.lake import Lake, open_lake
 
@@ -474,6 +479,20 @@ def figure_entropy(profiles: dict[str, margins.EntropyProfile], path: Path) -> b
 # ----------------------------------------------------------------------------- assembly
 
 
+def _causal_figures(lake: Lake, figdir: Path) -> list[tuple[str, str]]:
+    """The causal-tracing heatmap (patch) and the knockout curves, when the lake has those runs."""
+    out = []
+    restoration = data.query(lake, "patch_restoration").to_pylist()
+    if any(r["mean_restoration"] is not None for r in restoration):
+        patch_heatmap_figure(restoration, figdir / "patch_restoration.png")
+        out.append(("patch_restoration.png", "Activation patching: restoration by layer and site"))
+    knockout = data.query(lake, "knockout_effects").to_pylist()
+    if knockout:
+        knockout_figure(knockout, figdir / "knockout_by_window.png")
+        out.append(("knockout_by_window.png", "Attention knockout: change by window of layers"))
+    return out
+
+
 def render(
     lake: Lake,
     out: Path,
@@ -512,6 +531,7 @@ def render(
     if any(e["kind"] == "destroy" and e["group"] is None for e in effects):
         destruction_curve_figure(effects, figdir / "destruction_curve.png")
         figures.append(("destruction_curve.png", "Destruction sweep"))
+    figures += _causal_figures(lake, figdir)
     tables = [headline_table(h, n_boot)]
     if "yesno" in tasks:
         tables.append(pope_table(lake))
