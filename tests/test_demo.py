@@ -34,12 +34,14 @@ def test_demo_runs_end_to_end(tmp_path) -> None:
     assert per_model == {name: 3 * QUESTIONS for name in ("toy-llava", "toy-paligemma", "toy-qwen2vl")}
     assert lake.sql("select count(*) from generations").fetchall()[0][0] == 3 * 3 * QUESTIONS * K
     kinds = {row[0] for row in lake.sql("select distinct kind from interventions").fetchall()}
-    assert kinds == {"mask", "ablate", "destroy"}
+    assert kinds == {"mask", "ablate", "destroy", "patch", "knockout"}
     assert lake.sql("select count(distinct run_id) from probe_layers").fetchall()[0][0] == 3
 
     report = (out_dir / "latest" / "report.md").read_text()
     for section in ("Headline", "POPE", "Probe", "Margin", "Intervention", "Provenance"):
         assert re.search(rf"^#+ .*{section}", report, flags=re.MULTILINE | re.IGNORECASE), section
-    for figure in re.findall(r"\]\((figures/[^)]+)\)", report):
+    figures = re.findall(r"\]\((figures/[^)]+)\)", report)
+    assert {"figures/patch_restoration.png", "figures/knockout_by_window.png"} <= set(figures)
+    for figure in figures:
         assert (out_dir / "latest" / figure).is_file(), figure
     assert "report.html" in result.output

@@ -2,7 +2,8 @@
 
 It generates a held-out shapes-POPE benchmark (a seed no toy was trained on), ingests it with
 the three shipped toy models (one per family) with K-sample self-consistency, fits the probes,
-runs the three interventions and writes the report. Every step is the same code a GPU run over
+runs the interventions (patch masking, neuron ablation, the destruction sweep, activation
+patching and attention knockout) and writes the report. Every step is the same code a GPU run over
 real POPE uses; only the models and the data are small.
 """
 
@@ -67,7 +68,15 @@ def run_demo(
     from vrp.analysis.report import write_report
     from vrp.analysis.store import fit_and_store_probes
     from vrp.ingest.run import IngestOptions, run_ingest
-    from vrp.interventions import plan_ablate, plan_destroy, plan_mask, run_intervention
+    from vrp.interventions import (
+        InterventionError,
+        plan_ablate,
+        plan_destroy,
+        plan_knockout,
+        plan_mask,
+        plan_patch,
+        run_intervention,
+    )
     from vrp.lake import open_lake
 
     started = time.monotonic()
@@ -103,6 +112,15 @@ def run_demo(
                 plan_destroy(lake_handle, run_id, layer=peak, order="probe", seed=1),
                 plan_destroy(lake_handle, run_id, layer=peak, order="random", seed=1),
             ]
+        # causal tracing: every layer and site, wrong answers patched from right ones; knockout of
+        # the answer's view of the image, one layer at a time
+        for site in ("resid", "attn_out", "mlp_out"):
+            try:
+                plans.append(plan_patch(lake_handle, run_id, site=site, layers="all", seed=1))
+            except InterventionError as exc:
+                echo(f"[demo] {model}: no activation patching ({exc})")
+                break
+        plans.append(plan_knockout(lake_handle, run_id, layers="all", source="answer"))
         for plan in plans:
             _stage(echo, f"intervention {plan.kind} on {model} ({plan.setting})")
             result = run_intervention(plan, lake, batch_size=16, echo=echo, progress=show)
