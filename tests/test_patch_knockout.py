@@ -478,3 +478,14 @@ def test_named_queries_and_report_figures_of_patch_knockout_and_the_mask_detecto
     assert [name for name, _ in figures] == ["patch_restoration.png", "knockout_by_window.png"]
     for name, _ in figures:
         assert (world["root"] / "figures" / name).stat().st_size > 1000
+
+
+def test_cli_knockout_prints_its_summary_as_json_and_the_old_group_is_an_alias(lake_world) -> None:
+    args = ["--base-run", lake_world["base"], "--layers", "1", "--from", "text", "--lake", lake_world["lake"]]
+    result = CliRunner().invoke(main, ["intervene", "knockout", *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["kind"] == "knockout" and summary["written"] == 12
+    assert {(c["condition"], c["n"]) for c in summary["conditions"]} == {("full", 12), ("1", 12)}
+    again = CliRunner().invoke(main, ["ingest", "intervene", "knockout", *args])
+    assert again.exit_code == 0 and "0 new samples, 12 already in the lake" in again.output

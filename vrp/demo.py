@@ -77,6 +77,7 @@ def run_demo(
         plan_patch,
         run_intervention,
     )
+    from vrp.interventions.base import peak_layer
     from vrp.lake import open_lake
 
     started = time.monotonic()
@@ -101,7 +102,10 @@ def run_demo(
         echo(_probe_line(outcome))
     for model, run_id in base_runs.items():
         plans = [plan_mask(lake_handle, run_id, ratio=0.3, seed=1)]
-        peak = _peak_layer(lake_handle, run_id)
+        try:  # the best probe layer (residual stream preferred), as `destroy --layer peak` takes it
+            peak: int | None = peak_layer(lake_handle, run_id)
+        except InterventionError:
+            peak = None
         if peak is None:
             echo(
                 f"[demo] {model}: no probe could be fitted (see above), so no neuron ablation or destruction"
@@ -135,15 +139,6 @@ def run_demo(
     minutes = (time.monotonic() - started) / 60
     _stage(echo, f"done in {minutes:.1f} min; report: {outcome.path / 'report.html'}")
     return outcome.path
-
-
-def _peak_layer(lake, run_id: str) -> int | None:
-    """The decoder layer whose held-out residual-stream probe scored the highest AUROC (None: no probe)."""
-    rows = lake.sql(
-        f"select layer from probe_layers where run_id = '{run_id}' and probe = 'logreg' "
-        "and site = 'resid' order by auroc desc, layer limit 1"
-    ).fetchall()
-    return int(rows[0][0]) if rows else None
 
 
 def _probe_line(outcome: StoredProbes) -> str:
