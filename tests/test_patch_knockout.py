@@ -97,6 +97,18 @@ def test_last_layer_residual_patch_at_the_answer_gives_the_donors_distribution(w
         torch.log_softmax(patched, -1), torch.log_softmax(expected, -1), rtol=0, atol=1e-5
     )
 
+    # the same through generate (the run's path): a donor with the recipient's label brings the
+    # recipient's truth margin to the donor's own, so the restoration is 1
+    by_label = {label: [s for s in samples if s.label == label] for label in ("yes", "no")}
+    same = [(r.sample_id, by_label[r.label][-1].sample_id) for r in samples[:4]]
+    plan = _patch_plan(same)
+    batch = plan.select(samples)
+    rows = answer_conditions(plan, adapter, batch, _labels(batch))
+    patched_rows = [r for r in rows if r["condition"] == "patch"]
+    assert len(patched_rows) == 4
+    for row in patched_rows:
+        assert row["restoration"] == pytest.approx(1.0, abs=1e-4), row["sample_id"]
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_self_patch_changes_nothing_bit_for_bit(world, family) -> None:
