@@ -5,7 +5,8 @@
 Ingests each toy on held-out shapes-POPE (the demo's seed; ``--questions`` per split, no
 self-consistency), then runs ``patch`` at every site over every layer (answer position,
 counterfactual pairs) and ``knockout`` of every single layer from the answer and from all text.
-Prints, per toy: the (site, layer) with the highest mean restoration and the knockout window
+Prints, per toy: the (site, layer) with the highest mean restoration (also without the last
+layer's residual, where restoration is 1 by construction) and the knockout window
 that costs the most accuracy, from the named queries ``patch_restoration`` and
 ``knockout_effects`` (the report's figures read the same queries).
 """
@@ -56,6 +57,12 @@ def main() -> None:
         best = max(mine, key=lambda r: r[3])
         print(
             f"{toy}: highest mean restoration {best[3]:+.3f} at site {best[1]}, layer {best[2]} (n={best[4]})"
+        )
+        last = max(r[2] for r in mine)
+        inner = max((r for r in mine if (r[1], r[2]) != ("resid", last)), key=lambda r: r[3])
+        print(
+            f"{toy}: without the last layer's residual (an identity): {inner[3]:+.3f} at site {inner[1]}, "
+            f"layer {inner[2]}"
         )
         hits = [r for r in knockout if r[0] == toy]
         for source in ("answer", "text"):

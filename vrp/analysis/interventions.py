@@ -295,8 +295,10 @@ def knockout_figure(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         label = f"{model} (from {source})"
         acc_ax.plot(x, [100 * p["delta_accuracy"] for p in points], marker="o", label=label)
         margin_ax.plot(x, [p["delta_truth_margin"] for p in points], marker="o", label=label)
+    ticks = sorted({int(p["first_layer"]) for points in lines.values() for p in points})
     for ax, what in ((acc_ax, "accuracy (pp)"), (margin_ax, "mean truth margin")):
         ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_xticks(ticks)
         ax.set(xlabel="first layer of the knocked-out window", ylabel=f"change in {what}")
     acc_ax.set_title("Knockout of image attention: accuracy")
     margin_ax.set_title("Knockout of image attention: truth margin")
