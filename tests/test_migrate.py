@@ -21,7 +21,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from vrp.cli import main
 from vrp.ingest.datasets.shapes import generate_shapes_pope
-from vrp.ingest.interventions import plan_mask, run_intervention
+from vrp.interventions import plan_mask, run_intervention
 from vrp.ingest.run import IngestOptions, run_ingest
 from vrp.lake import LakeSchemaVersionError, open_lake
 from vrp.schema import SCHEMA_VERSION, SCHEMA_VERSION_PROPERTY, TABLES
@@ -43,7 +43,14 @@ ADDED_IN_V2 = {
     ],
     "layers": ["lens_truth_rank"],
     "generations": ["score"],
-    "interventions": ["score", "truth_prob", "truth_margin"],
+    "interventions": [
+        "score",
+        "truth_prob",
+        "truth_margin",
+        "token_entropy",
+        "donor_sample_id",
+        "restoration",
+    ],
 }
 # A table the version-1 lake lacks (never written there), which migrate must create.
 ABSENT = "probe_neurons"
@@ -202,3 +209,33 @@ def test_a_lake_that_cannot_be_reached_by_adding_columns_is_left_untouched(tmp_p
     assert result.exit_code != 0 and "cannot reach by adding columns" in result.output
     assert all(_version(root, name) == "1" for name in ("samples", "layers", "runs"))
     assert "task" not in DeltaTable(str(root / "samples")).schema().to_arrow().names
+
+
+def test_a_current_lake_lacking_columns_added_since_is_told_to_migrate(tmp_path, source) -> None:
+    """Same schema version, fewer columns (the patch columns came after version 2 shipped)."""
+    later = ("token_entropy", "donor_sample_id", "restoration")
+    root = tmp_path / "lake"
+    for name, table in source.items():
+        if name == "data":
+            continue
+        spec = TABLES[name]
+        schema = pa.schema([f for f in spec.schema if name != "interventions" or f.name not in later])
+        DeltaTable.create(
+            str(root / name),
+            schema,
+            partition_by=list(spec.partition_by) or None,
+            configuration={SCHEMA_VERSION_PROPERTY: str(SCHEMA_VERSION)},
+            raise_if_key_not_exists=False,
+        )
+        write_deltalake(str(root / name), table.select(schema.names).cast(schema), mode="append")
+    with pytest.raises(Exception, match="run `vrp lake migrate --lake .*` to add them") as info:
+        open_lake(root)
+    assert "donor_sample_id" in str(info.value)
+    result = CliRunner().invoke(main, ["lake", "migrate", "--lake", str(root)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "interventions: schema version 2 -> 2, added token_entropy, donor_sample_id, restoration"
+        in result.output
+    )
+    interventions = open_lake(root).arrow("interventions")
+    assert interventions.column("restoration").null_count == interventions.num_rows > 0

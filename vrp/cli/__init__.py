@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vrp.demo", "demo"),
 }
 
+#: (group, name) -> the top-level command it also offers: `vrp ingest intervene` is the old home
+#: of `vrp intervene`, kept so scripts written for it keep working.
+ALIASES: dict[tuple[str, str], str] = {("ingest", "intervene"): "intervene"}
+
 
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported only when they are run or listed."""
@@ -46,7 +50,14 @@ class LazyGroup(click.Group):
             if exc.name == module_name:  # that room has not been built yet
                 return None
             raise
-        return getattr(module, attr, None)
+        command = getattr(module, attr, None)
+        if isinstance(command, click.Group):
+            for (group, alias), target in ALIASES.items():
+                if group == name and alias not in command.commands:
+                    aliased = LazyGroup._load(target)
+                    if aliased is not None:
+                        command.add_command(aliased, alias)
+        return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -367,13 +367,3 @@ def toy_train(
         f"saved {card['name']} to {out_dir} after {card['training']['steps']} steps "
         f"({card['training']['minutes']:.1f} min): held-out accuracy {accuracy}"
     )
-
-
-def _add_intervene_alias() -> None:
-    """`vrp ingest intervene ...` stays an alias of `vrp intervene ...` (vrp/interventions/commands.py)."""
-    from vrp.interventions.commands import intervene
-
-    ingest.add_command(intervene, "intervene")
-
-
-_add_intervene_alias()

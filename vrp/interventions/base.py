@@ -1,4 +1,4 @@
-"""The intervention protocol and what every kind shares: base-run reads, the model, the run.
+"""The intervention protocol and what every kind shares (docs/ARCHITECTURE.md section 5).
 
 What this module offers:
 

@@ -113,6 +113,14 @@ def check_table(dt: DeltaTable, spec: TableSpec, path: str, root: str | None = N
     if found != str(SCHEMA_VERSION):
         raise LakeSchemaVersionError(spec.name, path, found, SCHEMA_VERSION, root=root)
     names = pa.schema(dt.schema().to_arrow()).names
+    if names != spec.schema.names and names == [n for n in spec.schema.names if n in names]:
+        # only columns a newer VRP of the same version added are missing: migrate appends them
+        missing = [n for n in spec.schema.names if n not in names]
+        where = f" --lake {root}" if root else ""
+        raise LakeError(
+            f"lake table '{spec.name}' at {path} lacks the columns {missing} that this VRP adds; "
+            f"run `vrp lake migrate{where}` to add them (existing rows read them as null)"
+        )
     if names != spec.schema.names:
         raise LakeError(
             f"lake table '{spec.name}' at {path} has columns {names}, but schema version {SCHEMA_VERSION} "

@@ -1,4 +1,4 @@
-"""The one run loop: begin, plan the missing samples, batches, commits, finish.
+"""The one run loop: begin, plan the missing samples, batches, commits, finish (docs/ARCHITECTURE.md 6.3).
 
 Usage::
 
