@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
-from intervention_golden import GOLDEN, TOYS, encode, produce_rows
+
+sys.path.insert(0, str(Path(__file__).parent / "golden"))
+
+from interventions import GOLDEN, TOYS, encode, produce_rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from deltalake import DeltaTable, write_deltalake
 
 from vrp.cli import main
 from vrp.ingest.datasets.shapes import generate_shapes_pope
-from vrp.interventions import plan_mask, run_intervention
 from vrp.ingest.run import IngestOptions, run_ingest
+from vrp.interventions import plan_mask, run_intervention
 from vrp.lake import LakeSchemaVersionError, open_lake
 from vrp.schema import SCHEMA_VERSION, SCHEMA_VERSION_PROPERTY, TABLES
 

@@ -36,8 +36,8 @@ def toy_lake_digests(workdir: Path) -> dict[str, dict[str, dict[str, str]]]:
     import torch
 
     from vrp.ingest.datasets.shapes import generate_shapes_pope
-    from vrp.ingest.interventions import plan_mask, run_intervention
     from vrp.ingest.run import IngestOptions, run_ingest
+    from vrp.interventions import plan_mask, run_intervention
     from vrp.lake import open_lake
     from vrp.schema import TABLES as SPECS
 

@@ -1,6 +1,6 @@
 """The golden record of the mask / ablate / destroy rows on the three shipped toys.
 
-``python tests/intervention_golden.py`` rewrites ``tests/data/interventions_golden.json``; it was
+``python tests/golden/interventions.py`` rewrites ``tests/golden/interventions.json``; it was
 first run with the code of the single-module interventions (before ``vrp/interventions/``), so
 ``test_interventions_golden.py`` checks that moving the kinds into their own modules changed no row.
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-GOLDEN = Path(__file__).parent / "data" / "interventions_golden.json"
+GOLDEN = Path(__file__).with_name("interventions.json")
 TOYS = ("toy-llava", "toy-paligemma", "toy-qwen2vl")
 QUESTIONS = 6
 COMPARED = (
@@ -113,7 +113,6 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         record = encode(produce_rows(Path(tmp)))
-    GOLDEN.parent.mkdir(exist_ok=True)
     lines = [
         f"{json.dumps(toy)}: [\n" + ",\n".join(json.dumps(row, sort_keys=True) for row in rows) + "\n]"
         for toy, rows in sorted(record.items())
