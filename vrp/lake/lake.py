@@ -137,15 +137,23 @@ class Lake:
         """
         return pl.scan_pyarrow_dataset(self.dataset(name))
 
-    def connect(self, *, safe: bool = False) -> duckdb.DuckDBPyConnection:
+    def connect(self, *, safe: bool = False, temp_directory: str | None = None) -> duckdb.DuckDBPyConnection:
         """A new DuckDB connection with one view per table (empty for absent tables).
 
         `safe` locks it down for untrusted SQL: no extension auto-install/-load, no file or
         network access (the views read through Arrow, so they still work), configuration locked.
+        DuckDB still reads and writes its temp directory then, so a safe connection needs
+        `temp_directory`: an empty folder of its own (``vrp query`` makes a fresh one per query).
         """
-        con = duckdb.connect(
-            config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
-        )
+        if safe and temp_directory is None:
+            raise ValueError("a safe connection needs its own empty temp_directory")
+        config: dict[str, str | bool] = {
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        }
+        if temp_directory is not None:
+            config["temp_directory"] = temp_directory
+        con = duckdb.connect(config=config)
         for name in TABLES:
             con.register(name, self.dataset(name))
         if safe:

@@ -1,16 +1,19 @@
 """Read-only SQL for `vrp query`: one SELECT/EXPLAIN statement on a locked-down DuckDB connection.
 
-Two fences, because either alone has holes (docs/ARCHITECTURE.md section 7): DuckDB's own parser
-classifies the input, so ``SELECT 1; DROP ...`` shows up as two statements and COPY, ATTACH,
-INSTALL/LOAD, SET, PRAGMA and CALL are refused by type; and the connection runs with external
-access disabled and its configuration locked, so a SELECT cannot read files such as
-``read_csv('/etc/passwd')`` either. The lake itself is read through Arrow views, which need no
-file access from DuckDB.
+Two fences, because either alone has holes (docs/ARCHITECTURE.md section 7): DuckDB's own
+parser classifies the input, so ``SELECT 1; DROP ...`` shows up as two statements and COPY, ATTACH, INSTALL/LOAD, SET, PRAGMA and
+CALL are refused by type, and an EXPLAIN is accepted only around a SELECT (``EXPLAIN ANALYZE``
+runs the statement it wraps, so ``EXPLAIN ANALYZE COPY ... TO`` would write a file); and the
+connection runs with external access disabled and its configuration locked, so a SELECT cannot
+read files such as ``read_csv('/etc/passwd')`` either. DuckDB keeps its temp directory readable
+and writable even with external access off, so each query gets its own fresh, empty one, removed
+afterwards. The lake itself is read through Arrow views, which need no file access from DuckDB.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
 import threading
 from pathlib import Path
 
@@ -25,6 +28,12 @@ ALLOWED = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 QUERIES_DIR = Path(__file__).resolve().parent.parent / "queries"
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+# "EXPLAIN [ANALYZE] [(options)]" at the start of a statement, after comments and white space.
+_EXPLAIN_PREFIX = re.compile(
+    r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*EXPLAIN\s+(?:ANALY[SZ]E\b\s*)?(?:\([^()]*\)\s*)?",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 class QueryRejected(LakeError):
@@ -58,6 +67,23 @@ def check_query(sql: str) -> None:
             f"rejected: {kind.name} statements are not allowed; "
             "vrp query is read-only and runs only SELECT or EXPLAIN"
         )
+    if kind == duckdb.StatementType.EXPLAIN:
+        _check_explained(statements[0].query)
+
+
+def _check_explained(sql: str) -> None:
+    """Raise QueryRejected unless the EXPLAIN statement `sql` wraps exactly one SELECT."""
+    match = _EXPLAIN_PREFIX.match(sql)
+    inner = sql[match.end() :] if match else ""
+    try:
+        statements = duckdb.extract_statements(inner) if inner.strip() else []
+    except duckdb.Error:
+        statements = []
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        what = statements[0].type.name if len(statements) == 1 else "something that is not one SELECT"
+        raise QueryRejected(
+            f"rejected: EXPLAIN of {what}; vrp query explains only a SELECT (EXPLAIN ANALYZE runs it)"
+        )
 
 
 def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table:
@@ -68,7 +94,8 @@ def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table
     machine; nothing is written either way.
     """
     check_query(sql)
-    con = lake.connect(safe=True)
+    scratch = tempfile.TemporaryDirectory(prefix="vrp-query-")
+    con = lake.connect(safe=True, temp_directory=scratch.name)
     timer = threading.Timer(timeout, con.interrupt) if timeout else None
     try:
         if timer is not None:
@@ -88,6 +115,7 @@ def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table
         if timer is not None:
             timer.cancel()
         con.close()
+        scratch.cleanup()
 
 
 def named_query(name: str) -> str:
