@@ -424,6 +424,18 @@ def _image_tokens_per_sample(adapter: Any, samples: Sequence[Any]) -> int:
     return 0
 
 
+def _failure(sample: Any, stage: str, error: str) -> dict[str, Any]:
+    """A failures row of one sample, with the question it came from."""
+    return {
+        "sample_id": sample.sample_id,
+        "dataset": sample.dataset,
+        "split": sample.split,
+        "question_id": sample.question_id,
+        "stage": stage,
+        "error": error,
+    }
+
+
 def _process_batch(
     adapter: Any, task: Task, batch: Sequence[Any], layers: Sequence[int], options: IngestOptions
 ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
@@ -437,7 +449,7 @@ def _process_batch(
             images.append(load_image(sample))
             ready.append(sample)
         except Exception as exc:  # noqa: BLE001 - any unreadable image is this sample's failure, not the run's
-            failures.append({"sample_id": sample.sample_id, "stage": "preprocess", "error": str(exc)})
+            failures.append(_failure(sample, "preprocess", str(exc)))
     if not ready:
         return {}, failures
     template = question_template(options.dataset, options.prompt_template)
@@ -469,13 +481,7 @@ def _process_batch(
     rows: dict[str, list[dict[str, Any]]] = {}
     for b, sample in enumerate(ready):
         if cap.nonfinite[b] is not None:
-            failures.append(
-                {
-                    "sample_id": sample.sample_id,
-                    "stage": "capture",
-                    "error": f"non-finite value in {cap.nonfinite[b]}",
-                }
-            )
+            failures.append(_failure(sample, "capture", f"non-finite value in {cap.nonfinite[b]}"))
             continue
         for table, table_rows in _sample_rows(task, sample, cap, b, layers, samples_k[b], seeds[b]).items():
             rows.setdefault(table, []).extend(table_rows)

@@ -67,6 +67,13 @@ def _run_config(run: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _failure_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes two failures rows the same failure (the sample id already hashes its question)."""
+    if row.get("sample_id") is not None:
+        return (row["sample_id"], row.get("stage"))
+    return (None, row.get("question_id"), row.get("stage"))
+
+
 class RunWriter:
     """Writes the rows of one run (one shard of it) into the lake at `root`; see the module docstring.
 
@@ -320,8 +327,9 @@ class RunWriter:
     def fail(self, rows: list[dict[str, Any]]) -> None:
         """Record per-sample failures (sample_id, stage, error); a resume retries those samples.
 
-        A failure already recorded for this run (same sample id, question id and stage) is not recorded
-        again: load failures of questions no shard owns would otherwise pile up on every resume.
+        A failure already recorded for this run (same sample id and stage; same question id and
+        stage for a failure without a sample id) is not recorded again: load failures of questions
+        no shard owns would otherwise pile up on every resume.
         """
         if self._seq is None:
             raise LakeError("call begin() before fail()")
@@ -331,13 +339,9 @@ class RunWriter:
             filter=(pc.field("run_id") == self.run_id) & (pc.field("model") == self.model),
             columns=["sample_id", "question_id", "stage"],
         )
-        seen = {(r["sample_id"], r["question_id"], r["stage"]) for r in recorded.to_pylist()}
+        seen = {_failure_key(r) for r in recorded.to_pylist()}
         now = _now()
-        fresh = [
-            {"failed_at": now, **row}
-            for row in rows
-            if (row.get("sample_id"), row.get("question_id"), row.get("stage")) not in seen
-        ]
+        fresh = [{"failed_at": now, **row} for row in rows if _failure_key(row) not in seen]
         if fresh:
             self.commit({"failures": fresh})
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vrp.lake.identity import canonical_json, content_hash, make_sample_id
@@ -136,6 +137,8 @@ def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 
     JSON lines or a JSON array (POPE's own), lmms-eval's Parquet or VLMEvalKit's TSV; the table
     layouts are turned into POPE's record shape with the image bytes under ``image_bytes``.
+    A UTF-8 byte-order mark (as Windows editors write) is dropped. In a JSON-lines file a line that
+    is not valid UTF-8 is that line's error, and the other lines still load.
     """
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -145,20 +148,28 @@ def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         yield from _table_records(path, _tsv_rows(path))
         return
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError as exc:
         raise PopeFormatError(f"POPE file not found: {path}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise PopeFormatError(f"cannot read POPE file {path}: {exc}") from exc
-    if text.lstrip().startswith("["):
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    if data.lstrip().startswith(b"["):
         try:
-            rows = json.loads(text)
+            rows = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PopeFormatError(f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
         except json.JSONDecodeError as exc:
             raise PopeFormatError(f"{path} starts like a JSON array but is not valid JSON: {exc}") from exc
         for index, row in enumerate(rows):
             yield index + 1, row, None
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, None, f"line {number} is not UTF-8 text (byte {exc.start} of the line)"
+            continue
         if not line.strip():
             continue
         try:
@@ -280,27 +291,73 @@ def decode_rgb_bytes(data: bytes, where: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.convert("RGB")
+            return _rgb(image, where)
     except UnidentifiedImageError as exc:
         raise SampleLoadError(f"embedded image is not a picture PIL can read: {where}") from exc
+    except Image.DecompressionBombError as exc:
+        raise SampleLoadError(
+            f"embedded image is too large to decode safely ({exc}); shrink it or raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS: {where}"
+        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise SampleLoadError(f"embedded image cannot be decoded ({exc}): {where}") from exc
+
+
+#: Modes of 16-bit integer pixels (full range 0..65535).
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_8bit(image: Image.Image, path: str | Path) -> Image.Image:
+    """An 8-bit greyscale copy of a 16-bit, 32-bit integer or float image.
+
+    ``convert("RGB")`` clips such pixels to 0..255, so a 16-bit scan turns white and would be
+    scored as if the model had seen it. 16-bit pixels (and 32-bit ones within 0..65535, which is
+    how PIL opens some 16-bit PNGs) are scaled from 0..65535; float pixels from 0..1. Anything
+    else has no range to scale from and is refused.
+    """
+    values = np.asarray(image)
+    if image.mode in _MODES_16BIT or (
+        image.mode == "I" and values.size and values.min() >= 0 and values.max() <= 65535
+    ):
+        scaled = (values.astype(np.uint32) * 255 + 32767) // 65535
+    elif image.mode == "F" and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
+        scaled = np.rint(values.astype(np.float64) * 255)
+    else:
+        low, high = (values.min(), values.max()) if values.size else (0, 0)
+        raise SampleLoadError(
+            f"image has {image.mode} pixels from {low} to {high}, outside 0..65535 (integers) or "
+            f"0..1 (floats), so they cannot be scaled to 8 bits; convert it to an 8-bit image: {path}"
+        )
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def _rgb(image: Image.Image, where: str | Path) -> Image.Image:
+    """A decoded image as 8-bit RGB (high-bit-depth pixels scaled, not clipped)."""
+    if image.mode in (*_MODES_16BIT, "I", "F"):
+        return _to_8bit(image, where).convert("RGB")
+    return image.convert("RGB")
 
 
 def decode_rgb(path: str | Path) -> Image.Image:
     """Fully decode an image file into RGB, or raise :class:`SampleLoadError` saying what is wrong.
 
     The whole image is decoded (not only the header) so a truncated file is caught when the
-    dataset loads, not halfway through a GPU run.
+    dataset loads, not halfway through a GPU run. An image above PIL's decompression-bomb
+    limit is refused like any unreadable one, and high-bit-depth pixels are scaled to 8 bits.
     """
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return _rgb(image, path)
     except FileNotFoundError as exc:
         raise SampleLoadError(f"image file not found: {path}") from exc
     except UnidentifiedImageError as exc:
         raise SampleLoadError(f"image file is not a picture PIL can read: {path}") from exc
+    except Image.DecompressionBombError as exc:
+        raise SampleLoadError(
+            f"image is too large to decode safely ({exc}); shrink it or raise PIL.Image.MAX_IMAGE_PIXELS: "
+            f"{path}"
+        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise SampleLoadError(f"image file cannot be decoded ({exc}): {path}") from exc
 
