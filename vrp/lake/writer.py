@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from vrp.lake import delta, storage
 from vrp.lake.errors import LakeError, LakeValidationError
@@ -193,24 +193,31 @@ class RunWriter:
         return to_arrow(TABLES["runs"], [row])
 
     def _merge_runs(self, source: pa.Table, update_columns: Iterable[str]) -> None:
+        """Upsert this run's ``runs`` row: insert `source`, or update `update_columns` of the stored row.
+
+        A read-modify-write replace of the one row (retried when another commit wins), not Delta's
+        MERGE: MERGE writes its strings as Arrow ``string_view``, which Daft and pyarrow < 15 cannot
+        read, and ``runs`` must be readable by any engine straight after an ingest.
+        """
         dt = self._table("runs")
-        updates = {delta.quote_ident(c): f"s.{delta.quote_ident(c)}" for c in update_columns}
+        spec = TABLES["runs"]
+        update = list(update_columns)
+        new = source.to_pylist()[0]
+        predicate = delta.equals_predicate({"run_id": self.run_id})
 
         def action() -> None:
             dt.update_incremental()
-            (
-                dt.merge(
-                    source,
-                    predicate="t.run_id = s.run_id",
-                    source_alias="s",
-                    target_alias="t",
-                    commit_properties=CommitProperties(
-                        custom_metadata=delta.commit_metadata(self._provenance())
-                    ),
-                )
-                .when_matched_update(updates=updates)
-                .when_not_matched_insert_all()
-                .execute()
+            stored = dt.to_pyarrow_dataset().to_table(filter=pc.field("run_id") == self.run_id).to_pylist()
+            row = dict(stored[0]) if stored else dict(new)
+            if stored:
+                row.update({c: new[c] for c in update})
+            write_deltalake(
+                dt,
+                to_arrow(spec, [row]),
+                mode="overwrite",
+                predicate=predicate,
+                writer_properties=delta.writer_properties(spec),
+                commit_properties=CommitProperties(custom_metadata=delta.commit_metadata(self._provenance())),
             )
 
         delta.retry_commit(action)
