@@ -55,7 +55,11 @@ def test_daft_reads_every_table_with_the_same_rows_and_vectors(lake_root):
     assert set(runs.column("status").to_pylist()) == {"complete"}
 
     key = ["run_id", "sample_id", "site", "layer"]
-    theirs = daft.read_deltalake(table_path(lake_root, "hidden")).to_arrow().sort_by([(k, "ascending") for k in key])
+    theirs = (
+        daft.read_deltalake(table_path(lake_root, "hidden"))
+        .to_arrow()
+        .sort_by([(k, "ascending") for k in key])
+    )
     ours = lake.arrow("hidden").sort_by([(k, "ascending") for k in key])
     assert theirs.num_rows == ours.num_rows > 0
     for k in key:

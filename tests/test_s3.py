@@ -315,3 +315,20 @@ def test_two_spawned_writers_on_s3_lose_no_rows(s3) -> None:
     for name, per in ROWS_PER_SAMPLE.items():
         got = dict(lake.sql(f"SELECT run_id, count(*) FROM {name} GROUP BY run_id").fetchall())
         assert got == {"run-a": 4 * per, "run-b": 4 * per}, name
+
+
+def test_export_refuses_a_non_empty_prefix_and_one_inside_the_lake(s3, tmp_path) -> None:
+    uri = f"s3://{BUCKET}/refusals"
+    lake_util.ingest(uri, make_run(), sample_ids(2))
+    s3.put_object(Bucket=BUCKET, Key="theirs/README.md", Body=b"their notes")
+    runner = CliRunner()
+    refused = runner.invoke(main, ["lake", "export", "--lake", uri, "--to", f"s3://{BUCKET}/theirs"])
+    assert refused.exit_code != 0 and "not empty" in refused.output, refused.output
+    assert _keys(s3, "theirs/") == ["theirs/README.md"]
+    assert s3.get_object(Bucket=BUCKET, Key="theirs/README.md")["Body"].read() == b"their notes"
+    before = _keys(s3, "refusals/")
+    inside = runner.invoke(main, ["lake", "export", "--lake", uri, "--to", f"{uri}/exports/v1"])
+    assert inside.exit_code != 0 and "inside the lake" in inside.output
+    assert _keys(s3, "refusals/") == before
+    elsewhere = runner.invoke(main, ["lake", "export", "--lake", uri, "--to", f"s3://{BUCKET}/refusals-v1"])
+    assert elsewhere.exit_code == 0, elsewhere.output  # a sibling prefix sharing the name's start is fine

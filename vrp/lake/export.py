@@ -12,6 +12,7 @@ what is inside (runs, models, datasets, tables, schema) and how to read it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,7 @@ from deltalake import CommitProperties, write_deltalake
 import vrp
 from vrp.lake import delta, storage
 from vrp.lake.errors import LakeError
-from vrp.lake.lake import Lake, open_lake
+from vrp.lake.lake import Lake
 from vrp.schema import SCHEMA_VERSION, TABLES
 
 CARD_NAME = "README.md"
@@ -40,14 +41,7 @@ class ExportedTable:
 def export_lake(lake: Lake, dest: str) -> list[ExportedTable]:
     """Copy every table of `lake` (at its pinned versions) to the empty lake root `dest`."""
     dest = storage.normalize_root(dest)
-    if dest == lake.root:
-        raise LakeError("export destination is the lake itself; choose another directory or prefix")
-    target = open_lake(dest)
-    present = [name for name in TABLES if target.has_table(name)]
-    if present:
-        raise LakeError(
-            f"{dest} already holds lake tables ({', '.join(present)}); export needs an empty destination"
-        )
+    check_destination(lake.root, dest)
     exported = []
     for name, spec in TABLES.items():
         dt = lake.delta(name)
@@ -71,6 +65,51 @@ def export_lake(lake: Lake, dest: str) -> list[ExportedTable]:
         exported.append(ExportedTable(name, version, lake.dataset(name).count_rows()))
     write_text(dest, CARD_NAME, card(lake, exported))
     return exported
+
+
+def _inside(root: str, path: str) -> bool:
+    """Whether `path` is `root` or lies under it (both local paths or both URIs)."""
+    if storage.is_remote(root) != storage.is_remote(path):
+        return False
+    if storage.is_remote(root):
+        return path == root or path.startswith(root.rstrip("/") + "/")
+    root_abs, path_abs = os.path.realpath(root), os.path.realpath(path)
+    return os.path.commonpath([root_abs, path_abs]) == root_abs
+
+
+def check_destination(source: str, dest: str) -> None:
+    """Refuse an export destination that is not a new or empty folder (or prefix) outside the lake.
+
+    Export writes a ``README.md`` card and table folders: into a non-empty folder it would
+    overwrite the user's files, and inside the source lake its files would be orphans that a
+    later ``vrp lake vacuum`` deletes.
+    """
+    if _inside(source, dest):
+        raise LakeError(
+            f"export destination {dest} is inside the lake {source} (vacuum would delete it there); "
+            "choose a folder or prefix outside the lake"
+        )
+    if not storage.is_remote(dest):
+        if os.path.exists(dest) and not os.path.isdir(dest):
+            raise LakeError(f"export destination {dest} is an existing file; choose a new or empty folder")
+        if os.path.isdir(dest) and os.listdir(dest):
+            raise LakeError(
+                f"export destination {dest} is not empty: export needs an empty destination "
+                "(a new or empty folder); nothing was written"
+            )
+        return
+    from pyarrow import fs as pafs
+
+    filesystem, base = storage.arrow_filesystem(dest)
+    with storage.translated_errors(dest):
+        if filesystem.get_file_info(base).type == pafs.FileType.File:
+            raise LakeError(f"export destination {dest} is an existing object; choose a new or empty prefix")
+        listing = filesystem.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    if listing:
+        raise LakeError(
+            f"export destination {dest} is not empty: export needs an empty destination "
+            "(a new or empty prefix); nothing was written"
+        )
 
 
 def write_text(root: str, name: str, text: str) -> None:
