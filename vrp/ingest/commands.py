@@ -184,6 +184,11 @@ def ingest() -> None:
 @click.option("--strict", is_flag=True, help="Stop at the first failed sample instead of recording it.")
 @click.option("--shard", default="1/1", show_default=True, help="Process shard I of N (for job arrays).")
 @click.option(
+    "--force",
+    is_flag=True,
+    help="Write even while the run looks held by another live ingest (use only when that one is dead).",
+)
+@click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),
     default="local",
@@ -254,6 +259,7 @@ def ingest_run(**params: object) -> None:
         question_ids=question_ids,
         sample=params["sample"],
         prompt_template=params["prompt_template"],
+        force=bool(params["force"]),
     )
     embedded = str(options.pope_file or "").lower().endswith((".parquet", ".tsv"))
     if options.dataset == "pope" and not (options.pope_file and (options.image_dir or embedded)):

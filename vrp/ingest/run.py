@@ -65,6 +65,7 @@ class IngestOptions:
     question_ids: tuple[str, ...] | None = None  # only these questions (e.g. the study's 1,000)
     sample: int | None = None  # this many questions, seeded by `seed`, stratified by answer type
     prompt_template: str | None = None  # the question template; None = the dataset's default
+    force: bool = False  # write even while another live writer holds this run (it must be dead)
 
 
 @dataclass
@@ -392,6 +393,7 @@ def execute_ingest(
         echo=echo,
         start=record_load_errors,
         on_batch=tally,
+        force=options.force,
     )
     return summary
 

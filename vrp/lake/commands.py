@@ -184,10 +184,20 @@ def check(lake_dir: str | None) -> None:
         click.echo(f"DAMAGED {p.table}: {p.path}: {maintenance_one_line(p.problem)}")
     for o in orphans:
         click.echo(f"ORPHAN  {o.table}: {o.path} ({_human_bytes(o.bytes)}, {o.age_s / 60:.0f} min old)")
+    duplicates = maintenance.duplicate_keys(the_lake) if not problems else []
+    for d in duplicates:
+        key = ", ".join(f"{k}={v}" for k, v in d.key.items())
+        click.echo(f"DUPLICATE {d.table}: {key} ({d.count} rows)")
     n_files = sum(t.files for t in maintenance.table_info(the_lake))
     click.echo(f"checked {n_files} committed files: {len(problems)} damaged, {len(orphans)} orphan(s)")
     if orphans:
         click.echo("orphans are files no commit references (killed writers); `vrp lake vacuum` removes them")
+    if duplicates:
+        runs = sorted({str(d.key.get("run_id")) for d in duplicates})
+        raise click.ClickException(
+            f"{len(duplicates)} key(s) stored more than once (two writers of one run overlapped): drop "
+            f"the affected run(s) ({', '.join(runs)}) with `vrp lake drop-run` and ingest them again"
+        )
     if problems:
         raise click.ClickException(
             f"{len(problems)} damaged file(s): restore them from a backup, or drop the affected run "

@@ -52,6 +52,15 @@ class FileProblem:
 
 
 @dataclass(frozen=True)
+class DuplicateKey:
+    """A row key stored more than once in one table (two writers committed the same sample)."""
+
+    table: str
+    key: dict[str, Any]
+    count: int
+
+
+@dataclass(frozen=True)
 class Orphan:
     """A file in a table folder that no Delta commit references (left by a killed writer)."""
 
@@ -208,6 +217,31 @@ def check(lake: Lake, *, read_footers: bool = True) -> tuple[list[FileProblem], 
                     logged = action["num_records"]
                     problems.append(FileProblem(name, shown, f"{rows} rows, the log says {logged}"))
     return problems, find_orphans(lake)
+
+
+def duplicate_keys(lake: Lake, *, limit: int = 20) -> list[DuplicateKey]:
+    """Keys (``TableSpec.key``) that more than one row of a table holds, at most `limit` per table.
+
+    Readers assume one row per key (``pope_metrics`` counts samples by their rows), so a key
+    stored twice silently doubles a sample's weight in every analysis.
+    """
+    out = []
+    for name, spec in TABLES.items():
+        if lake.delta(name) is None:
+            continue
+        keys = lake.arrow(name, columns=list(spec.key))
+        valid = None
+        for column in spec.key:
+            present = pc.is_valid(keys.column(column))
+            valid = present if valid is None else pc.and_(valid, present)
+        if valid is not None and keys.num_rows:
+            keys = keys.filter(valid)
+        counts = keys.group_by(list(spec.key)).aggregate([([], "count_all")])
+        repeated = counts.filter(pc.greater(counts.column("count_all"), 1)).slice(0, limit)
+        for row in repeated.to_pylist():
+            count = int(row.pop("count_all"))
+            out.append(DuplicateKey(name, row, count))
+    return out
 
 
 def vacuum(lake: Lake, *, dry_run: bool = True, min_age_s: float = 3600.0) -> list[Orphan]:

@@ -32,6 +32,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from vrp.lake import delta, storage
 from vrp.lake.errors import LakeError, LakeValidationError
+from vrp.lake.heartbeat import Heartbeat
 from vrp.lake.identity import canonical_json
 from vrp.lake.validate import Rows, to_arrow, validate
 from vrp.schema import SCHEMA_VERSION, TABLES, TableSpec, parse_width_rule
@@ -65,6 +66,14 @@ def _run_config(run: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise LakeValidationError("runs", "config", None, "config must be a dict (stored as JSON)")
     return config
+
+
+def _without(table: pa.Table, sample_ids: set[str]) -> pa.Table:
+    """`table` without the rows of `sample_ids` (a table without a sample_id column is kept whole)."""
+    if not sample_ids or "sample_id" not in table.column_names or table.num_rows == 0:
+        return table
+    done = pa.array(sorted(sample_ids), type=pa.string())
+    return table.filter(pc.invert(pc.fill_null(pc.is_in(table.column("sample_id"), value_set=done), False)))
 
 
 def _failure_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -115,6 +124,7 @@ class RunWriter:
         self._seq: int | None = None
         self._completed: set[str] = set()
         self._tables: dict[str, DeltaTable] = {}
+        self._heartbeat: Heartbeat | None = None
 
     # ------------------------------------------------------------------ helpers
     def _table(self, name: str) -> DeltaTable:
@@ -251,13 +261,19 @@ class RunWriter:
                     delta.delete_where(dt, f"{base} AND sample_id IS NULL", meta)
 
     # ------------------------------------------------------------------ public API
-    def begin(self) -> set[str]:
+    def begin(self, *, force: bool = False) -> set[str]:
         """Prepare a (possibly resumed) run and return the sample ids already complete.
 
-        Deletes incomplete rows of the samples this writer owns, continues the application
-        transaction sequence above the highest version in the lake, and upserts the ``runs``
-        row with status "running" (``started_at`` of a resumed run is kept).
+        Refuses (RunBusyError) while another live writer holds the run or an overlapping shard
+        of it, unless `force`: its in-flight rows would look stale to the clean-up below. Then
+        starts this writer's heartbeat, deletes incomplete rows of the samples this writer owns,
+        continues the application transaction sequence above the highest version in the lake,
+        and upserts the ``runs`` row with status "running" (``started_at`` of a resumed run is kept).
         """
+        heartbeat = Heartbeat(self.lake.root, self.run_id, shard=self.shard)
+        heartbeat.check(force=force)
+        heartbeat.start()
+        self._heartbeat = heartbeat
         for name in TABLES:
             self._table(name)
         self._check_model_widths()
@@ -307,21 +323,22 @@ class RunWriter:
         if self._seq is None:
             raise LakeError("call begin() before commit(): it cleans up an interrupted attempt first")
         prepared = self.prepare(rows)
-        if self._completed:
-            done = pa.array(sorted(self._completed), type=pa.string())
-            for name, (table, widths) in prepared.items():
-                if "sample_id" in table.column_names:
-                    keep = pc.invert(pc.fill_null(pc.is_in(table.column("sample_id"), value_set=done), False))
-                    prepared[name] = (table.filter(keep), widths)
+        # samples another writer completed since begin() (a forced overlap, a shard of another
+        # layout) are stored already: drop them, re-reading the marker table right now
+        self._completed |= self._completed_ids()
+        prepared = {name: (_without(table, self._completed), w) for name, (table, w) in prepared.items()}
         if not any(table.num_rows for table, _ in prepared.values()):
             return
-        sample_ids: set[str] = set()
-        if self.marker in prepared:
-            sample_ids = set(prepared[self.marker][0].column("sample_id").to_pylist())
         seq = self._seq + 1
         order = [n for n in prepared if n != self.marker] + ([self.marker] if self.marker in prepared else [])
+        sample_ids: set[str] = set()
         for name in order:
             table, widths = prepared[name]
+            if name == self.marker:
+                # once more just before the marker: a sample's marker row is committed at most once
+                self._completed |= self._completed_ids()
+                table = _without(table, self._completed)
+                sample_ids = set(table.column("sample_id").to_pylist())
             if table.num_rows == 0:
                 continue
             meta = {**self._provenance(), "seq": str(seq), "table": name, "vector_widths": widths or None}
@@ -359,3 +376,10 @@ class RunWriter:
             status=status, started_at=_now(), finished_at=_now(), n_done=n_done, n_failed=n_failed
         )
         self._merge_runs(source, ["status", "finished_at", "n_done", "n_failed", "code_version"])
+        self.close()
+
+    def close(self) -> None:
+        """Stop this writer's heartbeat (``finish`` does it; call it when a run stops on an error)."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None

@@ -55,13 +55,15 @@ def run_loop(
     echo: Callable[[str], None] = print,
     start: Callable[[list[S]], None] | None = None,
     on_batch: Callable[[BatchOutcome], None] | None = None,
+    force: bool = False,
 ) -> list[S]:
     """Run ``step`` over the samples not yet complete and commit; returns the samples it processed.
 
     ``start(todo)`` runs once after ``writer.begin()`` (e.g. to record load failures or announce
     the work); ``on_batch(outcome)`` sees every batch's outcome before it is committed (tallies).
+    ``force`` lets ``begin()`` take over a run another live writer seems to hold (`--force`).
     """
-    done = writer.begin()
+    done = writer.begin(force=force)
     todo = [s for s in samples if s.sample_id not in done]
     if start is not None:
         start(todo)
