@@ -26,6 +26,7 @@ from vrp.cli.options import (
     user_errors,
 )
 from vrp.lake import LakeError
+from vrp.lake.errors import damaged_file_error
 
 boot_option = n_boot_option(default=stats.N_BOOT)
 type_map_option = click.option(
@@ -85,7 +86,7 @@ def correlations(lake_dir: str | None, models: tuple[str, ...], n_boot: int, see
     try:
         h = compute.headline(lake, models=models or None, n_boot=n_boot, seed=seed, with_probe=probe)
     except (LakeError, ProbeError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(str(damaged_file_error(exc) or exc)) from exc
     if not h.rows:
         raise click.ClickException("no scored answers in the lake (or for the models asked)")
     t = rendering.detail_table(h)
@@ -298,5 +299,5 @@ def report(
             lake.root, out_dir, force=force, n_boot=n_boot, seed=seed, type_map=type_map
         )
     except (LakeError, ProbeError, ValueError, OSError) as exc:
-        raise click.ClickException(f"report failed: {exc}") from exc
+        raise click.ClickException(f"report failed: {damaged_file_error(exc) or exc}") from exc
     click.echo(outcome.message)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from vrp.analysis import compute, data, stats
 from vrp.analysis.probes import SEED, ProbeError
 from vrp.lake import Lake
+from vrp.lake.errors import damaged_file_error
 
 #: ``progress(model)`` returns a wrapper of the per-layer iterable (e.g. a tqdm bar), or None.
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable] | None]
@@ -73,6 +74,8 @@ def fit_and_store_probes(
                 progress=progress(model) if progress else None,
             )
         except (ProbeError, ValueError) as exc:
+            if damaged_file_error(exc) is not None:
+                raise  # a damaged lake file is the lake's problem, not this run's: stop with its error
             yield StoredProbes(run_id=run_id, model=model, skipped=str(exc))
             continue
         neuron_rows: list[dict] = []

@@ -39,6 +39,27 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return self._load(cmd_name)
 
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the command; lake errors and damaged lake files end in one line, not a traceback.
+
+        One place for every command, so each reading command (query, report, analyze, export,
+        drop-run, ...) says the same thing about a damaged file: which one, and to run
+        `vrp lake check`.
+        """
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            from vrp.lake.errors import LakeError, damaged_file_error
+
+            damaged = damaged_file_error(exc)
+            if damaged is not None:
+                raise click.ClickException(str(damaged)) from exc
+            if isinstance(exc, LakeError):
+                raise click.ClickException(str(exc)) from exc
+            raise
+
     @staticmethod
     def _load(name: str) -> click.Command | None:
         if name not in COMMANDS:

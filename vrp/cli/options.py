@@ -113,7 +113,9 @@ def user_errors(*types: type[BaseException], prefix: str = "") -> Iterator[None]
     try:
         yield
     except types as exc:
-        raise click.ClickException(f"{prefix}{exc}") from exc
+        from vrp.lake.errors import damaged_file_error
+
+        raise click.ClickException(f"{prefix}{damaged_file_error(exc) or exc}") from exc
 
 
 def parse_int_list(value: str | None, *, param_hint: str | None = None) -> tuple[int, ...] | None:

@@ -1,4 +1,5 @@
-"""`vrp query` (read-only SQL over the lake) and `vrp lake ...` (info, check, vacuum, compact, drop-run)."""
+"""`vrp query` (read-only SQL over the lake) and `vrp lake ...` (info, check, repair, vacuum, compact,
+drop-run)."""
 
 from __future__ import annotations
 
@@ -199,10 +200,51 @@ def check(lake_dir: str | None) -> None:
             f"the affected run(s) ({', '.join(runs)}) with `vrp lake drop-run` and ingest them again"
         )
     if problems:
-        raise click.ClickException(
-            f"{len(problems)} damaged file(s): restore them from a backup, or drop the affected run "
-            "(vrp lake drop-run) and ingest it again"
+        logs = [p for p in problems if p.table in the_lake.broken]
+        what = []
+        if len(logs) < len(problems):
+            what.append(
+                f"{len(problems) - len(logs)} damaged data file(s): `vrp lake repair` takes them out of the "
+                "log (the samples they held are ingested again by the next `vrp ingest run`), or restore "
+                "them from a backup"
+            )
+        if logs:
+            what.append(
+                f"{len(logs)} damaged table log(s) ({', '.join(p.table for p in logs)}): restore the named "
+                "log file from a backup; the other tables read as usual"
+            )
+        raise click.ClickException("; ".join(what))
+
+
+@lake.command()
+@lake_option
+@click.option("--yes", is_flag=True, help="Really repair (default: dry run, only list).")
+def repair(lake_dir: str | None, yes: bool) -> None:
+    """Take damaged data files (found by `vrp lake check`) out of their tables' logs.
+
+    The damaged files are moved to _quarantine/ at the lake root; the samples whose rows they may
+    have held are marked incomplete, so the next `vrp ingest run` of their runs (same options)
+    captures them again. Damaged Delta logs are not repaired: restore those files from a backup.
+    """
+    the_lake = _open(lake_dir)
+    result = maintenance.repair(the_lake, dry_run=not yes)
+    verb = "removed" if yes else "would remove"
+    for f in result.files:
+        samples = f"samples {f.sample_range[0]}..{f.sample_range[1]}" if f.sample_range else "all samples"
+        runs = ", ".join(f.runs) or "no known run"
+        kept = f" (kept at {f.moved_to})" if yes and f.moved_to else ""
+        click.echo(f"{verb} {f.table}: {f.path}{kept}; {samples} of run(s) {runs} to ingest again")
+    for run_id, n in result.reopened.items():
+        click.echo(
+            f"run {run_id}: {n} complete sample(s) reopened; rerun its `vrp ingest run` to capture them"
         )
+    for name, error in the_lake.broken.items():
+        click.echo(
+            f"not repaired: table {name} has a damaged log ({error.log_file}); restore it from a backup"
+        )
+    click.echo(f"{verb} {len(result.files)} damaged file(s)")
+    if not yes and result.files:
+        click.echo("dry run: pass --yes to repair")
 
 
 def maintenance_one_line(text: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -27,7 +29,7 @@ from deltalake import (
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from vrp.lake import storage
-from vrp.lake.errors import LakeError, LakeSchemaVersionError
+from vrp.lake.errors import LakeError, LakeLogError, LakeSchemaVersionError
 from vrp.schema import SCHEMA_VERSION, SCHEMA_VERSION_PROPERTY, TableSpec
 
 T = TypeVar("T")
@@ -35,6 +37,9 @@ T = TypeVar("T")
 #: Row-group cap for tables holding vectors: a few thousand rows keep selective vector reads fast
 #: (docs/ARCHITECTURE.md section 6.2); narrow tables keep the library default.
 VECTOR_ROW_GROUP_ROWS = 4096
+
+LOG_DIR = "_delta_log"
+_COMMIT = re.compile(r"^\d{20}\.json$")
 
 
 def table_path(root: str | os.PathLike[str], name: str) -> str:
@@ -76,7 +81,7 @@ def writer_properties(spec: TableSpec) -> WriterProperties:
 def load_table(root: str | os.PathLike[str], spec: TableSpec) -> DeltaTable | None:
     """The committed table, checked against this VRP's schema version, or None if absent."""
     path = table_path(root, spec.name)
-    if not storage.is_remote(path) and not os.path.isdir(os.path.join(path, "_delta_log")):
+    if not storage.is_remote(path) and not os.path.isdir(os.path.join(path, LOG_DIR)):
         return None
     try:
         dt = DeltaTable(path, storage_options=storage.storage_options(path))
@@ -86,8 +91,59 @@ def load_table(root: str | os.PathLike[str], spec: TableSpec) -> DeltaTable | No
         if not storage.is_remote(path):
             raise
         raise storage.storage_error(exc, f"cannot read lake table {path}") from exc
+    except DeltaError as exc:
+        log_file, problem = diagnose_log(path) or (
+            storage.join(path, LOG_DIR),
+            " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())[:200],
+        )
+        raise LakeLogError(spec.name, log_file, problem) from exc
     check_table(dt, spec, path, root=os.fspath(root))
     return dt
+
+
+def diagnose_log(path: str) -> tuple[str, str] | None:
+    """(log file, what is wrong with it) for a table whose Delta log does not load, or None.
+
+    Checks what a reader needs: commit files from version 0 (or a checkpoint) without gaps, each
+    made of JSON lines. The kernel's own error names neither the table nor the file.
+    """
+    from pyarrow import fs as pafs
+
+    filesystem, base = storage.filesystem(path)
+    log = posixpath.join(base, LOG_DIR)
+    shown = storage.join(path, LOG_DIR)
+    infos = filesystem.get_file_info(pafs.FileSelector(log, allow_not_found=True))
+    commits = sorted(
+        (int(i.base_name[:-5]), i)
+        for i in infos
+        if _COMMIT.match(i.base_name) and i.type == pafs.FileType.File
+    )
+    checkpointed = any(".checkpoint" in i.base_name for i in infos)
+    if not commits:
+        return shown, "no commit files (the log folder is empty or was deleted)"
+    versions = [v for v, _ in commits]
+    if not checkpointed:
+        for expected, version in enumerate(versions):
+            if version != expected:
+                name = f"{expected:020d}.json"
+                what = "the table's first commit" if expected == 0 else "a commit"
+                return storage.join(shown, name), f"missing ({what} was deleted)"
+    for _version, info in reversed(commits):
+        with filesystem.open_input_stream(info.path) as stream:
+            data = stream.read()
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                action = json.loads(line)
+            except ValueError:
+                action = None
+            if not isinstance(action, dict):
+                return (
+                    storage.join(shown, info.base_name),
+                    f"line {number} is not a JSON action (the file is truncated or overwritten)",
+                )
+    return None
 
 
 def open_raw(root: str | os.PathLike[str], name: str) -> DeltaTable | None:

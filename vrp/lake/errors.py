@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class LakeError(RuntimeError):
     """Base class of every error the lake raises on purpose."""
@@ -50,3 +52,54 @@ class LakeSchemaVersionError(LakeError):
             f"lake table '{table}' at {path} has {found_text}, but this VRP uses schema version {expected}. "
             + advice
         )
+
+
+class LakeLogError(LakeError):
+    """A table whose Delta log cannot be read (a commit file damaged, truncated or deleted).
+
+    The table cannot be read or written until the named log file is restored; the other tables
+    of the lake still can.
+    """
+
+    def __init__(self, table: str, log_file: str, problem: str) -> None:
+        self.table, self.log_file, self.problem = table, log_file, problem
+        super().__init__(
+            f"lake table '{table}' has a damaged Delta log: {log_file}: {problem}. Restore that file "
+            f"from a backup or copy of the lake; until then '{table}' cannot be read or written (the "
+            "other tables can; `vrp lake check` lists what is damaged)"
+        )
+
+
+class DamagedFileError(LakeError):
+    """A committed Parquet file of the lake that does not read (truncated, overwritten, missing)."""
+
+
+_PARQUET_PATH = re.compile(r"""['"]?([^\s'"]+\.parquet)['"]?""")
+_TABLE_OF_STREAM = re.compile(r"registered as '([A-Za-z_]+)'")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def damaged_file_error(exc: BaseException) -> DamagedFileError | None:
+    """The one-line error for a failure caused by a damaged lake Parquet file, else None.
+
+    Every engine reports such a file differently (pyarrow, DuckDB over Arrow, Polars, deltalake),
+    but each names the file, so every reading command gets the same message from this one place.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = _ANSI.sub("", str(current))
+        match = _PARQUET_PATH.search(text)
+        if match and "parquet" in text.lower():
+            table = _TABLE_OF_STREAM.search(text)
+            where = f"lake table '{table.group(1)}': " if table else ""
+            reason = " ".join(text[match.end() :].replace("':", "").split()).strip(": ")
+            reason = re.split(r"(?<=[a-z])\. ", reason, maxsplit=1)[0].rstrip(".")[:160]
+            return DamagedFileError(
+                f"{where}damaged file {match.group(1)} ({reason or 'cannot be read'}): run `vrp lake check` "
+                "to list damaged files, then `vrp lake repair` to remove them (their samples are "
+                "ingested again by the next `vrp ingest run`)"
+            )
+        current = current.__cause__ or current.__context__
+    return None

@@ -45,12 +45,6 @@ class RunBusyError(LakeError):
     """Another live writer is writing the same run (or an overlapping shard of it)."""
 
 
-def _filesystem(root: str) -> tuple[Any, str]:
-    if storage.is_remote(root):
-        return storage.arrow_filesystem(root)
-    return pafs.LocalFileSystem(), os.path.abspath(root)
-
-
 class Heartbeat:
     """The heartbeat file of one writer (one shard of one run); see the module docstring."""
 
@@ -68,7 +62,7 @@ class Heartbeat:
         self.shard = shard
         self.interval_s = interval_s
         self.stale_s = stale_s
-        self.fs, base = _filesystem(root)
+        self.fs, base = storage.filesystem(root)
         self.folder = posixpath.join(base, WRITERS_DIR)
         self.path = posixpath.join(self.folder, f"{run_id}.{shard[0]}-{shard[1]}.json")
         self.token = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"

@@ -26,7 +26,7 @@ import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from vrp.lake import delta, storage
-from vrp.lake.errors import LakeValidationError
+from vrp.lake.errors import LakeLogError, LakeValidationError
 from vrp.lake.validate import Rows, to_arrow, validate
 from vrp.lake.writer import RunWriter
 from vrp.schema import TABLES, TableSpec
@@ -88,29 +88,45 @@ class Lake:
         if not storage.is_remote(self.root) and os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(f"lake root {self.root} is a file, not a directory")
         self._tables: dict[str, DeltaTable] = {}
+        self.broken: dict[str, LakeLogError] = {}
         self._con: duckdb.DuckDBPyConnection | None = None
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read every table's log, so later reads see commits made since opening."""
+        """Re-read every table's log, so later reads see commits made since opening.
+
+        A table whose log is damaged is kept in ``broken`` instead of failing the whole lake:
+        reading it raises its error (naming the log file), the other tables read as usual.
+        """
         tables = {}
+        broken = {}
         for name, spec in TABLES.items():
-            dt = delta.load_table(self.root, spec)
+            try:
+                dt = delta.load_table(self.root, spec)
+            except LakeLogError as exc:
+                broken[name] = exc
+                continue
             if dt is not None:
                 tables[name] = dt
         self._tables = tables
+        self.broken = broken
         if self._con is not None:
             self._con.close()
             self._con = None
 
+    def _readable(self, name: str) -> None:
+        _spec(name)
+        if name in self.broken:
+            raise self.broken[name]
+
     def has_table(self, name: str) -> bool:
         """Whether the table exists (has a committed log) in the opened snapshot."""
-        _spec(name)
+        self._readable(name)
         return name in self._tables
 
     def delta(self, name: str) -> DeltaTable | None:
         """The pinned ``DeltaTable`` of one table (None when it does not exist yet)."""
-        _spec(name)
+        self._readable(name)
         return self._tables.get(name)
 
     def versions(self) -> dict[str, int]:
@@ -120,6 +136,7 @@ class Lake:
     def dataset(self, name: str) -> pads.Dataset:
         """The Arrow dataset of the committed snapshot (an empty one for an absent table)."""
         spec = _spec(name)
+        self._readable(name)
         dt = self._tables.get(name)
         if dt is None:
             return pads.dataset(spec.schema.empty_table())
@@ -155,7 +172,8 @@ class Lake:
             config["temp_directory"] = temp_directory
         con = duckdb.connect(config=config)
         for name in TABLES:
-            con.register(name, self.dataset(name))
+            if name not in self.broken:  # a query naming a broken table gets its error (run_query)
+                con.register(name, self.dataset(name))
         if safe:
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")

@@ -25,10 +25,9 @@ from deltalake import CommitProperties, DeltaTable
 from pyarrow import fs as pafs
 
 from vrp.lake import delta, storage
+from vrp.lake.delta import LOG_DIR
 from vrp.lake.lake import Lake
 from vrp.schema import TABLES, TableSpec
-
-LOG_DIR = "_delta_log"
 
 
 @dataclass(frozen=True)
@@ -109,13 +108,15 @@ def _data_path(table_dir: str, log_path: str) -> str:
     return posixpath.normpath(posixpath.join(table_dir, unquote(log_path)))
 
 
+def _readable_tables(lake: Lake) -> list[tuple[str, DeltaTable]]:
+    """(name, table) of every existing table whose log reads (``lake.broken`` holds the others)."""
+    return [(name, dt) for name in TABLES if name not in lake.broken and (dt := lake.delta(name)) is not None]
+
+
 def table_info(lake: Lake) -> list[TableInfo]:
-    """Version, file count, row count and bytes of every existing table (from the log, no scans)."""
+    """Version, file count, row count and bytes of every readable table (from the log, no scans)."""
     out = []
-    for name in TABLES:
-        dt = lake.delta(name)
-        if dt is None:
-            continue
+    for name, dt in _readable_tables(lake):
         actions = _add_actions(dt)
         out.append(
             TableInfo(
@@ -165,9 +166,7 @@ def find_orphans(lake: Lake) -> list[Orphan]:
     files = _files(lake)
     now = time.time()
     orphans = []
-    for name in TABLES:
-        if lake.delta(name) is None:
-            continue
+    for name, _dt in _readable_tables(lake):
         table_dir = files.table_dir(name)
         logged = _logged_paths(files, table_dir)
         listing = files.fs.get_file_info(pafs.FileSelector(table_dir, recursive=True))
@@ -185,14 +184,11 @@ def find_orphans(lake: Lake) -> list[Orphan]:
     return orphans
 
 
-def check(lake: Lake, *, read_footers: bool = True) -> tuple[list[FileProblem], list[Orphan]]:
-    """Verify every committed file of every table, and list orphans."""
+def damaged_files(lake: Lake, *, read_footers: bool = True) -> list[FileProblem]:
+    """Committed files that are missing, of the wrong size or unreadable; and broken logs."""
     files = _files(lake)
-    problems = []
-    for name in TABLES:
-        dt = lake.delta(name)
-        if dt is None:
-            continue
+    problems = [FileProblem(name, error.log_file, error.problem) for name, error in lake.broken.items()]
+    for name, dt in _readable_tables(lake):
         table_dir = files.table_dir(name)
         actions = _add_actions(dt)
         paths = [_data_path(table_dir, action["path"]) for action in actions]
@@ -216,7 +212,128 @@ def check(lake: Lake, *, read_footers: bool = True) -> tuple[list[FileProblem], 
                 if action["num_records"] is not None and rows != int(action["num_records"]):
                     logged = action["num_records"]
                     problems.append(FileProblem(name, shown, f"{rows} rows, the log says {logged}"))
-    return problems, find_orphans(lake)
+    return problems
+
+
+def check(lake: Lake, *, read_footers: bool = True) -> tuple[list[FileProblem], list[Orphan]]:
+    """Verify every committed file of every table, and list orphans."""
+    return damaged_files(lake, read_footers=read_footers), find_orphans(lake)
+
+
+@dataclass(frozen=True)
+class RepairedFile:
+    """A damaged data file taken out of its table's log, and the samples it may have held."""
+
+    table: str
+    path: str
+    moved_to: str | None  # where the damaged bytes were kept (None: the file was missing)
+    runs: tuple[str, ...]  # runs whose rows it may have held
+    sample_range: tuple[str, str] | None  # smallest and largest sample id in it (None: unknown)
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """What `repair` removed, and how many complete samples of each run it reopened."""
+
+    files: list[RepairedFile]
+    reopened: dict[str, int]
+
+
+QUARANTINE_DIR = "_quarantine"
+
+
+def _stat(action: dict[str, Any], kind: str, column: str) -> Any:
+    value = action.get(f"{kind}.{column}")
+    return None if value is None else str(value)
+
+
+def _affected(
+    lake: Lake, table: str, action: dict[str, Any]
+) -> tuple[tuple[str, ...], tuple[str, str] | None]:
+    """Runs (ids) and the sample-id range a data file held, from the log's per-file statistics."""
+    low_run, high_run = _stat(action, "min", "run_id"), _stat(action, "max", "run_id")
+    model = action.get("partition.model")
+    runs = lake.arrow("runs", columns=["run_id", "model"]).to_pylist() if lake.has_table("runs") else []
+    chosen = [
+        r["run_id"]
+        for r in runs
+        if (model is None or r["model"] == model)
+        and (low_run is None or low_run <= r["run_id"])
+        and (high_run is None or r["run_id"] <= high_run)
+    ]
+    if not chosen and low_run is not None and low_run == high_run:
+        chosen = [low_run]  # its runs row is gone too: the run id is still known
+    low_sample, high_sample = _stat(action, "min", "sample_id"), _stat(action, "max", "sample_id")
+    sample_range = (low_sample, high_sample) if low_sample is not None and high_sample is not None else None
+    return tuple(sorted(chosen)), sample_range
+
+
+def repair(lake: Lake, *, dry_run: bool = True) -> RepairResult:
+    """Take every damaged data file out of its table's log, so the lake reads again.
+
+    Each damaged file is moved to ``_quarantine/<table>/`` at the lake root (kept, not deleted)
+    and Delta's own repair commits its removal. Rows in it are lost, so every sample whose rows
+    it may have held (the file's runs and sample-id range, from the log's statistics) loses its
+    completion row too: the next ``vrp ingest run`` with the same options cleans those samples up
+    and captures them again. Damaged logs are not repaired here (their tables stay unreadable).
+    """
+    from vrp.lake.writer import completion_table
+
+    files = _files(lake)
+    damaged = [p for p in damaged_files(lake) if p.table not in lake.broken]
+    planned: list[tuple[RepairedFile, str | None]] = []
+    for name in TABLES:
+        mine = {p.path for p in damaged if p.table == name}
+        if not mine:
+            continue
+        dt = lake.delta(name)
+        assert dt is not None
+        table_dir = files.table_dir(name)
+        for action in pa.table(dt.get_add_actions(flatten=True)).to_pylist():
+            path = files.shown(_data_path(table_dir, action["path"]))
+            if path not in mine:
+                continue
+            runs, sample_range = _affected(lake, name, action)
+            inner = files.inner(path)
+            exists = files.fs.get_file_info(inner).type == pafs.FileType.File
+            rel = posixpath.relpath(inner, files.base)
+            target = posixpath.join(files.base, QUARANTINE_DIR, rel) if exists else None
+            shown_target = files.shown(target) if target else None
+            planned.append((RepairedFile(name, path, shown_target, runs, sample_range), target))
+    if dry_run or not planned:
+        return RepairResult([item for item, _ in planned], {})
+    for item, target in planned:
+        if target is not None:
+            files.fs.create_dir(posixpath.dirname(target), recursive=True)
+            files.fs.move(files.inner(item.path), target)
+    meta = CommitProperties(custom_metadata=delta.commit_metadata({"operation": "repair"}))
+    for name in sorted({item.table for item, _ in planned}):
+        dt = lake.delta(name)
+        assert dt is not None
+
+        def action(dt: DeltaTable = dt) -> dict:
+            dt.update_incremental()
+            return dt.repair(dry_run=False, commit_properties=meta)
+
+        delta.retry_commit(action)
+    lake.refresh()
+    reopened: dict[str, int] = {}
+    run_rows = {r["run_id"]: r for r in lake.arrow("runs").to_pylist()} if lake.has_table("runs") else {}
+    for item, _ in planned:
+        for run_id in item.runs:
+            marker = completion_table(run_rows.get(run_id, {}))
+            if marker == item.table or lake.delta(marker) is None:
+                continue  # the file held completion rows itself: they went with it
+            predicate = delta.equals_predicate({"run_id": run_id})
+            if item.sample_range is not None:
+                low, high = item.sample_range
+                predicate += (
+                    f" AND sample_id >= {delta.sql_literal(low)} AND sample_id <= {delta.sql_literal(high)}"
+                )
+            n = delta.delete_where(lake.delta(marker), predicate, {"operation": "repair", "run_id": run_id})
+            reopened[run_id] = reopened.get(run_id, 0) + n
+            lake.refresh()
+    return RepairResult([item for item, _ in planned], reopened)
 
 
 def duplicate_keys(lake: Lake, *, limit: int = 20) -> list[DuplicateKey]:
@@ -226,9 +343,8 @@ def duplicate_keys(lake: Lake, *, limit: int = 20) -> list[DuplicateKey]:
     stored twice silently doubles a sample's weight in every analysis.
     """
     out = []
-    for name, spec in TABLES.items():
-        if lake.delta(name) is None:
-            continue
+    for name, _dt in _readable_tables(lake):
+        spec = TABLES[name]
         keys = lake.arrow(name, columns=list(spec.key))
         valid = None
         for column in spec.key:

@@ -20,7 +20,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from vrp.lake.errors import LakeError
+from vrp.lake.errors import LakeError, damaged_file_error
 from vrp.lake.lake import Lake
 
 ALLOWED = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
@@ -94,6 +94,9 @@ def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table
     machine; nothing is written either way.
     """
     check_query(sql)
+    for name in _table_names(sql):
+        if name in lake.broken:
+            raise lake.broken[name]
     scratch = tempfile.TemporaryDirectory(prefix="vrp-query-")
     con = lake.connect(safe=True, temp_directory=scratch.name)
     timer = threading.Timer(timeout, con.interrupt) if timeout else None
@@ -107,15 +110,27 @@ def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table
             "select fewer columns, or allow more time"
         ) from exc
     except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        damaged = damaged_file_error(exc)
+        if damaged is not None:
+            raise damaged from exc
         message = one_line(str(exc))
-        if "Parquet" in message:
-            message += " (run `vrp lake check` to list damaged files)"
+        for name, error in lake.broken.items():  # a broken table has no view: say why
+            if re.search(rf"\b{name}\b", message):
+                raise error from exc
         raise LakeError(message) from exc
     finally:
         if timer is not None:
             timer.cancel()
         con.close()
         scratch.cleanup()
+
+
+def _table_names(sql: str) -> set[str]:
+    """Names of the tables a statement reads (empty when DuckDB cannot tell)."""
+    try:
+        return {name.lower() for name in duckdb.get_table_names(sql, qualified=False)}
+    except duckdb.Error:
+        return set()
 
 
 def named_query(name: str) -> str:

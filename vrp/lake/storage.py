@@ -124,6 +124,15 @@ def arrow_filesystem(root: str) -> tuple[Any, str]:
     return s3, f"{parsed.netloc}{parsed.path}".rstrip("/")
 
 
+def filesystem(root: str) -> tuple[Any, str]:
+    """A pyarrow filesystem for a lake root (local disk or S3) and the root's path inside it."""
+    if is_remote(root):
+        return arrow_filesystem(root)
+    from pyarrow import fs
+
+    return fs.LocalFileSystem(), os.path.abspath(root)
+
+
 def storage_error(exc: BaseException, where: str) -> LakeStorageError:
     """A clear error for a failed object-store request: what went wrong and what to check."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # deltalake colours its error chains
