@@ -226,7 +226,7 @@ def repair(lake_dir: str | None, yes: bool) -> None:
     have held are marked incomplete, so the next `vrp ingest run` of their runs (same options)
     captures them again. Damaged Delta logs are not repaired: restore those files from a backup.
     """
-    the_lake = _open(lake_dir)
+    the_lake = open_existing_lake(lake_dir)
     result = maintenance.repair(the_lake, dry_run=not yes)
     verb = "removed" if yes else "would remove"
     for f in result.files:

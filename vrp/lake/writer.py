@@ -270,7 +270,7 @@ class RunWriter:
         continues the application transaction sequence above the highest version in the lake,
         and upserts the ``runs`` row with status "running" (``started_at`` of a resumed run is kept).
         """
-        heartbeat = Heartbeat(self.lake.root, self.run_id, shard=self.shard)
+        heartbeat = Heartbeat(self.root, self.run_id, shard=self.shard)
         heartbeat.check(force=force)
         heartbeat.start()
         self._heartbeat = heartbeat
