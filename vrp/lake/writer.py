@@ -195,6 +195,40 @@ class RunWriter:
                         f"this run says {key}={value}; give a different model a different name",
                     )
 
+    def _check_model_identity(self) -> None:
+        """A model name stands for one checkpoint: refuse it for another family or checkpoint.
+
+        Every per-model analysis groups by ``model``, so a PaliGemma stored as ``toy-llava`` would
+        be pooled with the real one. The same checkpoint moved to another folder (same revision)
+        or retrained in place (same source) keeps its name.
+        """
+        others = (
+            self._table("runs")
+            .to_pyarrow_dataset()
+            .to_table(
+                filter=(pc.field("model") == self.model) & (pc.field("run_id") != self.run_id),
+                columns=["run_id", "family", "model_source", "model_revision"],
+            )
+        )
+        mine = {c: self.run.get(c) for c in ("family", "model_source", "model_revision")}
+        for row in others.to_pylist():
+            other_family = row["family"] is not None and mine["family"] is not None
+            family_differs = other_family and row["family"] != mine["family"]
+            checkpoint_differs = all(
+                row[c] is not None and mine[c] is not None and row[c] != mine[c]
+                for c in ("model_source", "model_revision")
+            )
+            if family_differs or checkpoint_differs:
+                raise LakeValidationError(
+                    "runs",
+                    "model",
+                    None,
+                    f"model name {self.model!r} already belongs to a {row['family']} checkpoint "
+                    f"({row['model_source']}, revision {row['model_revision']}, run {row['run_id']}); "
+                    f"this run is a {mine['family']} checkpoint ({mine['model_source']}, revision "
+                    f"{mine['model_revision']}): rename its folder, or use another lake",
+                )
+
     def _runs_row(self, **values: Any) -> pa.Table:
         row = {k: v for k, v in self.run.items() if k in TABLES["runs"].schema.names}
         row["config"] = canonical_json(self.config)
@@ -270,13 +304,14 @@ class RunWriter:
         continues the application transaction sequence above the highest version in the lake,
         and upserts the ``runs`` row with status "running" (``started_at`` of a resumed run is kept).
         """
+        for name in TABLES:
+            self._table(name)
+        self._check_model_identity()
+        self._check_model_widths()
         heartbeat = Heartbeat(self.root, self.run_id, shard=self.shard)
         heartbeat.check(force=force)
         heartbeat.start()
         self._heartbeat = heartbeat
-        for name in TABLES:
-            self._table(name)
-        self._check_model_widths()
         completed = self._completed_ids()
         self._cleanup(completed)
         seq = 0

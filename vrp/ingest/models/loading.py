@@ -80,17 +80,31 @@ def resolve_source(name_or_path: str) -> tuple[str, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a directory but has no config.json: not a model checkpoint")
-        return str(path.resolve()), _sanitise(path.resolve().name)
+        return str(path.resolve()), _model_name(path.resolve().name, str(path.resolve()))
     if path.suffix or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise FileNotFoundError(
             f"{name_or_path!r} is not a registry name ({', '.join(sorted(REGISTRY))}), an existing "
             "directory, or a hub id of the form owner/name"
         )
-    return name_or_path, _sanitise(name_or_path.replace("/", "--"))
+    return name_or_path, _model_name(name_or_path.replace("/", "--"), name_or_path)
 
 
 def _sanitise(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def _model_name(wanted: str, source: str) -> str:
+    """The lake's ``model`` name for a checkpoint outside the registry.
+
+    Per-model analyses group by this name, so two different checkpoints must never share it.
+    When sanitising changed the name (a folder called ``toy llava``), or the name is a registry
+    name of another checkpoint, a short hash of the source is appended: ``toy-llava-1a2b3c``.
+    The lake writer also refuses a name already stored for another family or checkpoint.
+    """
+    name = _sanitise(wanted)
+    if name != wanted or name in REGISTRY:
+        name = f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:6]}"
+    return name
 
 
 def _hash_file(digest: Any, path: Path) -> None:
