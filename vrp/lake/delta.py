@@ -233,27 +233,33 @@ def append(
     transaction `app_id` already reached `version` in this table.
 
     The check reads the latest log first, so a batch retried after a crash or a lost reply is
-    stored once. Delta itself records but does not enforce application transaction versions.
+    stored once. Delta itself records but does not enforce application transaction versions. Two
+    commits of one app id at the same time conflict in Delta (CommitFailedError): the loser checks
+    again and retries, so it never reaches the caller.
     """
-    dt.update_incremental()
-    txns = None
-    if app_id is not None:
-        if version is None:
-            raise ValueError("an application transaction needs a version")
-        done = dt.transaction_version(app_id)
-        if done is not None and done >= version:
-            return False
-        txns = [Transaction(app_id=app_id, version=version)]
-    write_deltalake(
-        dt,
-        data,
-        mode="append",
-        writer_properties=writer_properties(spec),
-        commit_properties=CommitProperties(
-            custom_metadata=commit_metadata(metadata or {}), app_transactions=txns
-        ),
-    )
-    return True
+    if app_id is not None and version is None:
+        raise ValueError("an application transaction needs a version")
+
+    def attempt() -> bool:
+        dt.update_incremental()
+        txns = None
+        if app_id is not None and version is not None:
+            done = dt.transaction_version(app_id)
+            if done is not None and done >= version:
+                return False
+            txns = [Transaction(app_id=app_id, version=version)]
+        write_deltalake(
+            dt,
+            data,
+            mode="append",
+            writer_properties=writer_properties(spec),
+            commit_properties=CommitProperties(
+                custom_metadata=commit_metadata(metadata or {}), app_transactions=txns
+            ),
+        )
+        return True
+
+    return retry_commit(attempt)
 
 
 def retry_commit(action: Callable[[], T], *, attempts: int = 8) -> T:

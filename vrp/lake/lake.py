@@ -171,6 +171,7 @@ class Lake:
         if temp_directory is not None:
             config["temp_directory"] = temp_directory
         con = duckdb.connect(config=config)
+        con.execute("SET enable_progress_bar = false")  # drawn on stdout, into the CSV a pipeline reads
         for name in TABLES:
             if name not in self.broken:  # a query naming a broken table gets its error (run_query)
                 con.register(name, self.dataset(name))

@@ -376,14 +376,22 @@ def vacuum(lake: Lake, *, dry_run: bool = True, min_age_s: float = 3600.0) -> li
 
 def vacuum_history(lake: Lake, *, retain_hours: int, dry_run: bool = True) -> dict[str, list[str]]:
     """Delta's own vacuum: files removed from the log (by compact, delete, drop-run) more than
-    `retain_hours` ago; time travel to versions older than that stops working."""
+    `retain_hours` ago; time travel to versions older than that stops working.
+
+    Delta lists every such file its log still remembers, deleted or not, so only the files still
+    in storage are reported: a second vacuum reports nothing instead of the same files again.
+    """
+    files = _files(lake)
     out = {}
-    for name in TABLES:
-        dt = lake.delta(name)
-        if dt is not None:
-            out[name] = dt.vacuum(
-                retention_hours=retain_hours, dry_run=dry_run, enforce_retention_duration=False
-            )
+    for name, dt in _readable_tables(lake):
+        listed = dt.vacuum(retention_hours=retain_hours, dry_run=True, enforce_retention_duration=False)
+        table_dir = files.table_dir(name)
+        paths = [_data_path(table_dir, p) for p in listed]
+        infos = files.fs.get_file_info(paths) if paths else []
+        present = [p for p, info in zip(listed, infos, strict=True) if info.type == pafs.FileType.File]
+        if present and not dry_run:
+            dt.vacuum(retention_hours=retain_hours, dry_run=False, enforce_retention_duration=False)
+        out[name] = present
     return out
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -86,12 +88,18 @@ def _check_explained(sql: str) -> None:
         )
 
 
+#: Seconds an interrupted statement gets to stop before `vrp query` stops waiting for it.
+_GRACE_S = 2.0
+
+
 def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table:
     """Check and run one read-only statement over the lake's views; errors come back on one line.
 
     With ``timeout`` (seconds) the statement is interrupted when it runs longer, so a runaway
     join in a scheduled report or a shared notebook ends with an error instead of holding the
-    machine; nothing is written either way.
+    machine; nothing is written either way. The statement runs in a worker thread while this
+    one waits: Ctrl-C (which DuckDB does not see while it computes) and the deadline both
+    interrupt the connection, and the deadline covers the conversion of the result to Arrow too.
     """
     check_query(sql)
     for name in _table_names(sql):
@@ -99,30 +107,58 @@ def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table
             raise lake.broken[name]
     scratch = tempfile.TemporaryDirectory(prefix="vrp-query-")
     con = lake.connect(safe=True, temp_directory=scratch.name)
-    timer = threading.Timer(timeout, con.interrupt) if timeout else None
+    outcome: dict[str, Any] = {}
+    # an Event, not Thread.join: a join interrupted by Ctrl-C can report a live thread as ended
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["table"] = con.sql(sql).to_arrow_table()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread below
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    worker = threading.Thread(target=work, name="vrp-query", daemon=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    cancelled = None
     try:
-        if timer is not None:
-            timer.start()
-        return con.sql(sql).to_arrow_table()
-    except duckdb.InterruptException as exc:
-        raise LakeError(
-            f"query cancelled after {timeout:g} s (--timeout): filter on run_id/model first, "
-            "select fewer columns, or allow more time"
-        ) from exc
-    except (duckdb.Error, pa.ArrowException, OSError) as exc:
-        damaged = damaged_file_error(exc)
+        worker.start()
+        try:
+            while not finished.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    cancelled = (
+                        f"query cancelled after {timeout:g} s (--timeout): filter on run_id/model first, "
+                        "select fewer columns, or allow more time"
+                    )
+                    break
+                finished.wait(0.1 if left is None else min(0.1, left))
+        except KeyboardInterrupt:
+            cancelled = "query cancelled (Ctrl-C); nothing was written"
+        if cancelled is not None:
+            con.interrupt()
+            finished.wait(_GRACE_S)
+            raise LakeError(cancelled)
+        error = outcome.get("error")
+        if error is None:
+            return outcome["table"]
+        if isinstance(error, duckdb.InterruptException):
+            raise LakeError("query cancelled; nothing was written") from error
+        if not isinstance(error, duckdb.Error | pa.ArrowException | OSError):
+            raise error
+        damaged = damaged_file_error(error)
         if damaged is not None:
-            raise damaged from exc
-        message = one_line(str(exc))
-        for name, error in lake.broken.items():  # a broken table has no view: say why
+            raise damaged from error
+        message = one_line(str(error))
+        for name, broken in lake.broken.items():  # a broken table has no view: say why
             if re.search(rf"\b{name}\b", message):
-                raise error from exc
-        raise LakeError(message) from exc
+                raise broken from error
+        raise LakeError(message) from error
     finally:
-        if timer is not None:
-            timer.cancel()
-        con.close()
-        scratch.cleanup()
+        if finished.is_set():  # else it still holds the connection; it ends with the process
+            con.close()
+            scratch.cleanup()
 
 
 def _table_names(sql: str) -> set[str]:
