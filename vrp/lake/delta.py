@@ -47,16 +47,23 @@ def table_path(root: str | os.PathLike[str], name: str) -> str:
     return storage.join(os.fspath(root), name)
 
 
-def writer_properties(spec: TableSpec) -> WriterProperties:
-    """zstd everywhere; floats and vectors byte-stream-split without dictionary.
+#: Encoding of float columns and vector elements. PLAIN (with zstd) rather than BYTE_STREAM_SPLIT:
+#: Spark's default vectorized Parquet reader before 4.3 rejects byte-stream-split pages, and
+#: ``benchmarks/float_encoding.py`` measures what it would save on a toy lake (see its docstring).
+FLOAT_ENCODING = "PLAIN"
 
-    deltalake 1.6 ignores per-column settings for nested columns, so in a table with vectors
-    byte-stream-split is the *default* (it is what the vector elements get) and every non-float
+
+def writer_properties(spec: TableSpec, *, float_encoding: str = FLOAT_ENCODING) -> WriterProperties:
+    """zstd everywhere, no dictionaries; floats and vectors in `float_encoding`.
+
+    deltalake 1.6 ignores per-column settings for nested columns, so in a table with vectors the
+    float encoding is the *default* (it is what the vector elements get) and every non-float
     column is overridden with an encoding valid for its type. A table without vectors keeps PLAIN
     as its default, so its nested string lists (``samples.answers``) get an encoding valid for
-    strings, and names its float columns byte-stream-split one by one.
+    strings, and names its float columns one by one. Every encoding written by default is one the
+    readers the README names take by default (pyarrow, DuckDB, Polars, Daft, Spark since 3.3).
     """
-    byte_stream_split = ColumnProperties(dictionary_enabled=False, encoding="BYTE_STREAM_SPLIT")
+    floats = ColumnProperties(dictionary_enabled=False, encoding=float_encoding)
     plain = ColumnProperties(dictionary_enabled=False, encoding="PLAIN")
     overrides: dict[str, ColumnProperties] = {}
     for field in spec.schema:
@@ -64,7 +71,7 @@ def writer_properties(spec: TableSpec) -> WriterProperties:
             continue
         if pa.types.is_floating(field.type):
             if not spec.vectors:
-                overrides[field.name] = byte_stream_split
+                overrides[field.name] = floats
         elif pa.types.is_integer(field.type) or pa.types.is_timestamp(field.type):
             overrides[field.name] = ColumnProperties(dictionary_enabled=False, encoding="DELTA_BINARY_PACKED")
         else:
@@ -73,7 +80,7 @@ def writer_properties(spec: TableSpec) -> WriterProperties:
         compression="ZSTD",
         compression_level=1,
         max_row_group_size=VECTOR_ROW_GROUP_ROWS if spec.vectors else None,
-        default_column_properties=byte_stream_split if spec.vectors else plain,
+        default_column_properties=floats if spec.vectors else plain,
         column_properties=overrides,
     )
 
