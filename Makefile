@@ -14,6 +14,10 @@ $(BIN)/vrp: pyproject.toml
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "CUDA found: torch from the package range"; \
 	else $(BIN)/pip install --quiet "$(TORCH_CPU)"; fi
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# Daft reads the lake in tests/test_engines.py. Its 0.7 releases declare pyarrow<26 but run on
+	# the pyarrow 26 VRP needs, so it is installed without its pins (it cannot sit in [dev]: pip
+	# would find no pyarrow that satisfies both).
+	$(BIN)/pip install --quiet --no-deps "daft>=0.7.26,<0.8"
 	touch $(BIN)/vrp
 
 venv: $(BIN)/vrp

@@ -16,7 +16,9 @@ from vrp.lake import open_lake
 from vrp.lake.delta import table_path
 from vrp.schema import TABLES
 
-daft = pytest.importorskip("daft", reason="daft is in the dev extras: pip install -e '.[dev]'")
+daft = pytest.importorskip(
+    "daft", reason="`make venv` installs Daft: pip install --no-deps 'daft>=0.7.26,<0.8' (see the Makefile)"
+)
 
 
 @pytest.fixture(scope="module")
