@@ -1,13 +1,14 @@
 """Read-only SQL for `vrp query`: one SELECT/EXPLAIN statement on a locked-down DuckDB connection.
 
 Two fences, because either alone has holes (docs/ARCHITECTURE.md section 7): DuckDB's own
-parser classifies the input, so ``SELECT 1; DROP ...`` shows up as two statements and COPY, ATTACH, INSTALL/LOAD, SET, PRAGMA and
-CALL are refused by type, and an EXPLAIN is accepted only around a SELECT (``EXPLAIN ANALYZE``
-runs the statement it wraps, so ``EXPLAIN ANALYZE COPY ... TO`` would write a file); and the
-connection runs with external access disabled and its configuration locked, so a SELECT cannot
-read files such as ``read_csv('/etc/passwd')`` either. DuckDB keeps its temp directory readable
-and writable even with external access off, so each query gets its own fresh, empty one, removed
-afterwards. The lake itself is read through Arrow views, which need no file access from DuckDB.
+parser classifies the input, so ``SELECT 1; DROP ...`` shows up as two statements and COPY,
+ATTACH, INSTALL/LOAD, SET, PRAGMA and CALL are refused by type, and an EXPLAIN is accepted only
+around a SELECT (``EXPLAIN ANALYZE`` runs the statement it wraps, so ``EXPLAIN ANALYZE COPY ...
+TO`` would write a file); and the connection runs with external access disabled and its
+configuration locked, so a SELECT cannot read files such as ``read_csv('/etc/passwd')`` either.
+DuckDB keeps its temp directory readable and writable even with external access off, so each
+query gets its own fresh, empty one, removed afterwards. The lake itself is read through Arrow
+views, which need no file access from DuckDB.
 """
 
 from __future__ import annotations
