@@ -43,3 +43,20 @@ def test_ctrl_c_stops_a_running_query_with_one_line(lake_root):
     assert proc.returncode == 1, (out, err)
     assert "Traceback" not in err
     assert err.strip().splitlines() == ["Error: query cancelled (Ctrl-C); nothing was written"]
+
+
+def test_timeout_covers_turning_a_large_result_into_text(lake_root):
+    # the statement itself takes milliseconds; rendering 200,000 rows as CSV takes seconds
+    from click.testing import CliRunner
+
+    from vrp.lake.commands import query
+
+    sql = "SELECT i, i * 2 AS j FROM range(200000) t(i)"
+    args = ["--lake", lake_root, "--timeout", "0.2", "--format", "csv", sql]
+    result = CliRunner().invoke(query, args)
+    assert result.exit_code == 1, result.output[:200]
+    assert "query cancelled after 0.2 s (--timeout)" in result.output
+    quick = CliRunner().invoke(
+        query, ["--lake", lake_root, "--timeout", "60", "--format", "csv", "SELECT 7 AS n"]
+    )
+    assert quick.exit_code == 0 and quick.output == "n\n7\n"

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sys
+from collections.abc import Iterator
 from datetime import date, datetime
 from typing import Any
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 from vrp.cli.options import format_option, lake_option, lake_root, open_existing_lake, user_errors
 from vrp.lake import maintenance
 from vrp.lake.errors import LakeError
-from vrp.lake.query import list_queries, named_query, run_query
+from vrp.lake.query import list_queries, named_query, one_line, run_query
 from vrp.schema import SCHEMA_VERSION
 
 TABLE_ROWS_ON_SCREEN = 200
@@ -65,23 +66,30 @@ def format_result(table: pa.Table, fmt: str, *, limit_rows: bool) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(table.column_names)
-        for row in table.to_pylist():
+        for row in _rows(table):
             writer.writerow([_csv_cell(v) for v in row.values()])
         return buffer.getvalue()
     if fmt == "json":
-        return json.dumps([_plain(r) for r in table.to_pylist()], indent=1, allow_nan=False) + "\n"
+        return json.dumps([_plain(r) for r in _rows(table)], indent=1, allow_nan=False) + "\n"
     import polars as pl
 
-    frame = pl.from_arrow(table)
+    shown_rows = table.slice(0, TABLE_ROWS_ON_SCREEN) if limit_rows else table
+    frame = pl.from_arrow(shown_rows)
     assert isinstance(frame, pl.DataFrame)
-    shown = frame.head(TABLE_ROWS_ON_SCREEN) if limit_rows else frame
     config = {"tbl_rows": -1, "tbl_cols": -1, "fmt_str_lengths": 60, "tbl_width_chars": 200}
     with pl.Config(**config, tbl_hide_dataframe_shape=True):
-        text = str(shown)
-    note = f"\n{frame.height} rows"
-    if shown.height < frame.height:
+        text = str(frame)
+    note = f"\n{table.num_rows} rows"
+    if frame.height < table.num_rows:
         note += f" (first {TABLE_ROWS_ON_SCREEN} shown; use --format csv or --out)"
     return text + note + "\n"
+
+
+def _rows(table: pa.Table) -> Iterator[dict[str, Any]]:
+    """The rows as dicts, a few thousand at a time: a waiting thread (Ctrl-C, --timeout) gets to
+    run between chunks, where one ``to_pylist`` of millions of rows would hold the GIL throughout."""
+    for batch in table.to_batches(max_chunksize=4096):
+        yield from batch.to_pylist()
 
 
 @click.command()
@@ -129,22 +137,33 @@ def query(
         if fmt == "parquet" and out is None:
             raise click.UsageError("--format parquet needs --out FILE")
         lake = open_existing_lake(lake_dir)
-        result = run_query(lake, sql, timeout=timeout)
+
+        def render(result: pa.Table) -> tuple[int, str | None]:
+            # inside run_query, so --timeout covers turning a large result into text too
+            if fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                try:
+                    pq.write_table(result, out, compression="zstd")
+                except OSError as exc:
+                    raise LakeError(f"cannot write {out}: {one_line(str(exc))}") from exc
+                return result.num_rows, None
+            return result.num_rows, format_result(result, fmt, limit_rows=out is None)
+
+        n_rows, text = run_query(lake, sql, timeout=timeout, render=render)
     except LakeError as exc:
         raise click.ClickException(str(exc)) from exc
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        pq.write_table(result, out, compression="zstd")
-        click.echo(f"wrote {result.num_rows} rows to {out}", err=True)
-        return
-    text = format_result(result, fmt, limit_rows=out is None)
-    if out is None:
+    if text is None:
+        click.echo(f"wrote {n_rows} rows to {out}", err=True)
+    elif out is None:
         click.echo(text, nl=False)
     else:
-        with open(out, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        click.echo(f"wrote {result.num_rows} rows to {out}", err=True)
+        try:
+            with open(out, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from exc
+        click.echo(f"wrote {n_rows} rows to {out}", err=True)
 
 
 @click.group()

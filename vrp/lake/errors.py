@@ -74,7 +74,9 @@ class DamagedFileError(LakeError):
     """A committed Parquet file of the lake that does not read (truncated, overwritten, missing)."""
 
 
-_PARQUET_PATH = re.compile(r"""['"]?([^\s'"]+\.parquet)['"]?""")
+# the data files delta-rs writes (part-...parquet) and the log's checkpoints, not any .parquet a
+# user names (vrp query --out x.parquet)
+_PARQUET_PATH = re.compile(r"""['"]?([^\s'"]*(?:part-[^\s'"/]*|\.checkpoint[^\s'"/]*)\.parquet)['"]?""")
 _TABLE_OF_STREAM = re.compile(r"registered as '([A-Za-z_]+)'")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -91,7 +93,7 @@ def damaged_file_error(exc: BaseException) -> DamagedFileError | None:
         seen.add(id(current))
         text = _ANSI.sub("", str(current))
         match = _PARQUET_PATH.search(text)
-        if match and "parquet" in text.lower():
+        if match:
             table = _TABLE_OF_STREAM.search(text)
             where = f"lake table '{table.group(1)}': " if table else ""
             reason = " ".join(text[match.end() :].replace("':", "").split()).strip(": ")

@@ -17,14 +17,17 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import duckdb
 import pyarrow as pa
 
 from vrp.lake.errors import LakeError, damaged_file_error
 from vrp.lake.lake import Lake
+
+T = TypeVar("T")
 
 ALLOWED = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 
@@ -93,14 +96,27 @@ def _check_explained(sql: str) -> None:
 _GRACE_S = 2.0
 
 
-def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table:
+@overload
+def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table: ...
+
+
+@overload
+def run_query(
+    lake: Lake, sql: str, *, timeout: float | None = None, render: Callable[[pa.Table], T]
+) -> T: ...
+
+
+def run_query(
+    lake: Lake, sql: str, *, timeout: float | None = None, render: Callable[[pa.Table], Any] | None = None
+) -> Any:
     """Check and run one read-only statement over the lake's views; errors come back on one line.
 
     With ``timeout`` (seconds) the statement is interrupted when it runs longer, so a runaway
     join in a scheduled report or a shared notebook ends with an error instead of holding the
     machine; nothing is written either way. The statement runs in a worker thread while this
     one waits: Ctrl-C (which DuckDB does not see while it computes) and the deadline both
-    interrupt the connection, and the deadline covers the conversion of the result to Arrow too.
+    interrupt the connection. ``render`` (e.g. the result as CSV text) runs in that thread too,
+    so the deadline covers the conversion of a large result, not only the statement.
     """
     check_query(sql)
     for name in _table_names(sql):
@@ -114,7 +130,8 @@ def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table
 
     def work() -> None:
         try:
-            outcome["table"] = con.sql(sql).to_arrow_table()
+            table = con.sql(sql).to_arrow_table()
+            outcome["table"] = table if render is None else render(table)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread below
             outcome["error"] = exc
         finally:
@@ -146,8 +163,10 @@ def run_query(lake: Lake, sql: str, *, timeout: float | None = None) -> pa.Table
             return outcome["table"]
         if isinstance(error, duckdb.InterruptException):
             raise LakeError("query cancelled; nothing was written") from error
-        if not isinstance(error, duckdb.Error | pa.ArrowException | OSError):
-            raise error
+        if not isinstance(error, duckdb.Error | pa.ArrowException | OSError) or (
+            render is not None and not isinstance(error, duckdb.Error)
+        ):
+            raise error  # includes the rendering's own errors (e.g. --out in a missing folder)
         damaged = damaged_file_error(error)
         if damaged is not None:
             raise damaged from error
