@@ -208,10 +208,21 @@ def check(lake_dir: str | None) -> None:
     for d in duplicates:
         key = ", ".join(f"{k}={v}" for k, v in d.key.items())
         click.echo(f"DUPLICATE {d.table}: {key} ({d.count} rows)")
+    incomplete = maintenance.incomplete_samples(the_lake) if not problems else []
+    for i in incomplete:
+        click.echo(
+            f"INCOMPLETE {i.table}: run {i.run_id}: {len(i.sample_ids)} complete sample(s) without rows "
+            f"there (e.g. {i.sample_ids[0]})"
+        )
     n_files = sum(t.files for t in maintenance.table_info(the_lake))
     click.echo(f"checked {n_files} committed files: {len(problems)} damaged, {len(orphans)} orphan(s)")
     if orphans:
         click.echo("orphans are files no commit references (killed writers); `vrp lake vacuum` removes them")
+    if incomplete and not duplicates:
+        raise click.ClickException(
+            f"{sum(len(i.sample_ids) for i in incomplete)} complete sample(s) lack rows: `vrp lake repair "
+            "--yes` reopens them, and the next `vrp ingest run` of their run captures them again"
+        )
     if duplicates:
         runs = sorted({str(d.key.get("run_id")) for d in duplicates})
         raise click.ClickException(
@@ -243,7 +254,8 @@ def repair(lake_dir: str | None, yes: bool) -> None:
 
     The damaged files are moved to _quarantine/ at the lake root; the samples whose rows they may
     have held are marked incomplete, so the next `vrp ingest run` of their runs (same options)
-    captures them again. Damaged Delta logs are not repaired: restore those files from a backup.
+    captures them again. Complete samples that lack rows in a table (INCOMPLETE in `check`) are
+    reopened the same way. Damaged Delta logs are not repaired: restore those files from a backup.
     """
     the_lake = open_existing_lake(lake_dir)
     result = maintenance.repair(the_lake, dry_run=not yes)
@@ -254,15 +266,14 @@ def repair(lake_dir: str | None, yes: bool) -> None:
         kept = f" (kept at {f.moved_to})" if yes and f.moved_to else ""
         click.echo(f"{verb} {f.table}: {f.path}{kept}; {samples} of run(s) {runs} to ingest again")
     for run_id, n in result.reopened.items():
-        click.echo(
-            f"run {run_id}: {n} complete sample(s) reopened; rerun its `vrp ingest run` to capture them"
-        )
+        done = "reopened" if yes else "to reopen"
+        click.echo(f"run {run_id}: {n} complete sample(s) {done}; rerun its `vrp ingest run` to capture them")
     for name, error in the_lake.broken.items():
         click.echo(
             f"not repaired: table {name} has a damaged log ({error.log_file}); restore it from a backup"
         )
     click.echo(f"{verb} {len(result.files)} damaged file(s)")
-    if not yes and result.files:
+    if not yes and (result.files or result.reopened):
         click.echo("dry run: pass --yes to repair")
 
 

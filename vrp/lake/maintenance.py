@@ -233,7 +233,7 @@ class RepairedFile:
 
 @dataclass(frozen=True)
 class RepairResult:
-    """What `repair` removed, and how many complete samples of each run it reopened."""
+    """What `repair` removed, and how many complete samples of each run it reopened (or would)."""
 
     files: list[RepairedFile]
     reopened: dict[str, int]
@@ -281,6 +281,7 @@ def repair(lake: Lake, *, dry_run: bool = True) -> RepairResult:
 
     files = _files(lake)
     damaged = [p for p in damaged_files(lake) if p.table not in lake.broken]
+    incomplete = incomplete_samples(lake) if not damaged else []
     planned: list[tuple[RepairedFile, str | None]] = []
     for name in TABLES:
         mine = {p.path for p in damaged if p.table == name}
@@ -301,7 +302,8 @@ def repair(lake: Lake, *, dry_run: bool = True) -> RepairResult:
             shown_target = files.shown(target) if target else None
             planned.append((RepairedFile(name, path, shown_target, runs, sample_range), target))
     if dry_run or not planned:
-        return RepairResult([item for item, _ in planned], {})
+        reopened = _reopen_incomplete(lake, incomplete, dry_run=dry_run)
+        return RepairResult([item for item, _ in planned], reopened)
     for item, target in planned:
         if target is not None:
             files.fs.create_dir(posixpath.dirname(target), recursive=True)
@@ -333,7 +335,38 @@ def repair(lake: Lake, *, dry_run: bool = True) -> RepairResult:
             n = delta.delete_where(lake.delta(marker), predicate, {"operation": "repair", "run_id": run_id})
             reopened[run_id] = reopened.get(run_id, 0) + n
             lake.refresh()
+    for run_id, n in _reopen_incomplete(lake, incomplete_samples(lake), dry_run=False).items():
+        reopened[run_id] = reopened.get(run_id, 0) + n
     return RepairResult([item for item, _ in planned], reopened)
+
+
+def _reopen_incomplete(lake: Lake, incomplete: list[IncompleteSamples], *, dry_run: bool) -> dict[str, int]:
+    """Delete the completion rows of complete samples that lack rows, so the next ingest redoes them."""
+    from vrp.lake.writer import completion_table
+
+    by_run: dict[str, set[str]] = {}
+    for item in incomplete:
+        by_run.setdefault(item.run_id, set()).update(item.sample_ids)
+    if dry_run or not by_run:
+        return {run_id: len(ids) for run_id, ids in by_run.items()}
+    kinds = {r["run_id"]: r for r in lake.arrow("runs", columns=["run_id", "kind"]).to_pylist()}
+    reopened = {}
+    for run_id, ids in by_run.items():
+        marker = lake.delta(completion_table(kinds.get(run_id, {})))
+        assert marker is not None
+        base = delta.equals_predicate({"run_id": run_id})
+        ordered = sorted(ids)
+        n = 0
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start : start + 500]
+            n += delta.delete_where(
+                marker,
+                f"{base} AND {delta.in_predicate('sample_id', chunk)}",
+                {"operation": "repair", "run_id": run_id},
+            )
+        reopened[run_id] = n
+    lake.refresh()
+    return reopened
 
 
 def duplicate_keys(lake: Lake, *, limit: int = 20) -> list[DuplicateKey]:
@@ -357,6 +390,56 @@ def duplicate_keys(lake: Lake, *, limit: int = 20) -> list[DuplicateKey]:
         for row in repeated.to_pylist():
             count = int(row.pop("count_all"))
             out.append(DuplicateKey(name, row, count))
+    return out
+
+
+@dataclass(frozen=True)
+class IncompleteSamples:
+    """Complete samples (their completion row is committed) that lack their rows in one table."""
+
+    table: str
+    run_id: str
+    sample_ids: tuple[str, ...]
+
+
+def incomplete_samples(lake: Lake) -> list[IncompleteSamples]:
+    """Samples marked complete whose rows are missing from a table the rest of their run fills.
+
+    A sample's rows in the other tables are committed before its completion row, so a complete
+    sample without them means rows were lost (a damaged file repaired by hand, or a writer forced
+    over a live one whose in-flight rows it cleaned up). ``repair`` reopens such samples.
+    """
+    from vrp.lake.writer import PER_SAMPLE_TABLES, completion_table
+
+    if "runs" in lake.broken or not lake.has_table("runs"):
+        return []
+    out = []
+    runs = lake.arrow("runs", columns=["run_id", "kind"]).to_pylist()
+    tables = dict(_readable_tables(lake))
+    readable = set(tables)
+    # runs that ever appended to a table (commit metadata), so a table whose rows of a run were
+    # all lost still counts as one the run fills (commits older than the log's retention drop out)
+    writers = {
+        name: {e["vrp.run_id"] for e in dt.history() if e.get("operation") == "WRITE" and e.get("vrp.run_id")}
+        for name, dt in tables.items()
+        if name in PER_SAMPLE_TABLES
+    }
+    for run in runs:
+        marker = completion_table(run)
+        if marker not in readable:
+            continue
+        done = set(
+            lake.arrow(marker, filter={"run_id": run["run_id"]}, columns=["sample_id"]).column(0).to_pylist()
+        )
+        for name in PER_SAMPLE_TABLES:
+            if name in (marker, "failures") or name not in readable:
+                continue
+            present = lake.arrow(name, filter={"run_id": run["run_id"]}, columns=["sample_id"]).column(0)
+            if len(present) == 0 and run["run_id"] not in writers[name]:
+                continue  # the run writes nothing there (e.g. no self-consistency draws)
+            missing = done - set(present.to_pylist())
+            if missing:
+                out.append(IncompleteSamples(name, run["run_id"], tuple(sorted(missing))))
     return out
 
 
