@@ -4,6 +4,7 @@ DuckDB's temp directory, and EXPLAIN only around a SELECT."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -74,3 +75,10 @@ def test_a_query_that_spills_uses_a_private_temp_directory_that_is_removed(lake_
     assert "vrp-query-" in temp
     assert not os.path.exists(temp)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_readme_says_the_python_sql_api_is_not_sandboxed():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shown = readme.index('lake.sql("')
+    note = readme.index("`lake.sql()` is **not sandboxed**")
+    assert 0 < note - shown < 600  # right where the README shows it
