@@ -21,6 +21,7 @@ def test_a_folder_whose_name_sanitises_to_a_registry_name_gets_its_own_name(tmp_
     other = build_tiny("paligemma", tmp_path / "elsewhere" / "toy llava", seed=0, num_layers=1)
     assert resolve_source(str(other))[1] != name  # the hash is of the source
     assert resolve_source("toy-llava")[1] == "toy-llava"  # the registry's own keeps its name
+    assert resolve_source(REGISTRY["toy-llava"])[1] == "toy-llava"  # also given as its folder
 
 
 def test_a_folder_named_exactly_like_a_registry_model_is_renamed(tmp_path):

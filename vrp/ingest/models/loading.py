@@ -102,9 +102,20 @@ def _model_name(wanted: str, source: str) -> str:
     The lake writer also refuses a name already stored for another family or checkpoint.
     """
     name = _sanitise(wanted)
-    if name != wanted or name in REGISTRY:
+    if name != wanted or (name in REGISTRY and not _same_source(REGISTRY[name], source)):
         name = f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:6]}"
     return name
+
+
+def _same_source(registered: str, source: str) -> bool:
+    """Whether `source` is the registry entry's own checkpoint (its folder given as a path)."""
+    if registered == source:
+        return True
+    return (
+        Path(registered).is_dir()
+        and Path(source).is_dir()
+        and Path(registered).resolve() == Path(source).resolve()
+    )
 
 
 def _hash_file(digest: Any, path: Path) -> None:
