@@ -8,8 +8,6 @@ import torch
 from PIL import Image
 
 from vrp.ingest.capture import TraceModules, capture_attention, capture_batch, logit_lens
-from vrp.ingest.models import load_adapter
-from vrp.ingest.models.tiny import build_tiny
 from vrp.tasks.yesno import yes_no_ids
 
 FAMILIES = ("llava", "paligemma", "qwen2vl")
@@ -17,11 +15,8 @@ QUESTIONS = ["Is there a red circle in the image?", "Is there a square?"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def adapter(request, tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    path = build_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=0, num_layers=3)
-    return load_adapter(str(path))
+def adapter(request, tiny_adapter):
+    return tiny_adapter(request.param, seed=0, num_layers=3)
 
 
 def _images() -> list[Image.Image]:

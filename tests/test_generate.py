@@ -20,19 +20,14 @@ from vrp.ingest.generate import (
     shared_prefix_attention,
     top_p_filter,
 )
-from vrp.ingest.models import load_adapter
-from vrp.ingest.models.tiny import build_tiny
 
 FAMILIES = ("llava", "paligemma", "qwen2vl")
 QUESTIONS = ["Is there a red circle in the image?", "Is there a square?"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def adapter(request, tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    path = build_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=1, num_layers=2)
-    return load_adapter(str(path))
+def adapter(request, tiny_adapter):
+    return tiny_adapter(request.param, seed=1, num_layers=2)
 
 
 def _encode(adapter, questions=QUESTIONS):

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import vrp.ingest.models as models
 from vrp.cli import main
-from vrp.ingest.datasets import generate_shapes_pope
-from vrp.ingest.models.tiny import build_tiny
 from vrp.ingest.run import IngestError, IngestOptions, run_ingest
 from vrp.lake import open_lake
 
@@ -18,12 +15,10 @@ K = 2
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("ingest")
-    data = generate_shapes_pope(root / "shapes", images=6, seed=11)
-    llava = build_tiny("llava", root / "tiny-llava", seed=0, num_layers=2)
-    qwen = build_tiny("qwen2vl", root / "tiny-qwen", seed=0, num_layers=3)
+def workspace(shapes_workspace, tiny_checkpoint):
+    root, data = shapes_workspace("ingest", images=6, seed=11)
+    llava = tiny_checkpoint("llava", root / "tiny-llava", seed=0, num_layers=2)
+    qwen = tiny_checkpoint("qwen2vl", root / "tiny-qwen", seed=0, num_layers=3)
     return root, data, llava, qwen
 
 

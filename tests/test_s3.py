@@ -21,7 +21,6 @@ import lake_util
 import polars as pl
 import pyarrow as pa
 import pytest
-import torch
 from click.testing import CliRunner
 from deltalake import DeltaTable, write_deltalake
 from lake_util import ROWS_PER_SAMPLE, make_run, sample_ids
@@ -29,8 +28,6 @@ from test_scale import assert_same_rows
 
 from vrp.analysis.synthetic import write_synthetic_lake
 from vrp.cli import main
-from vrp.ingest.datasets import generate_shapes_pope
-from vrp.ingest.models.tiny import build_tiny
 from vrp.ingest.run import IngestOptions, run_ingest
 from vrp.lake import open_lake, storage
 from vrp.schema import TABLES
@@ -111,12 +108,9 @@ def _keys(client, prefix: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("s3")
-    data = generate_shapes_pope(root / "shapes", images=4, seed=5)
-    model = build_tiny("llava", root / "tiny-llava", seed=1, num_layers=2)
-    return root, data, model
+def workspace(shapes_workspace, tiny_checkpoint):
+    root, data = shapes_workspace("s3", images=4, seed=5)
+    return root, data, tiny_checkpoint("llava", root / "tiny-llava", seed=1, num_layers=2)
 
 
 def test_storage_options_come_from_the_aws_environment() -> None:

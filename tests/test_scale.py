@@ -11,12 +11,10 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from click.testing import CliRunner
 
 from vrp.cli import main
-from vrp.ingest.datasets import generate_shapes_pope, load_dataset
-from vrp.ingest.models.tiny import build_tiny
+from vrp.ingest.datasets import load_dataset
 from vrp.ingest.run import IngestOptions, run_ingest
 from vrp.lake import open_lake
 from vrp.schema import TABLES
@@ -26,12 +24,9 @@ COMPARED = ("samples", "layers", "hidden", "generations", "attention_maps", "hea
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("scale")
-    data = generate_shapes_pope(root / "shapes", images=5, seed=21)
-    model = build_tiny("llava", root / "tiny-llava", seed=3, num_layers=2)
-    return root, data, model
+def workspace(shapes_workspace, tiny_checkpoint):
+    root, data = shapes_workspace("scale", images=5, seed=21)
+    return root, data, tiny_checkpoint("llava", root / "tiny-llava", seed=3, num_layers=2)
 
 
 def _options(model, data, **overrides) -> IngestOptions:
