@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextvars
 import hashlib
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
@@ -34,6 +35,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from vrp.ingest.capture import attention_layer_index, end_token_ids, require_every_layer, route_attention
+
+if TYPE_CHECKING:
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    from vrp.ingest.models import Adapter, Encoded
 
 SHARED_PREFIX_BACKEND = "vrp_shared_prefix"
 """Name under which :func:`shared_prefix_attention` is registered with transformers."""
@@ -212,7 +218,7 @@ AttentionInterface.register(SHARED_PREFIX_BACKEND, shared_prefix_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_BACKEND, sdpa_mask)
 
 
-def shared_prefix(adapter: Any, cache: Cache) -> Any:
+def shared_prefix(adapter: Adapter, cache: Cache) -> AbstractContextManager[_SharedPrefix]:
     """Route the model's attention through :func:`shared_prefix_attention` for the block's duration.
 
     Check with :func:`require_every_layer` after the block: a layer whose attention bypassed it
@@ -263,16 +269,16 @@ def _cut_at_end(tokens: torch.Tensor, end_ids: set[int], pad_id: int) -> torch.T
 
 
 def sample_answers(
-    adapter: Any,
-    enc: Any,
-    greedy_output: Any,
+    adapter: Adapter,
+    enc: Encoded,
+    greedy_output: GenerateDecoderOnlyOutput,
     seeds: Sequence[Sequence[int]],
     *,
     temperature: float = 0.7,
     top_p: float = 0.9,
     max_new_tokens: int = 8,
     return_logits: bool = False,
-) -> tuple[list[list[str]], Any]:
+) -> tuple[list[list[str]], SampleOutput | None]:
     """K answers per row decoded from the greedy answer's prefill, without recomputing any of it.
 
     ``seeds[b]`` holds the K seeds of row b. ``greedy_output`` is transformers' generate output
@@ -324,15 +330,15 @@ class SampleOutput:
 
 
 def _decode_from_prefix(
-    adapter: Any,
-    enc: Any,
+    adapter: Adapter,
+    enc: Encoded,
     greedy_cache: Cache,
     sequences: torch.Tensor,
     k: int,
     sampler: SeededSampler,
     max_new_tokens: int,
     return_logits: bool,
-) -> Any:
+) -> GenerateDecoderOnlyOutput:
     """Continue ``sequences`` (prompt + first token, [B*K, P+1]) with one batched decode loop.
 
     The cache holds the prompt once per row, a view of the greedy answer's cache cut back to the
