@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,6 +59,12 @@ from vrp.ingest.datasets.shapes import (
     vocabulary,
 )
 from vrp.tasks.yesno import yes_no_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vrp.ingest.datasets.shapes import ShapeImage
+    from vrp.ingest.models import Adapter
 
 FAMILIES: tuple[str, ...] = ("llava", "paligemma", "qwen2vl")
 EVAL_SEED_OFFSET = 900_001  # held-out images: seed + offset, never a training seed's stream
@@ -165,7 +171,7 @@ def make_batch(
     return batch
 
 
-def _answer_ids(tokenizer: Any, answer: str) -> list[int]:
+def _answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
     """Token ids of an answer followed by the end token (so generation stops after it)."""
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -174,7 +180,7 @@ def _answer_ids(tokenizer: Any, answer: str) -> list[int]:
     return [*ids, int(tokenizer.eos_token_id)]
 
 
-def with_answers(adapter: Any, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def with_answers(adapter: Adapter, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs with each row's answer appended after its prompt, and the next-token targets.
 
     The prompt is encoded by the adapter exactly as at inference (left padded); the answers are
@@ -227,7 +233,9 @@ def lr_at(step: int, cfg: ToyTrainConfig, decay_start: int | None, total: int | 
 
 
 @torch.no_grad()
-def evaluate(adapter: Any, images: Sequence[Any], seed: int, *, batch_size: int = 64) -> dict[str, float]:
+def evaluate(
+    adapter: Adapter, images: Sequence[ShapeImage], seed: int, *, batch_size: int = 64
+) -> dict[str, float]:
     """Held-out accuracy per split: the answer is yes when p(yes) > p(no) at the answer position
     (each summed over the tokenizer's yes/no variants), as VRP's first-token statistics define it."""
     model = adapter.model
@@ -329,7 +337,7 @@ def train_toy(
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
 
-    def evaluate_now(step: int, images: Sequence[Any]) -> dict[str, float]:
+    def evaluate_now(step: int, images: Sequence[ShapeImage]) -> dict[str, float]:
         acc = evaluate(adapter, images, cfg.eval_seed)
         entry = {
             "step": step,
@@ -390,7 +398,7 @@ def train_toy(
 
 def _card(
     cfg: ToyTrainConfig,
-    adapter: Any,
+    adapter: Adapter,
     steps: tuple[int, int | None],
     wall: float,
     pixels: tuple[list[float], list[float]],
