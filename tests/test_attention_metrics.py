@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from vrp.metrics.attention import cluster_count, normalise_map, spatial_entropy
+from vrp.metrics.attention import cluster_count, normalise_map, normalised_entropy, spatial_entropy
 
 
 def test_uniform_map_has_entropy_log_n() -> None:
@@ -69,3 +69,16 @@ def test_uniform_map_is_one_cluster() -> None:
 def test_normalise_map_keeps_zero_maps_finite() -> None:
     assert np.allclose(normalise_map(np.zeros(4)), 0.25)
     assert np.allclose(normalise_map(np.array([1.0, 3.0])), [0.25, 0.75])
+
+
+def test_normalised_entropy_is_one_for_uniform_and_zero_for_a_peak() -> None:
+    uniform = np.full((4, 6), 1.0)
+    assert normalised_entropy(spatial_entropy(uniform), 24) == pytest.approx(1.0, abs=1e-6)
+    peak = np.zeros((4, 6))
+    peak[1, 1] = 1.0
+    assert normalised_entropy(spatial_entropy(peak), 24) == pytest.approx(0.0, abs=1e-8)
+    # two equal cells of 16: ln 2 / ln 16 = 1/4 exactly
+    two = np.zeros(16)
+    two[[0, 5]] = 1.0
+    assert normalised_entropy(spatial_entropy(two), 16) == pytest.approx(0.25, abs=1e-8)
+    assert normalised_entropy(0.0, 1) is None

@@ -119,6 +119,8 @@ def test_spatial_entropy_by_layer(lake_and_truth) -> None:
         assert [r["spatial_entropy"] for r in got] == pytest.approx(list(mean))
         assert got[0]["delta"] is None
         assert [r["delta"] for r in got[1:]] == pytest.approx(list(np.diff(mean)))
+        # H_s / ln(N) on the 4x4 grid the synthetic lake stores
+        assert [r["spatial_entropy_norm"] for r in got] == pytest.approx(list(mean / np.log(16)))
 
 
 def test_correlation_inputs(lake_and_truth) -> None:

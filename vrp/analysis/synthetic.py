@@ -184,6 +184,7 @@ def _rows(t: ModelTruth, layers: int) -> dict[str, list[dict]]:
                     "sample_id": sid,
                     "layer": layer,
                     "spatial_entropy": float(t.layer_entropy[i, layer]),
+                    "spatial_entropy_norm": float(t.layer_entropy[i, layer] / np.log(16)),
                     "image_mass": 0.5,
                     "lens_truth_margin": float(t.truth_margin[i, layer]),
                     "lens_yes_no_margin": float(t.truth_margin[i, layer]),

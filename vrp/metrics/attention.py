@@ -30,6 +30,17 @@ def spatial_entropy(attention_map: np.ndarray) -> float:
     return float(-(m * np.log(m + ENTROPY_DELTA)).sum())
 
 
+def normalised_entropy(entropy: float, n_cells: int) -> float | None:
+    """H_s / ln(N): 1 for a uniform map over N cells, 0 for a single peak, whatever the grid size.
+
+    It is what makes maps of different grids comparable (Qwen2-VL's grid varies per image). A
+    one-cell map has no spread to measure, so it gets None rather than a division by ln 1 = 0.
+    """
+    if n_cells < 2:
+        return None
+    return float(entropy / np.log(n_cells))
+
+
 def cluster_count(attention_map: np.ndarray) -> int:
     """C_k(M): DBSCAN clusters (eps 1.5, min_samples 3) of the cells at or above the 90th percentile.
 
