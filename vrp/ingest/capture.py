@@ -36,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from vrp.metrics.attention import cluster_count, normalise_map, spatial_entropy
+from vrp.metrics.attention import cluster_count, normalise_map, normalised_entropy, spatial_entropy
 from vrp.tasks import Gold, Task, get_task
 from vrp.tasks.base import as_gold
 
@@ -381,11 +381,13 @@ def _summarise(
             layer_map = normalise_map(mean_raw)
             grid = layer_map.reshape(grid_h, grid_w)
             maps.append(layer_map.astype(np.float32))
+            entropy = spatial_entropy(grid)
             layer_rows.append(
                 {
                     "layer": layer,
                     "image_mass": float(mean_raw.sum()),
-                    "spatial_entropy": spatial_entropy(grid),
+                    "spatial_entropy": entropy,
+                    "spatial_entropy_norm": normalised_entropy(entropy, grid.size),
                     "cluster_count": cluster_count(grid),
                     **{c: float(lens_stats[layer][c][b]) for c in task.lens_columns},
                     "lens_truth_margin": float(truth_margin[layer, b]) if truth else None,
@@ -396,16 +398,20 @@ def _summarise(
                     "lens_truth_rank": int(truth_rank[layer, b]) if truth else None,
                 }
             )
-            head_rows.extend(
-                {
-                    "layer": layer,
-                    "head": head,
-                    "image_mass": float(image[head].sum()),
-                    "spatial_entropy": spatial_entropy(head_maps[head]),
-                }
-                for head in range(image.shape[0])
-            )
+            for head in range(image.shape[0]):
+                head_entropy = spatial_entropy(head_maps[head])
+                head_rows.append(
+                    {
+                        "layer": layer,
+                        "head": head,
+                        "image_mass": float(image[head].sum()),
+                        "spatial_entropy": head_entropy,
+                        "spatial_entropy_norm": normalised_entropy(head_entropy, image.shape[1]),
+                    }
+                )
         mean_map = normalise_map(np.mean(maps, axis=0)).reshape(grid_h, grid_w)
+        mean_entropy = spatial_entropy(mean_map)
+        image_h, image_w = enc.original_sizes[b]  # the picture as loaded, before the processor
         sample = {
             "answer_text": texts[b],
             "answer": answer,
@@ -418,7 +424,10 @@ def _summarise(
             "n_image_tokens": int(len(pos)),
             "grid_h": int(grid_h),
             "grid_w": int(grid_w),
-            "spatial_entropy": spatial_entropy(mean_map),
+            "image_h": int(image_h),
+            "image_w": int(image_w),
+            "spatial_entropy": mean_entropy,
+            "spatial_entropy_norm": normalised_entropy(mean_entropy, mean_map.size),
             "cluster_count": cluster_count(mean_map),
         }
         hidden = {"resid": resid[:, b].numpy(), "mlp_out": mlp_out[:, b].numpy()}

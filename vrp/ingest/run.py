@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from vrp.ingest.prompts import apply_template, question_template
 from vrp.lake.identity import make_run_id
 from vrp.runs.loop import BatchOutcome, run_loop
 from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
+
+if TYPE_CHECKING:
+    from vrp.ingest.datasets import Sample
 
 HIDDEN_SITES = ("resid", "mlp_out")
 
@@ -426,7 +429,7 @@ def _image_tokens_per_sample(adapter: Any, samples: Sequence[Any]) -> int:
     return 0
 
 
-def _failure(sample: Any, stage: str, error: str) -> dict[str, Any]:
+def _failure(sample: Sample, stage: str, error: str) -> dict[str, Any]:
     """A failures row of one sample, with the question it came from."""
     return {
         "sample_id": sample.sample_id,
@@ -485,7 +488,8 @@ def _process_batch(
         if cap.nonfinite[b] is not None:
             failures.append(_failure(sample, "capture", f"non-finite value in {cap.nonfinite[b]}"))
             continue
-        for table, table_rows in _sample_rows(task, sample, cap, b, layers, samples_k[b], seeds[b]).items():
+        sampled = _sample_rows(task, sample, cap, b, layers, samples_k[b], seeds[b], options)
+        for table, table_rows in sampled.items():
             rows.setdefault(table, []).extend(table_rows)
     return rows, failures
 
@@ -498,13 +502,14 @@ def _sample_rows(
     layers: Sequence[int],
     texts: Sequence[str],
     seeds: Sequence[int],
+    options: IngestOptions,
 ) -> dict[str, list[dict[str, Any]]]:
     """One sample's rows for every table (run_id and model are filled in by the writer)."""
     key = {"sample_id": sample.sample_id}
     generations = []
     answers = []
     for k, (text, seed) in enumerate(zip(texts, seeds, strict=True)):
-        answer, _status = task.parse(text)
+        answer, status = task.parse(text)
         correct, score = task.score(answer, sample)
         answers.append(answer)
         generations.append(
@@ -513,9 +518,12 @@ def _sample_rows(
                 "k": k,
                 "text": text,
                 "answer": answer,
+                "parse_status": status,
                 "correct": correct,
                 "score": score,
                 "seed": seed,
+                "temperature": options.temperature,
+                "top_p": options.top_p,
             }
         )
     sc_answer, sc_agreement = majority_answer(answers) if answers else (None, None)
@@ -529,6 +537,7 @@ def _sample_rows(
         "question": sample.question,
         "object": sample.object,
         "label": sample.label,
+        "category": sample.category,
         "task": sample.task,
         "answers": None if sample.answers is None else list(sample.answers),
         "question_type": sample.question_type,
@@ -539,6 +548,7 @@ def _sample_rows(
         "correct": captured["correct"],
         "sc_agreement": sc_agreement,
         "sc_answer": sc_answer,
+        "sc_k": options.self_consistency,
     }
     grid_h, grid_w = captured["grid_h"], captured["grid_w"]
     return {
