@@ -20,6 +20,7 @@ import vrp
 from vrp.ingest.answers import majority_answer
 from vrp.ingest.capture import ATTENTION_BACKEND, BatchCapture, capture_batch
 from vrp.ingest.generate import sample_answers, sample_seed
+from vrp.ingest.models.base import LayerRangeError, resolve_layer
 from vrp.ingest.prompts import apply_template, question_template
 from vrp.lake.identity import make_run_id
 from vrp.runs.loop import BatchOutcome, run_loop
@@ -107,13 +108,10 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
     """Layer indices counted from 0; negative ones count from the end (-1 is the last layer)."""
     if layers is None:
         return list(range(num_layers))
-    resolved = []
-    for layer in layers:
-        index = layer + num_layers if layer < 0 else layer
-        if not 0 <= index < num_layers:
-            raise IngestError(f"layer {layer} is out of range: the model has {num_layers} decoder layers")
-        resolved.append(index)
-    return sorted(set(resolved))
+    try:
+        return sorted({resolve_layer(layer, num_layers) for layer in layers})
+    except LayerRangeError as exc:
+        raise IngestError(str(exc)) from exc
 
 
 def estimate_bytes(adapter: Any, n_samples: int, layers: Sequence[int], n_image_tokens: int, k: int) -> int:

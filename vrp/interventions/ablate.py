@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from vrp.ingest.datasets import Sample
-from vrp.ingest.models.base import Adapter, Encoded
+from vrp.ingest.models.base import Adapter, Encoded, resolve_layer
 from vrp.interventions.base import (
     NEURON_SITE,
     Condition,
@@ -39,7 +39,6 @@ from vrp.interventions.base import (
     hidden_size,
     num_layers_of,
     probe_order,
-    resolve_layer,
 )
 from vrp.interventions.hooks import EditOutput
 from vrp.lake import Lake

@@ -45,7 +45,7 @@ from PIL import Image
 
 import vrp
 from vrp.ingest.datasets import Sample
-from vrp.ingest.models.base import Adapter, Encoded
+from vrp.ingest.models.base import Adapter, Encoded, resolve_layer
 from vrp.ingest.prompts import apply_template
 from vrp.interventions.scoring import answer_batch
 from vrp.lake import Lake
@@ -195,16 +195,6 @@ def num_layers_of(lake: Lake, run_id: str) -> int:
     if len(layers) == 0:
         raise InterventionError(f"run {run_id} has no `layers` rows; it is not a complete `vrp ingest run`")
     return int(max(layers.to_pylist())) + 1
-
-
-def resolve_layer(layer: int, num_layers: int) -> int:
-    """A decoder layer index; negative counts from the end (-1 is the last)."""
-    index = layer + num_layers if layer < 0 else layer
-    if not 0 <= index < num_layers:
-        raise InterventionError(
-            f"layer {layer} is out of range: the base run's model has {num_layers} decoder layers"
-        )
-    return index
 
 
 def parse_layer_spec(spec: str, num_layers: int) -> list[tuple[int, ...]]:

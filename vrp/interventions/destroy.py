@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from vrp.ingest.models.base import resolve_layer
 from vrp.interventions.ablate import CoordinateEdits, Edit
 from vrp.interventions.base import (
     InterventionError,
@@ -29,7 +30,6 @@ from vrp.interventions.base import (
     num_layers_of,
     peak_layer,
     probe_order,
-    resolve_layer,
 )
 from vrp.lake import Lake
 

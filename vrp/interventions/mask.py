@@ -33,7 +33,7 @@ import torch
 
 from vrp.ingest.datasets import Sample
 from vrp.ingest.generate import sample_seed
-from vrp.ingest.models.base import Adapter, Encoded
+from vrp.ingest.models.base import Adapter, Encoded, resolve_layer
 from vrp.interventions.base import (
     Condition,
     Intervention,
@@ -41,7 +41,6 @@ from vrp.interventions.base import (
     base_run,
     n_cells,
     num_layers_of,
-    resolve_layer,
 )
 from vrp.lake import Lake
 

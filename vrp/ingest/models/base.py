@@ -27,7 +27,23 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-__all__ = ["Adapter", "Encoded", "FamilySpec"]
+__all__ = ["Adapter", "Encoded", "FamilySpec", "LayerRangeError", "resolve_layer"]
+
+
+class LayerRangeError(ValueError):
+    """A layer number the model does not have (the message gives its layer count)."""
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """A decoder layer index counted from 0; a negative one counts from the end (-1 is the last).
+
+    The one place that reads a user's layer number: ``vrp ingest run --layers`` and every
+    intervention's ``--layer(s)`` go through it (docs/ARCHITECTURE.md section 4).
+    """
+    index = layer + num_layers if layer < 0 else layer
+    if not 0 <= index < num_layers:
+        raise LayerRangeError(f"layer {layer} is out of range: the model has {num_layers} decoder layers")
+    return index
 
 
 @dataclass(frozen=True)
