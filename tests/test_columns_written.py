@@ -22,7 +22,7 @@ from vrp.schema import TABLES
 
 QUESTIONS = 24
 K = 2
-INTERVENE = ("ingest", "intervene")
+INTERVENE = ("intervene",)
 
 #: task -> {(table, column): why a full study of that task leaves the column null in every row}.
 NULL_FOR_TASK: dict[str, dict[tuple[str, str], str]] = {
@@ -47,6 +47,8 @@ NULL_FOR_TASK: dict[str, dict[tuple[str, str], str]] = {
         ("samples", "object"): "POPE's questioned object; an open question names none",
         ("samples", "category"): "POPE's category field; shapes-VQA has none",
         ("samples", "source"): "POPE's image source (coco, aokvqa, gqa); shapes-VQA has none",
+        ("interventions", "donor_sample_id"): "patch runs only; this study masks (the yes/no one patches)",
+        ("interventions", "restoration"): "patch runs only; this study masks (the yes/no one patches)",
     },
 }
 
@@ -70,7 +72,7 @@ def _base_run(lake: str) -> str:
 
 
 def _yesno_study(shapes_workspace) -> Path:
-    """POPE with categories and one undecodable image: ingest, probes, mask, ablate, destroy."""
+    """POPE with categories and one undecodable image: ingest, probes, and every intervention kind."""
     root, data = shapes_workspace("columns-yesno", images=QUESTIONS, seed=2026)
     lines = (data / "adversarial.jsonl").read_text(encoding="utf-8").splitlines()[:QUESTIONS]
     rows = [json.loads(line) | {"category": "adversarial"} for line in lines]
@@ -90,6 +92,8 @@ def _yesno_study(shapes_workspace) -> Path:
     _vrp(*INTERVENE, "mask", "--base-run", base, "--lake", lake, "--batch-size", "8")
     _vrp(*INTERVENE, "ablate", "--base-run", base, "--layer", "-1", "--lake", lake, "--batch-size", "8")
     _vrp(*INTERVENE, "destroy", "--base-run", base, "--layer", "peak", "--lake", lake, "--batch-size", "8")
+    _vrp(*INTERVENE, "patch", "--base-run", base, "--layers", "-1", "--lake", lake, "--batch-size", "8")
+    _vrp(*INTERVENE, "knockout", "--base-run", base, "--layers", "-1", "--lake", lake, "--batch-size", "8")
     return Path(lake)
 
 
