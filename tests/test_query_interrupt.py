@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ def lake_root(tmp_path_factory) -> str:
     return root
 
 
-def test_ctrl_c_stops_a_running_query_with_one_line(lake_root):
+def test_ctrl_c_stops_a_running_query_with_one_line(lake_root, tmp_path):
     command = [
         sys.executable,
         "-c",
@@ -30,8 +31,13 @@ def test_ctrl_c_stops_a_running_query_with_one_line(lake_root):
         lake_root,
         ENDLESS,
     ]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # imports, then the statement is running (it never ends on its own)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the query's private temp directory appears
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("vrp-query-*")):  # the statement is about to start
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)  # it is running now (it never ends on its own)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     try:

@@ -153,6 +153,8 @@ def query(
         n_rows, text = run_query(lake, sql, timeout=timeout, render=render)
     except LakeError as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt as exc:  # before the statement started (run_query handles it after)
+        raise click.ClickException("query cancelled (Ctrl-C); nothing was written") from exc
     if text is None:
         click.echo(f"wrote {n_rows} rows to {out}", err=True)
     elif out is None:
