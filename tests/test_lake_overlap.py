@@ -114,12 +114,15 @@ def test_a_forced_overlap_in_the_commit_window_stores_each_sample_once(tmp_path)
     assert runner.invoke(lake_group, ["check", "--lake", root]).exit_code == 0
 
 
-def test_a_writer_drops_samples_another_writer_completed_since_it_began(tmp_path):
+@pytest.mark.parametrize("layout", ["same shard", "another layout"])
+def test_a_writer_drops_samples_another_writer_completed_since_it_began(tmp_path, layout):
     root = str(tmp_path / "lake")
     first = open_lake(root).writer(make_run())
     first.begin()
-    # a writer of another shard layout (its own application transaction id) over the same samples
-    second = open_lake(root).writer(make_run(), shard=(0, 2), owned_sample_ids=IDS)
+    if layout == "same shard":  # the same application transaction id: its versions must not collide
+        second = open_lake(root).writer(make_run())
+    else:  # a writer of another shard layout (its own application transaction id)
+        second = open_lake(root).writer(make_run(), shard=(0, 2), owned_sample_ids=IDS)
     second.begin(force=True)
     first.commit(batch_rows(IDS[:4]))
     second.commit(batch_rows(IDS[2:]))  # ids 2 and 3 are complete now: only 4 and 5 are new

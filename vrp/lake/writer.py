@@ -122,6 +122,7 @@ class RunWriter:
         self.app_id = f"{self.run_id}:{index}/{count}"
         self.owned: frozenset[str] | None = None if owned_sample_ids is None else frozenset(owned_sample_ids)
         self._seq: int | None = None
+        self._attempt: int | None = None  # version of a commit that raised before it completed
         self._completed: set[str] = set()
         self._tables: dict[str, DeltaTable] = {}
         self._heartbeat: Heartbeat | None = None
@@ -352,8 +353,10 @@ class RunWriter:
         """Commit one batch group: validate everything, then every other table, then the marker.
 
         Rows of samples that are already complete are dropped (they are stored already), so a
-        batch committed twice is stored once; a commit retried after an exception skips the
-        tables its first attempt already committed (their application transaction says so).
+        batch committed twice is stored once; a commit retried after an exception reuses its
+        version, so it skips the tables its first attempt already committed (their application
+        transaction says so). Otherwise the version is above any this app id reached in those
+        tables, so a forced second writer of the same run and shard never has its commits skipped.
         """
         if self._seq is None:
             raise LakeError("call begin() before commit(): it cleans up an interrupted attempt first")
@@ -364,8 +367,15 @@ class RunWriter:
         prepared = {name: (_without(table, self._completed), w) for name, (table, w) in prepared.items()}
         if not any(table.num_rows for table, _ in prepared.values()):
             return
-        seq = self._seq + 1
         order = [n for n in prepared if n != self.marker] + ([self.marker] if self.marker in prepared else [])
+        if self._attempt is not None:
+            seq = self._attempt  # a retry of a commit that failed part-way: the same version
+        else:
+            # above every version of this app id in the tables it writes: another writer of the
+            # same run and shard (a forced overlap) may have used versions since, and a commit at
+            # a version already reached would be skipped as stored
+            seq = max([self._seq, *(self._txn_version(name) for name in order)]) + 1
+        self._attempt = seq
         sample_ids: set[str] = set()
         for name in order:
             table, widths = prepared[name]
@@ -381,7 +391,13 @@ class RunWriter:
                 self._table(name), TABLES[name], table, app_id=self.app_id, version=seq, metadata=meta
             )
         self._seq = seq
+        self._attempt = None
         self._completed |= sample_ids
+
+    def _txn_version(self, name: str) -> int:
+        dt = self._table(name)
+        dt.update_incremental()
+        return dt.transaction_version(self.app_id) or 0
 
     def fail(self, rows: list[dict[str, Any]]) -> None:
         """Record per-sample failures (sample_id, stage, error); a resume retries those samples.
