@@ -27,8 +27,9 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +40,15 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from vrp.metrics.attention import cluster_count, normalise_map, normalised_entropy, spatial_entropy
 from vrp.tasks import Gold, Task, get_task
 from vrp.tasks.base import as_gold
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import PreTrainedModel
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    from vrp.ingest.models.base import Adapter, Encoded
+
+State = TypeVar("State")
 
 ATTENTION_BACKEND = "vrp_sdpa"
 """Name under which the capturing attention is registered with transformers."""
@@ -116,13 +126,15 @@ AttentionInterface.register(ATTENTION_BACKEND, _capturing_sdpa)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_BACKEND, sdpa_mask)
 
 
-def attention_layer_index(adapter: Any) -> dict[int, int]:
+def attention_layer_index(adapter: Adapter) -> dict[int, int]:
     """id(attention module) -> decoder layer index, how a registered attention function knows its layer."""
     return {id(adapter.attn(i)): i for i in range(adapter.num_layers)}
 
 
 @contextlib.contextmanager
-def route_attention(model: Any, backend: str, active: contextvars.ContextVar, state: Any) -> Iterator[Any]:
+def route_attention(
+    model: PreTrainedModel, backend: str, active: contextvars.ContextVar[State | None], state: State
+) -> Iterator[State]:
     """Run the model's attention through the registered ``backend`` with ``state`` active in ``active``.
 
     The previous attention implementation is restored on exit, also on error.
@@ -137,7 +149,7 @@ def route_attention(model: Any, backend: str, active: contextvars.ContextVar, st
         model.set_attn_implementation(previous)
 
 
-def require_every_layer(adapter: Any, seen: Iterable[int], backend: str) -> None:
+def require_every_layer(adapter: Adapter, seen: Iterable[int], backend: str) -> None:
     """Raise unless every decoder layer's attention ran through ``backend``.
 
     A model whose attention bypasses transformers' AttentionInterface would silently skip VRP's
@@ -151,7 +163,9 @@ def require_every_layer(adapter: Any, seen: Iterable[int], backend: str) -> None
         )
 
 
-def capture_attention(adapter: Any, answer_pos: torch.Tensor, prompt_len: int) -> Any:
+def capture_attention(
+    adapter: Adapter, answer_pos: torch.Tensor, prompt_len: int
+) -> AbstractContextManager[_AttentionRows]:
     """Route the model's attention through :func:`_capturing_sdpa` for the duration of the block.
 
     The model keeps computing its outputs with SDPA.
@@ -198,7 +212,9 @@ class TraceModules:
     def _hook(self, name: str, index: int):
         store = self.values[name]
 
-        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        def hook(
+            _module: torch.nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor | tuple
+        ) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
             if hidden.shape[1] != self.prompt_len or index in store:
                 return
@@ -218,7 +234,9 @@ class BatchCapture:
     maps: list[list[np.ndarray]]  # per sample, per layer: head-mean map (grid_h * grid_w), sums to 1
     hidden: list[dict[str, np.ndarray]]  # per sample: site -> [layers, hidden] float32
     nonfinite: list[str | None] = field(default_factory=list)  # per sample: which signal was NaN/inf
-    greedy_output: Any = None  # transformers generate output (its KV cache seeds self-consistency)
+    greedy_output: GenerateDecoderOnlyOutput | None = (
+        None  # transformers generate output (its KV cache seeds self-consistency)
+    )
     greedy_tokens: torch.Tensor | None = None  # [B, new] answer token ids
 
 
@@ -254,7 +272,7 @@ def first_token_truth(logits: torch.Tensor, truth_ids: torch.Tensor) -> dict[str
     }
 
 
-def _final_norm_scale(adapter: Any, h_last: torch.Tensor) -> torch.Tensor:
+def _final_norm_scale(adapter: Adapter, h_last: torch.Tensor) -> torch.Tensor:
     """The final RMSNorm as a per-sample diagonal map: weight(+offset) / rms(h_last). [B, d]
 
     Linearising the norm at the last residual makes direct contributions additive: the
@@ -266,7 +284,7 @@ def _final_norm_scale(adapter: Any, h_last: torch.Tensor) -> torch.Tensor:
     return adapter.final_norm_scale()[None, :] / rms
 
 
-def logit_lens(adapter: Any, resid: torch.Tensor) -> torch.Tensor:
+def logit_lens(adapter: Adapter, resid: torch.Tensor) -> torch.Tensor:
     """Layer-wise logits: h_l -> the model's final norm -> unembedding. resid [L, B, d] -> [L, B, V]."""
     param = next(adapter.unembedding().parameters())
     with torch.no_grad():
@@ -275,12 +293,12 @@ def logit_lens(adapter: Any, resid: torch.Tensor) -> torch.Tensor:
 
 
 def capture_batch(
-    adapter: Any,
-    enc: Any,
+    adapter: Adapter,
+    enc: Encoded,
     golds: Sequence[Gold | str],
     *,
     task: Task | None = None,
-    images: Sequence[Any] | None = None,
+    images: Sequence[Image.Image] | None = None,
     questions: Sequence[str] | None = None,
     max_new_tokens: int = 8,
     keep_cache: bool = False,
@@ -321,14 +339,14 @@ def capture_batch(
 
 
 def _summarise(
-    adapter: Any,
-    enc: Any,
+    adapter: Adapter,
+    enc: Encoded,
     task: Task,
     golds: Sequence[Gold],
     truth_ids: torch.Tensor,
     attn_rows: dict[int, torch.Tensor],
-    traced: dict[str, dict[int, torch.Tensor]],
-    out: Any,
+    traced: dict[str, dict[int, torch.Tensor]],  # site -> layer -> [B, d]
+    out: GenerateDecoderOnlyOutput,
     prompt_len: int,
     keep_cache: bool,
 ) -> BatchCapture:
@@ -444,7 +462,7 @@ def _summarise(
 
 
 def _answer_logprob(
-    step_logits: Sequence[torch.Tensor], new_tokens: torch.Tensor, adapter: Any
+    step_logits: Sequence[torch.Tensor], new_tokens: torch.Tensor, adapter: Adapter
 ) -> np.ndarray:
     """Mean log-probability of the greedy answer's tokens, stopping at the first end token."""
     end_ids = end_token_ids(adapter)
@@ -458,7 +476,7 @@ def _answer_logprob(
     return np.asarray(values)
 
 
-def end_token_ids(adapter: Any) -> set[int]:
+def end_token_ids(adapter: Adapter) -> set[int]:
     """Token ids that end an answer: EOS (one or several) and padding."""
     config = adapter.model.generation_config
     eos = config.eos_token_id

@@ -27,7 +27,9 @@ from vrp.runs.loop import BatchOutcome, run_loop
 from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
 
 if TYPE_CHECKING:
-    from vrp.ingest.datasets import Sample
+    from vrp.ingest.datasets import Sample, SampleError
+    from vrp.ingest.models.base import Adapter
+    from vrp.lake import Lake
 
 HIDDEN_SITES = ("resid", "mlp_out")
 
@@ -114,7 +116,9 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
         raise IngestError(str(exc)) from exc
 
 
-def estimate_bytes(adapter: Any, n_samples: int, layers: Sequence[int], n_image_tokens: int, k: int) -> int:
+def estimate_bytes(
+    adapter: Adapter, n_samples: int, layers: Sequence[int], n_image_tokens: int, k: int
+) -> int:
     """Uncompressed bytes the run will add: dominated by hidden states and attention maps."""
     per_sample = (
         len(HIDDEN_SITES) * len(layers) * adapter.hidden_size * 4
@@ -128,7 +132,7 @@ def estimate_bytes(adapter: Any, n_samples: int, layers: Sequence[int], n_image_
 
 
 def run_config(
-    adapter: Any, options: IngestOptions, dataset_hash: str, layers: Sequence[int], task: Task
+    adapter: Adapter, options: IngestOptions, dataset_hash: str, layers: Sequence[int], task: Task
 ) -> dict[str, Any]:
     """Everything that changes the numbers: hashed into run_id (docs/ARCHITECTURE.md section 6)."""
     from vrp.schema import SCHEMA_VERSION
@@ -182,12 +186,12 @@ class IngestPlan:
     """
 
     options: IngestOptions
-    adapter: Any
+    adapter: Adapter
     task: Task
     layers: list[int]
     run_row: dict[str, Any]
-    samples: list[Any]  # this shard's questions
-    load_errors: list[Any]  # questions that could not be read (recorded by shard 0 only)
+    samples: list[Sample]  # this shard's questions
+    load_errors: list[SampleError]  # questions that could not be read (recorded by shard 0 only)
     pending: int  # this shard's questions not yet committed
     estimated_bytes: int
 
@@ -215,7 +219,7 @@ def check_size(estimated_bytes: int, max_bytes: int) -> None:
         )
 
 
-def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Any = None) -> IngestPlan:
+def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Adapter | None = None) -> IngestPlan:
     """Load the questions (this shard's), the model unless `adapter` is given, and size the run.
 
     Reads only: nothing is written to the lake. The run id hashes the whole (unsharded) question
@@ -312,7 +316,7 @@ def run_ingest(
     echo: Callable[[str], None] = print,
     confirm_bytes: bool = False,
     progress: bool | None = None,
-    adapter: Any = None,
+    adapter: Adapter | None = None,
 ) -> IngestSummary:
     """Ingest one dataset with one model into the lake; resumable, idempotent.
 
@@ -352,7 +356,7 @@ def execute_ingest(
     lake = open_lake(lake_root)
     writer = lake.writer(plan.run_row, shard=options.shard, owned_sample_ids=[s.sample_id for s in samples])
 
-    def record_load_errors(_todo: list[Any]) -> None:
+    def record_load_errors(_todo: list[Sample]) -> None:
         failures = [
             {
                 "sample_id": e.sample_id or f"{e.dataset}:{e.split}:{e.question_id}",
@@ -368,7 +372,7 @@ def execute_ingest(
             writer.fail(failures)
             summary.failures.extend((f["sample_id"], f["stage"], f["error"]) for f in failures)
 
-    def step(batch: Sequence[Any]) -> BatchOutcome:
+    def step(batch: Sequence[Sample]) -> BatchOutcome:
         rows, failures = _process_batch(adapter, plan.task, batch, layers, options)
         return BatchOutcome(rows=rows, completed=len(rows.get("samples", [])), failures=failures)
 
@@ -399,7 +403,7 @@ def execute_ingest(
     return summary
 
 
-def _committed_sample_ids(lake: Any, run_id: str) -> set[str]:
+def _committed_sample_ids(lake: Lake, run_id: str) -> set[str]:
     """Sample ids of this run already committed, read without writing anything."""
     ids = lake.arrow("samples", filter={"run_id": run_id}, columns=["sample_id"]).column("sample_id")
     return set(ids.to_pylist())
@@ -414,7 +418,7 @@ def _tally(summary: IngestSummary, rows: list[dict[str, Any]]) -> None:
         summary.answers.append({c: row.get(c) for c in SUMMARY_COLUMNS})
 
 
-def _image_tokens_per_sample(adapter: Any, samples: Sequence[Any]) -> int:
+def _image_tokens_per_sample(adapter: Adapter, samples: Sequence[Sample]) -> int:
     """Image tokens of the first readable sample, for the size estimate (0 when none is readable)."""
     from vrp.ingest.datasets import load_image
 
@@ -440,7 +444,7 @@ def _failure(sample: Sample, stage: str, error: str) -> dict[str, Any]:
 
 
 def _process_batch(
-    adapter: Any, task: Task, batch: Sequence[Any], layers: Sequence[int], options: IngestOptions
+    adapter: Adapter, task: Task, batch: Sequence[Sample], layers: Sequence[int], options: IngestOptions
 ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
     """Load, encode, capture and (optionally) sample one batch -> lake rows and failure rows."""
     from vrp.ingest.datasets import load_image
@@ -494,7 +498,7 @@ def _process_batch(
 
 def _sample_rows(
     task: Task,
-    sample: Any,
+    sample: Sample,
     cap: BatchCapture,
     b: int,
     layers: Sequence[int],

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # type-only: tasks import no model code at run time
+    from vrp.ingest.models.base import Adapter
 
 
 class Gold(Protocol):
@@ -69,16 +72,16 @@ class Task:
     margin_column: ClassVar[str] = "truth_margin"
     margin_label: ClassVar[str] = "truth margin"
 
-    def check(self, adapter: Any) -> None:
+    def check(self, adapter: Adapter) -> None:
         """Raise :class:`TaskError` when the adapter's tokenizer cannot serve this task."""
 
-    def identity(self, adapter: Any) -> dict[str, Any]:
+    def identity(self, adapter: Adapter) -> dict[str, Any]:
         """What of the task changes the numbers: hashed into the run id."""
         return {"task": self.name}
 
     def truth_ids(
         self,
-        adapter: Any,
+        adapter: Adapter,
         images: Sequence[Image.Image],
         questions: Sequence[str],
         golds: Sequence[Gold],
@@ -90,11 +93,11 @@ class Task:
         """
         raise NotImplementedError
 
-    def token_stats(self, adapter: Any, logits: torch.Tensor) -> dict[str, np.ndarray]:
+    def token_stats(self, adapter: Adapter, logits: torch.Tensor) -> dict[str, np.ndarray]:
         """Task-specific statistics of next-token logits [B, V] (float32), keyed by sample column."""
         return {}
 
-    def lens_stats(self, adapter: Any, logits: torch.Tensor) -> dict[str, np.ndarray]:
+    def lens_stats(self, adapter: Adapter, logits: torch.Tensor) -> dict[str, np.ndarray]:
         """Task-specific statistics of one layer's logit-lens logits [B, V], keyed by layers column."""
         return {}
 

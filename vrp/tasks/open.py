@@ -15,7 +15,7 @@ byte-level BPE after Qwen2-VL's "assistant\\n" it is the bare "2".
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from PIL import Image
 
 from vrp.tasks.base import Gold, Task, TaskError
 from vrp.tasks.vqa import CORRECT_RULES, DEFAULT_CORRECT_RULE, is_correct, normalise_vqa_answer, vqa_accuracy
+
+if TYPE_CHECKING:  # type-only: tasks import no model code at run time
+    from vrp.ingest.models.base import Adapter
 
 
 def first_line(text: str) -> str:
@@ -43,12 +46,12 @@ class OpenTask(Task):
             )
         self.correct_rule = correct_rule
 
-    def identity(self, adapter: Any) -> dict[str, Any]:
+    def identity(self, adapter: Adapter) -> dict[str, Any]:
         return {"task": self.name, "correct_rule": self.correct_rule, "truth_token": "teacher-forced"}
 
     def truth_ids(
         self,
-        adapter: Any,
+        adapter: Adapter,
         images: Sequence[Image.Image],
         questions: Sequence[str],
         golds: Sequence[Gold],

@@ -10,13 +10,19 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vrp.tasks.base import Gold, Task, TaskError
+
+if TYPE_CHECKING:  # type-only: tasks import no model code at run time
+    from transformers import PreTrainedTokenizerBase
+
+    from vrp.ingest.models.base import Adapter
+
 
 YES_NO = ("yes", "no")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -40,7 +46,7 @@ def parse_answer(text: str) -> tuple[str | None, str]:
     return None, "unknown"
 
 
-def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
+def answer_token_ids(tokenizer: PreTrainedTokenizerBase, word: str) -> list[int]:
     """Ids of every single first token that spells ``word`` in some casing, with or without a leading space.
 
     Two independent routes, because tokenizers disagree on how a leading space is written: encoding the
@@ -64,7 +70,7 @@ def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
     return sorted(found)
 
 
-def yes_no_ids(adapter: Any) -> tuple[list[int], list[int]]:
+def yes_no_ids(adapter: Adapter) -> tuple[list[int], list[int]]:
     """The tokenizer's single-token spellings of yes and no, or :class:`TaskError` if it has none."""
     cached = getattr(adapter, "_yes_no_ids", None)
     if cached is None:
@@ -104,16 +110,16 @@ class YesNoTask(Task):
     margin_column: ClassVar[str] = "yes_no_margin"
     margin_label: ClassVar[str] = "yes/no margin"
 
-    def check(self, adapter: Any) -> None:
+    def check(self, adapter: Adapter) -> None:
         yes_no_ids(adapter)
 
-    def identity(self, adapter: Any) -> dict[str, Any]:
+    def identity(self, adapter: Adapter) -> dict[str, Any]:
         yes, no = yes_no_ids(adapter)
         return {"task": self.name, "yes_ids": yes, "no_ids": no}
 
     def truth_ids(
         self,
-        adapter: Any,
+        adapter: Adapter,
         images: Sequence[Image.Image],
         questions: Sequence[str],
         golds: Sequence[Gold],
@@ -126,10 +132,10 @@ class YesNoTask(Task):
             ids.append(variants[int(first_logits[b, list(variants)].argmax())])
         return torch.tensor(ids, dtype=torch.long)
 
-    def token_stats(self, adapter: Any, logits: torch.Tensor) -> dict[str, np.ndarray]:
+    def token_stats(self, adapter: Adapter, logits: torch.Tensor) -> dict[str, np.ndarray]:
         return yes_no_stats(logits, *yes_no_ids(adapter))
 
-    def lens_stats(self, adapter: Any, logits: torch.Tensor) -> dict[str, np.ndarray]:
+    def lens_stats(self, adapter: Adapter, logits: torch.Tensor) -> dict[str, np.ndarray]:
         return {"lens_yes_no_margin": yes_no_stats(logits, *yes_no_ids(adapter))["yes_no_margin"]}
 
     def parse(self, text: str) -> tuple[str | None, str]:

@@ -22,10 +22,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature
+    from transformers.processing_utils import ProcessorMixin
 
 __all__ = ["Adapter", "Encoded", "FamilySpec", "LayerRangeError", "resolve_layer"]
 
@@ -113,7 +117,7 @@ class Adapter:
     def __init__(
         self,
         model: torch.nn.Module,
-        processor: Any,
+        processor: ProcessorMixin,
         *,
         source: str,
         name: str,
@@ -234,7 +238,7 @@ class Adapter:
             prompts=prompts,
         )
 
-    def _row_geometry(self, batch: Any, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    def _row_geometry(self, batch: BatchFeature, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(preprocessed image (h, w), grid cell (h, w)) in pixels; fixed-resolution default.
 
         One image token per vision patch: the cell is the vision tower's patch and the image is the

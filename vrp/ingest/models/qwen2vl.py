@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import Qwen2VLProcessor
+from transformers import BatchFeature, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from .base import Adapter, FamilySpec
@@ -96,7 +96,7 @@ class Qwen2VLAdapter(Adapter):
             self._messages(question), add_generation_prompt=True, tokenize=False
         )
 
-    def _row_geometry(self, batch: Any, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    def _row_geometry(self, batch: BatchFeature, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
         vision = self.model.config.vision_config
         patch, merge = int(vision.patch_size), int(vision.spatial_merge_size)
         t, h, w = (int(v) for v in batch["image_grid_thw"][row])
