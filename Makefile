@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test` (`make test-fast` while editing).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # a machine with CUDA keeps whatever torch satisfies the package's range.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 $(BIN)/vrp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/vrp: pyproject.toml
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "CUDA found: torch from the package range"; \
 	else $(BIN)/pip install --quiet "$(TORCH_CPU)"; fi
 	$(BIN)/pip install --quiet -e ".[dev]"
-	# Daft reads the lake in tests/test_engines.py. Its 0.7 releases declare pyarrow<26 but run on
+	# Daft reads the lake in tests/unit/test_engines.py. Its 0.7 releases declare pyarrow<26 but run on
 	# the pyarrow 26 VRP needs, so it is installed without its pins (it cannot sit in [dev]: pip
 	# would find no pyarrow that satisfies both).
 	$(BIN)/pip install --quiet --no-deps "daft>=0.7.26,<0.8"
@@ -25,8 +25,13 @@ venv: $(BIN)/vrp
 demo: venv
 	$(BIN)/vrp demo
 
+# everything: tests/unit (no model), tests/models (tiny checkpoints), tests/e2e (whole runs)
 test: venv
 	$(BIN)/python -m pytest -q
+
+# the edit-run loop: the unit tests, which load no model and start no run
+test-fast: venv
+	$(BIN)/python -m pytest -q tests/unit
 
 lint: venv
 	$(BIN)/ruff check vrp tests benchmarks

@@ -383,7 +383,7 @@ def test_a_pope_run_with_every_row_rejected_exits_non_zero(pope_dir: Path, tmp_p
     (pope_dir / "POPE.tsv").write_text(
         "index\timage\tquestion\tanswer\tcategory\n1\t\tIs there a cat?\tyes\trandom\n"
     )
-    toy = Path(__file__).resolve().parents[1] / "vrp" / "toys" / "toy-llava"
+    toy = Path(__file__).resolve().parents[2] / "vrp" / "toys" / "toy-llava"
     args = [
         "ingest",
         "run",

@@ -26,7 +26,7 @@ from vrp.interventions import plan_mask, run_intervention
 from vrp.lake import LakeSchemaVersionError, open_lake
 from vrp.schema import SCHEMA_VERSION, SCHEMA_VERSION_PROPERTY, TABLES
 
-TOY = Path(__file__).resolve().parents[1] / "vrp" / "toys" / "toy-llava"
+TOY = Path(__file__).resolve().parents[2] / "vrp" / "toys" / "toy-llava"
 
 # Columns schema version 2 added, per table (every other column existed in version 1).
 ADDED_IN_V2 = {
@@ -176,7 +176,7 @@ def test_a_migration_killed_midway_leaves_each_table_old_or_new_and_reruns(
         f"m.{step} = dying\n"
         "m.migrate_lake(sys.argv[1])\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])}
     child = subprocess.run([sys.executable, "-c", script, str(root)], env=env, capture_output=True, text=True)
     assert child.returncode == -signal.SIGKILL, child.stderr
 

@@ -78,7 +78,7 @@ def test_a_query_that_spills_uses_a_private_temp_directory_that_is_removed(lake_
 
 
 def test_the_readme_says_the_python_sql_api_is_not_sandboxed():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     shown = readme.index('lake.sql("')
     note = readme.index("`lake.sql()` is **not sandboxed**")
     assert 0 < note - shown < 600  # right where the README shows it

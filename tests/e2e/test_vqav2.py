@@ -19,7 +19,7 @@ from vrp.ingest.datasets import generate_shapes_vqa, load_dataset, load_vqav2, l
 from vrp.ingest.datasets.vqav2 import image_name, stratified_sample
 from vrp.lake import open_lake
 
-TOY = Path(__file__).resolve().parents[1] / "vrp" / "toys" / "toy-qwen2vl"
+TOY = Path(__file__).resolve().parents[2] / "vrp" / "toys" / "toy-qwen2vl"
 
 
 def _answers(*words: str) -> list[dict]:

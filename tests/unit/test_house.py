@@ -290,3 +290,12 @@ def test_the_readme_layout_names_every_room_of_the_tree() -> None:
     entries += [f"{d}/" for d in ("docs", "tests", "benchmarks") if (root / d).is_dir()]
     missing = [e for e in entries if e not in layout]
     assert not missing, f"the README's Layout lacks {missing}"
+
+
+def test_every_test_file_sits_in_its_layer() -> None:
+    """tests/unit (no model), tests/models (tiny checkpoints), tests/e2e (whole runs): `make test-fast`
+    runs tests/unit only, so a test file left at the top would never run in the edit-run loop."""
+    tests = Path(__file__).resolve().parents[1]
+    loose = sorted(p.name for p in tests.glob("test_*.py"))
+    assert not loose, f"move {loose} into tests/unit, tests/models or tests/e2e (docs/CONTRIBUTING.md, Tests)"
+    assert all((tests / layer).is_dir() for layer in ("unit", "models", "e2e"))
