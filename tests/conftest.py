@@ -7,6 +7,8 @@ Fixtures (heavy imports happen inside them, so tests that need no model never lo
 - ``tiny_adapter(family, **sizes)``: that checkpoint loaded the way a user's model is.
 - ``shapes_workspace(name, images=, seed=)``: a fresh folder with a shapes-POPE set in it,
   returned as ``(root, data_dir)``.
+- ``refused_intervention(lake_dir, *args)``: runs ``vrp intervene ARGS`` with a model path that
+  does not exist and returns the error, asserting that it failed before any model was loaded.
 
 Each is a factory, so every test module states its own sizes and seeds next to its tests.
 """
@@ -66,3 +68,19 @@ def shapes_workspace(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., 
         return root, generate_shapes_pope(root / "shapes", images=images, seed=seed)
 
     return make
+
+
+@pytest.fixture
+def refused_intervention(tmp_path: Path) -> Callable[..., str]:
+    def fails(lake_dir: str, *args: str) -> str:
+        from click.testing import CliRunner
+
+        from vrp.cli import main
+
+        nowhere = str(tmp_path / "no-model")
+        result = CliRunner().invoke(main, ["intervene", *args, "--model", nowhere, "--lake", lake_dir])
+        assert result.exit_code != 0, result.output
+        assert "no-model" not in result.output, "the model must not have been loaded"
+        return result.output
+
+    return fails

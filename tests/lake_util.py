@@ -169,3 +169,37 @@ def child_big_commit(root: str, run: dict, ids: Sequence[str], layers: int) -> N
         for site in SITES
     ]
     writer.commit({"hidden": hidden, "samples": [{"sample_id": sid} for sid in ids]})
+
+
+def two_model_lake(root: str, n_a: int, n_b: int) -> str:
+    """A lake holding run-a (toy-llava, `n_a` samples) and run-b (toy-qwen, `n_b`), written as ingest does."""
+    ingest(root, make_run("run-a"), sample_ids(n_a))
+    ingest(root, make_run("run-b", model="toy-qwen"), sample_ids(n_b))
+    return root
+
+
+def probe_neuron_rows(
+    run_id: str, model: str, layer: int, hidden: int
+) -> tuple[list[dict], list[int], list[int]]:
+    """A fixed L1 (8 neurons) and L2 (all) ranking of one layer, as `vrp analyze probes` writes them.
+
+    Returns the `probe_neurons` rows and the two orders (L1, L2) they encode.
+    """
+    rng = np.random.default_rng(7)
+    l1 = [int(c) for c in rng.choice(hidden, size=8, replace=False)]
+    l2 = [int(c) for c in rng.permutation(hidden)]
+    rows = [
+        {
+            "run_id": run_id,
+            "model": model,
+            "site": "mlp_out",
+            "layer": layer,
+            "method": method,
+            "neuron": neuron,
+            "coef": float(len(order) - rank),
+            "rank": rank + 1,
+        }
+        for method, order in (("l1", l1), ("l2", l2))
+        for rank, neuron in enumerate(order)
+    ]
+    return rows, l1, l2

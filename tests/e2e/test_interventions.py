@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from lake_util import probe_neuron_rows
 from PIL import Image
 
 from vrp.cli import main
@@ -219,23 +220,7 @@ def test_edit_hook_zeroes_exactly_the_listed_coordinates_and_removal_restores_lo
 
 def _write_probes(lake_dir: str, run_id: str, model: str, layer: int) -> tuple[list[int], list[int]]:
     """probe_neurons rows (l1: 8 ranked neurons, l2: all) as `vrp analyze probes` writes them."""
-    rng = np.random.default_rng(7)
-    l1 = [int(c) for c in rng.choice(HIDDEN, size=8, replace=False)]
-    l2 = [int(c) for c in rng.permutation(HIDDEN)]
-    rows = [
-        {
-            "run_id": run_id,
-            "model": model,
-            "site": "mlp_out",
-            "layer": layer,
-            "method": method,
-            "neuron": neuron,
-            "coef": float(len(order) - rank),
-            "rank": rank + 1,
-        }
-        for method, order in (("l1", l1), ("l2", l2))
-        for rank, neuron in enumerate(order)
-    ]
+    rows, l1, l2 = probe_neuron_rows(run_id, model, layer, HIDDEN)
     lake = open_lake(lake_dir)
     lake.write_table("probe_neurons", rows)
     lake.write_table(
@@ -312,18 +297,14 @@ def test_ablate_and_destroy_runs(world) -> None:
         destroy_kind.plan_destroy(open_lake(lake_dir), base, layer=0, order="probe")
 
 
-def test_missing_prerequisites_fail_before_any_model_is_loaded(world, tmp_path) -> None:
+def test_missing_prerequisites_fail_before_any_model_is_loaded(world, tmp_path, refused_intervention) -> None:
     """Every command gets a model path that does not exist: the error must be the prerequisite's."""
-    lake_dir = world["lake"]
     run = world["runs"]["llava"]
     nowhere = str(tmp_path / "no-model")
     runner = CliRunner()
 
     def fails(*args: str) -> str:
-        result = runner.invoke(main, ["ingest", "intervene", *args, "--model", nowhere, "--lake", lake_dir])
-        assert result.exit_code != 0
-        assert "no-model" not in result.output, "the model must not have been loaded"
-        return result.output
+        return refused_intervention(world["lake"], *args)
 
     assert "no run 'missing'" in fails("mask", "--base-run", "missing")
     assert "out of range" in fails("mask", "--base-run", run, "--layer", "7")

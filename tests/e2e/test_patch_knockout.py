@@ -396,17 +396,15 @@ def test_image_position_pairs_with_different_grids_are_skipped_and_counted(world
     assert summary.written == 1
 
 
-def test_missing_prerequisites_fail_before_any_model_is_loaded(lake_world, tmp_path) -> None:
+def test_missing_prerequisites_fail_before_any_model_is_loaded(
+    lake_world, tmp_path, refused_intervention
+) -> None:
     lake_dir, base = lake_world["lake"], lake_world["base"]
-    nowhere = str(tmp_path / "no-model")
     bad_pairs = tmp_path / "pairs.csv"
     bad_pairs.write_text("recipient_sample_id,donor_sample_id\nnot-a-sample,other\n", encoding="utf-8")
 
     def fails(*args: str) -> str:
-        result = CliRunner().invoke(main, ["intervene", *args, "--model", nowhere, "--lake", lake_dir])
-        assert result.exit_code != 0
-        assert "no-model" not in result.output, "the model must not have been loaded"
-        return result.output
+        return refused_intervention(lake_dir, *args)
 
     assert "no run 'missing'" in fails("patch", "--base-run", "missing")
     assert "out of range" in fails("patch", "--base-run", base, "--layers", "7")

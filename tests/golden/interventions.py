@@ -17,8 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: lake_util, also when run as a script
+
+from lake_util import probe_neuron_rows  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("interventions.json")
 TOYS = ("toy-llava", "toy-paligemma", "toy-qwen2vl")
@@ -41,27 +44,6 @@ COMPARED = (
 )
 
 
-def _probe_rows(run_id: str, model: str, layer: int, hidden: int) -> list[dict[str, Any]]:
-    """A fixed L1 (8 neurons) and L2 (all) ranking of one layer, as `vrp analyze probes` writes them."""
-    rng = np.random.default_rng(7)
-    l1 = [int(c) for c in rng.choice(hidden, size=8, replace=False)]
-    l2 = [int(c) for c in rng.permutation(hidden)]
-    return [
-        {
-            "run_id": run_id,
-            "model": model,
-            "site": "mlp_out",
-            "layer": layer,
-            "method": method,
-            "neuron": neuron,
-            "coef": float(len(order) - rank),
-            "rank": rank + 1,
-        }
-        for method, order in (("l1", l1), ("l2", l2))
-        for rank, neuron in enumerate(order)
-    ]
-
-
 def produce_rows(workdir: Path) -> dict[str, list[dict[str, Any]]]:
     """Ingest each toy on a few held-out questions, run mask, ablate and destroy; rows per toy."""
     from vrp.ingest.datasets import generate_shapes_pope
@@ -82,7 +64,7 @@ def produce_rows(workdir: Path) -> dict[str, list[dict[str, Any]]]:
         lake = open_lake(lake_dir)
         config = json.loads(lake.arrow("runs", filter={"run_id": base}).to_pylist()[0]["config"])
         hidden = int(config["hidden_size"])
-        lake.write_table("probe_neurons", _probe_rows(base, toy, 3, hidden))
+        lake.write_table("probe_neurons", probe_neuron_rows(base, toy, 3, hidden)[0])
         plans = [
             plan_mask(lake, base, ratio=0.3, seed=1),
             plan_ablate(lake, base, layer=-1, top_k=3, mode="mean", seed=0),

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lake_util import ingest, make_run, sample_ids
+from lake_util import two_model_lake
 
 from vrp.lake import open_lake
 from vrp.lake.delta import table_path
@@ -23,10 +23,7 @@ daft = pytest.importorskip(
 
 @pytest.fixture(scope="module")
 def lake_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("lake"))
-    ingest(root, make_run("run-a"), sample_ids(5))
-    ingest(root, make_run("run-b", model="toy-qwen"), sample_ids(3))
-    return root
+    return two_model_lake(str(tmp_path_factory.mktemp("lake")), 5, 3)
 
 
 def test_no_file_of_a_fresh_lake_stores_arrow_view_types(lake_root):

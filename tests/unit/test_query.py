@@ -8,7 +8,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from lake_util import ROWS_PER_SAMPLE, ingest, make_run, sample_ids
+from lake_util import ROWS_PER_SAMPLE, ingest, make_run, sample_ids, two_model_lake
 
 from vrp.lake import open_lake
 from vrp.lake import query as query_module
@@ -18,10 +18,7 @@ from vrp.lake.commands import query
 
 @pytest.fixture(scope="module")
 def lake_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("lake"))
-    ingest(root, make_run("run-a"), sample_ids(3))
-    ingest(root, make_run("run-b", model="toy-qwen"), sample_ids(2))
-    return root
+    return two_model_lake(str(tmp_path_factory.mktemp("lake")), 3, 2)
 
 
 def _run(*args: str):
