@@ -238,6 +238,7 @@ class BatchCapture:
         None  # transformers generate output (its KV cache seeds self-consistency)
     )
     greedy_tokens: torch.Tensor | None = None  # [B, new] answer token ids
+    first_logits: torch.Tensor | None = None  # [B, V] float32 next-token logits at the answer position
 
 
 def first_token_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
@@ -391,22 +392,25 @@ def _summarise(
         correct, score = task.score(answer, gold)
         truth = bool(has_truth[b])
         layer_rows, head_rows, maps = [], [], []
+        has_image = len(pos) > 0  # a text-only prompt (the `none` condition) has no map to summarise
         for layer in range(n_layers):
             row = attn_rows[layer][b].cpu().double()  # [H, S]
             image = row[:, pos].numpy()  # [H, N] raw probabilities over image tokens
-            head_maps = normalise_map(image)
-            mean_raw = image.mean(0)
-            layer_map = normalise_map(mean_raw)
-            grid = layer_map.reshape(grid_h, grid_w)
-            maps.append(layer_map.astype(np.float32))
-            entropy = spatial_entropy(grid)
+            grid = None
+            if has_image:
+                head_maps = normalise_map(image)
+                mean_raw = image.mean(0)
+                layer_map = normalise_map(mean_raw)
+                grid = layer_map.reshape(grid_h, grid_w)
+                maps.append(layer_map.astype(np.float32))
+            entropy = spatial_entropy(grid) if has_image else None
             layer_rows.append(
                 {
                     "layer": layer,
-                    "image_mass": float(mean_raw.sum()),
+                    "image_mass": float(mean_raw.sum()) if has_image else None,
                     "spatial_entropy": entropy,
-                    "spatial_entropy_norm": normalised_entropy(entropy, grid.size),
-                    "cluster_count": cluster_count(grid),
+                    "spatial_entropy_norm": normalised_entropy(entropy, grid.size) if has_image else None,
+                    "cluster_count": cluster_count(grid) if has_image else None,
                     **{c: float(lens_stats[layer][c][b]) for c in task.lens_columns},
                     "lens_truth_margin": float(truth_margin[layer, b]) if truth else None,
                     "lens_answer_rank": int(answer_rank[layer, b]),
@@ -416,7 +420,7 @@ def _summarise(
                     "lens_truth_rank": int(truth_rank[layer, b]) if truth else None,
                 }
             )
-            for head in range(image.shape[0]):
+            for head in range(image.shape[0] if has_image else 0):
                 head_entropy = spatial_entropy(head_maps[head])
                 head_rows.append(
                     {
@@ -427,8 +431,8 @@ def _summarise(
                         "spatial_entropy_norm": normalised_entropy(head_entropy, image.shape[1]),
                     }
                 )
-        mean_map = normalise_map(np.mean(maps, axis=0)).reshape(grid_h, grid_w)
-        mean_entropy = spatial_entropy(mean_map)
+        mean_map = normalise_map(np.mean(maps, axis=0)).reshape(grid_h, grid_w) if has_image else None
+        mean_entropy = spatial_entropy(mean_map) if has_image else None
         image_h, image_w = enc.original_sizes[b]  # the picture as loaded, before the processor
         sample = {
             "answer_text": texts[b],
@@ -440,13 +444,13 @@ def _summarise(
             "answer_logprob": float(answer_logprob[b]),
             **{key: values[b].item() if truth else None for key, values in first.items()},
             "n_image_tokens": int(len(pos)),
-            "grid_h": int(grid_h),
-            "grid_w": int(grid_w),
-            "image_h": int(image_h),
-            "image_w": int(image_w),
+            "grid_h": int(grid_h) if has_image else None,
+            "grid_w": int(grid_w) if has_image else None,
+            "image_h": int(image_h) if has_image else None,
+            "image_w": int(image_w) if has_image else None,
             "spatial_entropy": mean_entropy,
-            "spatial_entropy_norm": normalised_entropy(mean_entropy, mean_map.size),
-            "cluster_count": cluster_count(mean_map),
+            "spatial_entropy_norm": normalised_entropy(mean_entropy, mean_map.size) if has_image else None,
+            "cluster_count": cluster_count(mean_map) if has_image else None,
         }
         hidden = {"resid": resid[:, b].numpy(), "mlp_out": mlp_out[:, b].numpy()}
         result.samples.append(sample)
@@ -456,6 +460,7 @@ def _summarise(
         result.hidden.append(hidden)
         result.nonfinite.append(_first_nonfinite(sample, layer_rows, head_rows, maps, hidden))
     result.greedy_tokens = new_tokens
+    result.first_logits = first_logits
     if keep_cache:
         result.greedy_output = out
     return result

@@ -213,6 +213,29 @@ def ingest() -> None:
     help="Ray: CPUs per actor (fractions allowed).",
 )
 @click.option("--address", default=None, help="Ray: address of a running cluster (default: start one here).")
+@click.option(
+    "--image-condition",
+    type=click.Choice(["image", "none", "blank", "noise", "mismatch"]),
+    default="image",
+    show_default=True,
+    help="What the model sees instead of each question's image: none (text only; LLaVA and Qwen2-VL), "
+    "blank (grey, same size), noise (VCD's forward diffusion), mismatch (another question's image). "
+    "A condition run needs the image run of the same options in the lake and joins it by sample_id.",
+)
+@click.option(
+    "--noise-steps",
+    default=500,
+    show_default=True,
+    type=click.IntRange(0, 1000),
+    help="noise: diffusion steps t of the 1,000-step linear schedule.",
+)
+@click.option(
+    "--condition-seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="noise: seed of the per-sample noise; mismatch: seed of the image permutation.",
+)
 @lake_option
 def ingest_run(**params: object) -> None:
     """Capture hidden states, image attention, logit lens, answers and K samples into the lake.
@@ -260,6 +283,9 @@ def ingest_run(**params: object) -> None:
         sample=params["sample"],
         prompt_template=params["prompt_template"],
         force=bool(params["force"]),
+        image_condition=str(params["image_condition"]),
+        noise_steps=int(params["noise_steps"]),
+        condition_seed=int(params["condition_seed"]),
     )
     embedded = str(options.pope_file or "").lower().endswith((".parquet", ".tsv"))
     if options.dataset == "pope" and not (options.pope_file and (options.image_dir or embedded)):

@@ -19,6 +19,7 @@ import numpy as np
 import vrp
 from vrp.ingest.answers import majority_answer
 from vrp.ingest.capture import ATTENTION_BACKEND, BatchCapture, capture_batch
+from vrp.ingest.conditions import Condition
 from vrp.ingest.generate import sample_answers, sample_seed
 from vrp.ingest.models.base import LayerRangeError, resolve_layer
 from vrp.ingest.prompts import apply_template, question_template
@@ -72,6 +73,9 @@ class IngestOptions:
     sample: int | None = None  # this many questions, seeded by `seed`, stratified by answer type
     prompt_template: str | None = None  # the question template; None = the dataset's default
     force: bool = False  # write even while another live writer holds this run (it must be dead)
+    image_condition: str = "image"  # image | none | blank | noise | mismatch (vrp.ingest.conditions)
+    noise_steps: int = 500
+    condition_seed: int = 0  # noise draws and the mismatch permutation
 
 
 @dataclass
@@ -132,12 +136,21 @@ def estimate_bytes(
 
 
 def run_config(
-    adapter: Adapter, options: IngestOptions, dataset_hash: str, layers: Sequence[int], task: Task
+    adapter: Adapter,
+    options: IngestOptions,
+    dataset_hash: str,
+    layers: Sequence[int],
+    task: Task,
+    condition: Condition | None = None,
 ) -> dict[str, Any]:
-    """Everything that changes the numbers: hashed into run_id (docs/ARCHITECTURE.md section 6)."""
+    """Everything that changes the numbers: hashed into run_id (docs/ARCHITECTURE.md section 6).
+
+    A condition run adds a ``condition`` entry; without it the config is its image run's, which is
+    how a condition run finds its base run.
+    """
     from vrp.schema import SCHEMA_VERSION
 
-    return {
+    config = {
         "model_source": adapter.source,
         "model_revision": adapter.revision,
         "dataset": options.dataset,
@@ -160,6 +173,9 @@ def run_config(
         "hidden_size": adapter.hidden_size,
         "schema_version": SCHEMA_VERSION,
     }
+    if condition is not None:
+        config["condition"] = condition.config()
+    return config
 
 
 def data_source(options: IngestOptions) -> dict[str, str | None]:
@@ -194,6 +210,7 @@ class IngestPlan:
     load_errors: list[SampleError]  # questions that could not be read (recorded by shard 0 only)
     pending: int  # this shard's questions not yet committed
     estimated_bytes: int
+    condition: Condition | None = None  # None for an image run
 
     @property
     def run_id(self) -> str:
@@ -255,6 +272,7 @@ def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Adapter | No
             f"(first, question {first.question_id}: {first.error}); check the file's layout and --dataset"
         )
     fingerprint = dataset_fingerprint(samples)
+    condition = _plan_condition(options, lake_root, samples, fingerprint)
     index, count = options.shard
     samples = [s for i, s in enumerate(samples) if i % count == index]
     if index != 0:
@@ -274,7 +292,7 @@ def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Adapter | No
     except TaskError as exc:
         raise IngestError(str(exc)) from exc
     layers = resolve_layers(options.layers, adapter.num_layers)
-    config = run_config(adapter, options, fingerprint, layers, task)
+    config = run_config(adapter, options, fingerprint, layers, task, condition)
     run_id = make_run_id(config)
     run_row = {
         "run_id": run_id,
@@ -292,9 +310,12 @@ def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Adapter | No
         # but not hashed (a moved folder with the same files is the same run)
         "config": {**config, "data_source": data_source(options)},
     }
+    if condition is not None:
+        condition.base_run_id = _find_base_run(open_lake(lake_root), config, run_row)
+        run_row.update(kind=condition.name, base_run_id=condition.base_run_id)
     already = _committed_sample_ids(open_lake(lake_root), run_id)
     pending_ids = [s for s in samples if s.sample_id not in already]
-    probe_tokens = _image_tokens_per_sample(adapter, pending_ids)
+    probe_tokens = 0 if condition and condition.text_only else _image_tokens_per_sample(adapter, pending_ids)
     estimated = estimate_bytes(adapter, len(pending_ids), layers, probe_tokens, options.self_consistency)
     return IngestPlan(
         options=options,
@@ -306,7 +327,52 @@ def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Adapter | No
         load_errors=load_errors,
         pending=len(pending_ids),
         estimated_bytes=estimated,
+        condition=condition,
     )
+
+
+def _plan_condition(
+    options: IngestOptions, lake_root: str, samples: Sequence[Any], fingerprint: str
+) -> Condition | None:
+    """The run's image condition, checked before any model loads: family support, the image run."""
+    from vrp.ingest import conditions
+    from vrp.ingest.datasets import dataset_task
+    from vrp.lake import open_lake
+
+    try:
+        condition = conditions.make_condition(
+            options.image_condition, samples, noise_steps=options.noise_steps, seed=options.condition_seed
+        )
+        if condition is None:
+            return None
+        if condition.text_only:
+            conditions.check_text_only(options.model)
+            if dataset_task(options.dataset) != "yesno":
+                # an open answer's truth token is read in the context of its image
+                raise conditions.ConditionError(
+                    f"--image-condition none is available for yes/no datasets only, not {options.dataset}; "
+                    "use --image-condition blank"
+                )
+    except conditions.ConditionError as exc:
+        raise IngestError(str(exc)) from exc
+    name = conditions.model_name(options.model)
+    split = options.split or "all"
+    if not conditions.image_runs(open_lake(lake_root), name, options.dataset, split, fingerprint):
+        raise IngestError(conditions.missing_image_run(name, options.dataset, split))
+    return condition
+
+
+def _find_base_run(lake: Any, config: dict[str, Any], run_row: dict[str, Any]) -> str:
+    """The image run with the same everything else: the id its config (no condition entry) hashes to."""
+    base_id = make_run_id({k: v for k, v in config.items() if k != "condition"})
+    if not lake.has_table("runs") or not lake.arrow("runs", filter={"run_id": base_id}).num_rows:
+        raise IngestError(
+            f"the image run with these settings ({base_id}) is not in the lake: an image run of "
+            f"{run_row['model']} on these questions exists, but with other settings (layers, dtype, "
+            "self-consistency, decoding or processor); run the image condition with exactly the options "
+            "of this run first"
+        )
+    return base_id
 
 
 def run_ingest(
@@ -355,8 +421,11 @@ def execute_ingest(
     # samples, then reports what is committed (the authority; the plan's read only sized the run).
     lake = open_lake(lake_root)
     writer = lake.writer(plan.run_row, shard=options.shard, owned_sample_ids=[s.sample_id for s in samples])
+    # a condition run's image-run last-layer residuals (for the first-token KL), read once at start
+    base_last: dict[str, np.ndarray] = {}
 
-    def record_load_errors(_todo: list[Sample]) -> None:
+    def record_load_errors(todo: list[Sample]) -> None:
+        base_last.update(_base_residuals(lake, plan.condition, adapter, todo))
         failures = [
             {
                 "sample_id": e.sample_id or f"{e.dataset}:{e.split}:{e.question_id}",
@@ -373,7 +442,9 @@ def execute_ingest(
             summary.failures.extend((f["sample_id"], f["stage"], f["error"]) for f in failures)
 
     def step(batch: Sequence[Sample]) -> BatchOutcome:
-        rows, failures = _process_batch(adapter, plan.task, batch, layers, options)
+        rows, failures = _process_batch(
+            adapter, plan.task, batch, layers, options, condition=plan.condition, base_last=base_last
+        )
         return BatchOutcome(rows=rows, completed=len(rows.get("samples", [])), failures=failures)
 
     def tally(outcome: BatchOutcome) -> None:
@@ -401,6 +472,17 @@ def execute_ingest(
         force=options.force,
     )
     return summary
+
+
+def _base_residuals(
+    lake: Lake, condition: Condition | None, adapter: Adapter, todo: Sequence[Sample]
+) -> dict[str, np.ndarray]:
+    """A condition run's image-run last-layer residuals (for the first-token KL); empty otherwise."""
+    from vrp.ingest.conditions import base_residuals
+
+    if condition is None or condition.base_run_id is None or not todo:
+        return {}
+    return base_residuals(lake, condition.base_run_id, adapter.num_layers - 1, [s.sample_id for s in todo])
 
 
 def _committed_sample_ids(lake: Lake, run_id: str) -> set[str]:
@@ -444,16 +526,30 @@ def _failure(sample: Sample, stage: str, error: str) -> dict[str, Any]:
 
 
 def _process_batch(
-    adapter: Adapter, task: Task, batch: Sequence[Sample], layers: Sequence[int], options: IngestOptions
+    adapter: Adapter,
+    task: Task,
+    batch: Sequence[Sample],
+    layers: Sequence[int],
+    options: IngestOptions,
+    *,
+    condition: Condition | None = None,
+    base_last: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
-    """Load, encode, capture and (optionally) sample one batch -> lake rows and failure rows."""
+    """Load, encode, capture and (optionally) sample one batch -> lake rows and failure rows.
+
+    A condition run replaces each image by its condition's (or drops it for ``none``) and adds
+    each sample's first-token KL against its image run.
+    """
     from vrp.ingest.datasets import load_image
 
     failures: list[dict[str, Any]] = []
     images, ready = [], []
     for sample in batch:
         try:
-            images.append(load_image(sample))
+            if condition is None:
+                images.append(load_image(sample))
+            elif not condition.text_only:
+                images.append(condition.image(sample, load_image))
             ready.append(sample)
         except Exception as exc:  # noqa: BLE001 - any unreadable image is this sample's failure, not the run's
             failures.append(_failure(sample, "preprocess", str(exc)))
@@ -461,7 +557,11 @@ def _process_batch(
         return {}, failures
     template = question_template(options.dataset, options.prompt_template)
     questions = [apply_template(template, s.question) for s in ready]
-    enc = adapter.encode(images, questions)
+    enc = (
+        adapter.encode_text(questions)
+        if condition and condition.text_only
+        else adapter.encode(images, questions)
+    )
     k = options.self_consistency
     cap = capture_batch(
         adapter,
@@ -485,12 +585,19 @@ def _process_batch(
             top_p=options.top_p,
             max_new_tokens=options.max_new_tokens,
         )
+    kls: list[float | None] = [None] * len(ready)
+    if condition is not None:
+        from vrp.ingest.conditions import first_token_kls
+
+        kls = first_token_kls(adapter, [(base_last or {}).get(s.sample_id) for s in ready], cap.first_logits)
     rows: dict[str, list[dict[str, Any]]] = {}
     for b, sample in enumerate(ready):
         if cap.nonfinite[b] is not None:
             failures.append(_failure(sample, "capture", f"non-finite value in {cap.nonfinite[b]}"))
             continue
         sampled = _sample_rows(task, sample, cap, b, layers, samples_k[b], seeds[b], options)
+        if condition is not None:
+            sampled["samples"][0]["first_token_kl"] = kls[b]
         for table, table_rows in sampled.items():
             rows.setdefault(table, []).extend(table_rows)
     return rows, failures
@@ -560,6 +667,7 @@ def _sample_rows(
         "attention_maps": [
             {**key, "layer": layer, "grid_h": grid_h, "grid_w": grid_w, "map": cap.maps[b][layer]}
             for layer in layers
+            if cap.maps[b]  # no image tokens (the `none` condition): no maps
         ],
         "hidden": [
             {**key, "site": site, "layer": layer, "h": np.ascontiguousarray(cap.hidden[b][site][layer])}

@@ -35,7 +35,7 @@ from vrp.lake.errors import LakeError, LakeValidationError
 from vrp.lake.heartbeat import Heartbeat
 from vrp.lake.identity import canonical_json
 from vrp.lake.validate import Rows, to_arrow, validate
-from vrp.schema import SCHEMA_VERSION, TABLES, TableSpec, parse_width_rule
+from vrp.schema import CONDITION_KINDS, SCHEMA_VERSION, TABLES, TableSpec, parse_width_rule
 
 #: Columns a row may omit when the run already says them.
 _FILLED_FROM_RUN = ("run_id", "model", "dataset", "split", "base_run_id", "kind")
@@ -47,9 +47,11 @@ PER_SAMPLE_TABLES = tuple(
 
 
 def completion_table(run: Mapping[str, Any]) -> str:
-    """The table whose committed row marks a sample complete: `samples` for a capture run,
-    `interventions` for an intervention run (its rows of one sample land in one commit)."""
-    return "interventions" if run.get("kind") else "samples"
+    """The table whose committed row marks a sample complete: `samples` for a capture run (an
+    image-condition run included), `interventions` for an intervention run (its rows of one sample
+    land in one commit)."""
+    kind = run.get("kind")
+    return "interventions" if kind and kind not in CONDITION_KINDS else "samples"
 
 
 _DELETE_CHUNK = 500

@@ -45,6 +45,11 @@ WIDTH_METADATA_KEY = b"vrp.width"
 #: Delta table property recording the schema version a table was created with.
 SCHEMA_VERSION_PROPERTY = "vrp.schema_version"
 
+#: ``runs.kind`` of a contrastive image-condition run (vrp.ingest.conditions): a capture run whose
+#: rows go to ``samples`` like an image run's, with ``base_run_id`` naming the image run. Any other
+#: non-null kind is an intervention, whose rows go to ``interventions``.
+CONDITION_KINDS: frozenset[str] = frozenset({"none", "blank", "noise", "mismatch"})
+
 _TS = pa.timestamp("us", tz="UTC")
 
 
@@ -186,6 +191,8 @@ TABLES: dict[str, TableSpec] = {
                 _opt("source", pa.string()),
                 *_f64("truth_prob", "truth_margin"),
                 _opt("truth_rank", pa.int32()),
+                # condition runs only: KL(image run's first-token distribution || this run's), nats
+                _opt("first_token_kl", pa.float64()),
             ],
             ("model", "dataset"),
             ("run_id", "sample_id"),

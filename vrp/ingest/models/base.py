@@ -65,6 +65,9 @@ class FamilySpec:
     prefix_bidirectional: bool
     fp16_nan: bool
     fp16_reason: str = ""
+    # whether the processor takes a prompt without an image (the `none` condition); why not, if not
+    text_only: bool = True
+    text_only_reason: str = ""
     image_token_attr: str = "image_token_id"
     prompt_template: str | None = None
     image_first: bool = False
@@ -219,14 +222,7 @@ class Adapter:
             grids.append(grid)
             image_sizes.append(image_size)
             cell_sizes.append(cell)
-        model_dtype = next(self.model.parameters()).dtype
-        inputs: dict[str, torch.Tensor] = {}
-        for key, value in batch.items():
-            if key in self.spec.drop_inputs or not isinstance(value, torch.Tensor):
-                continue
-            if value.is_floating_point():
-                value = value.to(model_dtype)
-            inputs[key] = value.to(self.device)
+        inputs = self._model_inputs(batch)
         return Encoded(
             inputs=inputs,
             answer_pos=answer_pos.to(self.device),
@@ -235,6 +231,49 @@ class Adapter:
             image_sizes=image_sizes,
             cell_sizes=cell_sizes,
             original_sizes=[(im.height, im.width) for im in images],
+            prompts=prompts,
+        )
+
+    def _model_inputs(self, batch: BatchFeature) -> dict[str, torch.Tensor]:
+        """The processor's tensors the model takes, floats in the model's dtype, on its device."""
+        model_dtype = next(self.model.parameters()).dtype
+        inputs: dict[str, torch.Tensor] = {}
+        for key, value in batch.items():
+            if key in self.spec.drop_inputs or not isinstance(value, torch.Tensor):
+                continue
+            if value.is_floating_point():
+                value = value.to(model_dtype)
+            inputs[key] = value.to(self.device)
+        return inputs
+
+    def text_prompt(self, question: str) -> str:
+        """The prompt of one question without its image: the template with the image slot removed."""
+        return self._template.replace("{image}\n", "").replace("{image}", "").replace("{question}", question)
+
+    def encode_text(self, questions: Sequence[str]) -> Encoded:
+        """A text-only batch (the ``none`` condition): no image tokens, so no grid and no attention maps."""
+        if not self.spec.text_only:
+            raise ValueError(
+                f"{self.spec.family} needs an image with every prompt: {self.spec.text_only_reason}"
+            )
+        if not questions:
+            raise ValueError("encode_text needs at least one question")
+        prompts = [self.text_prompt(q) for q in questions]
+        batch = self.processor(text=prompts, padding=True, return_tensors="pt")
+        mask = batch["attention_mask"]
+        positions = torch.arange(mask.shape[1])
+        answer_pos = torch.where(mask.bool(), positions, -1).max(dim=1).values
+        if (batch["input_ids"] == self.image_token_id).any():
+            raise ValueError("a text-only prompt still holds image tokens; check the prompt template")
+        rows = len(prompts)
+        return Encoded(
+            inputs=self._model_inputs(batch),
+            answer_pos=answer_pos.to(self.device),
+            image_pos=[torch.zeros(0, dtype=torch.long) for _ in range(rows)],
+            grids=[(0, 0)] * rows,
+            image_sizes=[(0, 0)] * rows,
+            cell_sizes=[(0, 0)] * rows,
+            original_sizes=[(0, 0)] * rows,
             prompts=prompts,
         )
 

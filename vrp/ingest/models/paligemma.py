@@ -30,6 +30,8 @@ PALIGEMMA = FamilySpec(
         "bfloat16); use --dtype bfloat16 or float32"
     ),
     prompt_template="{image}{question}",
+    text_only=False,
+    text_only_reason="PaliGemmaProcessor refuses a prompt without images (the image is the prefix).",
     image_first=True,
     drop_inputs=("labels",),
     notes=(

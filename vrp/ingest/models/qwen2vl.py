@@ -96,6 +96,12 @@ class Qwen2VLAdapter(Adapter):
             self._messages(question), add_generation_prompt=True, tokenize=False
         )
 
+    def text_prompt(self, question: str) -> str:
+        if self._template is not None:
+            return super().text_prompt(question)
+        messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
     def _row_geometry(self, batch: BatchFeature, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
         vision = self.model.config.vision_config
         patch, merge = int(vision.patch_size), int(vision.spatial_merge_size)
