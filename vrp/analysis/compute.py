@@ -113,6 +113,7 @@ class Headline:
     metrics: list[str]
     probes: list[RunProbes] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    fusions: list = field(default_factory=list)  # vrp.analysis.fusion.FusionFit of each image run
 
 
 def headline(
@@ -122,6 +123,7 @@ def headline(
     n_boot: int = stats.N_BOOT,
     seed: int = stats.SEED,
     with_probe: bool = True,
+    with_fusion: bool = True,
 ) -> Headline:
     """R_pb [CI], AUROC [CI] and n of every headline metric per model and pooled, BH per column."""
     ci = data.query(lake, "correlation_inputs").to_pylist()
@@ -152,11 +154,18 @@ def headline(
     groups = {}
     labels = [label for label, _, _ in data.HEADLINE_METRICS]
     directions = {label: d for label, _, d in data.HEADLINE_METRICS}
+    dependence = visual_dependence(lake)
+    dependence_labels = sorted({label for values in dependence.values() for label in values})
+    directions.update(dict.fromkeys(dependence_labels, 1))
     for model, rows in sorted(by_model.items()):
         mets = {
             label: np.array([np.nan if r[col] is None else float(r[col]) for r in rows])
             for label, col, _ in data.HEADLINE_METRICS
         }
+        for label in dependence_labels:
+            mets[label] = np.array(
+                [dependence.get((r["run_id"], r["sample_id"]), {}).get(label, np.nan) for r in rows]
+            )
         mets = {k: v for k, v in mets.items() if not np.all(np.isnan(v))}
         if probe_score:
             p = np.array([probe_score.get((r["run_id"], r["sample_id"]), np.nan) for r in rows])
@@ -164,6 +173,13 @@ def headline(
                 mets[BEST_PROBE] = p
         groups[model] = (mets, np.array([r["y"] for r in rows]))
     directions[BEST_PROBE] = 1
+    fused_labels: list[str] = []
+    fits: list = []
+    if with_fusion:
+        fused_labels, fits = _add_fused_scores(
+            lake, groups, by_model, probe_score, skipped, seed=seed, n_boot=n_boot
+        )
+        directions.update(dict.fromkeys(fused_labels, 1))
     table: list[stats.Correlation] = []
     names: list[str] = []
     for task in tasks:
@@ -178,8 +194,82 @@ def headline(
         by_group[row.group].append(row)
     rows = [r for g in by_group.values() for r in stats.with_bh(g)]
     return Headline(
-        rows=rows, groups=names, metrics=[*labels, BEST_PROBE], probes=run_probe_list, skipped=skipped
+        rows=rows,
+        groups=names,
+        metrics=[*labels, *dependence_labels, BEST_PROBE, *fused_labels],
+        probes=run_probe_list,
+        skipped=skipped,
+        fusions=fits,
     )
+
+
+FUSED = "fused score (held-out)"
+CONTRIB_MODEL = "logit-contribution model (held-out)"
+
+
+def _add_fused_scores(
+    lake: Lake,
+    groups: dict,
+    by_model: dict[str, list[dict]],  # headline group (model, or model [task]) -> its rows
+    probe_score: dict[tuple[str, str], float],
+    skipped: list[str],
+    *,
+    seed: int,
+    n_boot: int,
+) -> tuple[list[str], list]:
+    """Add each run's out-of-fold fused and logit-contribution scores to the headline groups.
+
+    Returns the labels added and the fits. The probe feature uses the scores already computed for
+    the headline (none when the headline has no probe), so nothing is fitted twice.
+    """
+    from vrp.analysis import fusion
+
+    per_run: dict[str, dict[str, float]] = defaultdict(dict)
+    for (run_id, sample_id), value in probe_score.items():
+        per_run[run_id][sample_id] = value
+    models = sorted({r["model"] for rows in by_model.values() for r in rows})
+    fits, notes = fusion.run_fusions(
+        lake, models=models, seed=seed, n_boot=n_boot, probe_scores=dict(per_run)
+    )
+    skipped.extend(notes)
+    label = {"fusion": FUSED, "logit contributions": CONTRIB_MODEL}
+    score = {(label[f.name], f.run_id, s): v for f in fits for s, v in zip(f.sample_ids, f.oof, strict=True)}
+    added = []
+    for name in (FUSED, CONTRIB_MODEL):
+        for model, rows in by_model.items():
+            values = np.array([score.get((name, r["run_id"], r["sample_id"]), np.nan) for r in rows])
+            if not np.all(np.isnan(values)):
+                groups[model][0][name] = values
+                if name not in added:
+                    added.append(name)
+    return added, fits
+
+
+def dependence_label(kind: str, condition: str) -> str:
+    """Headline label of a visual-dependence signal: ``kind`` is "margin" or "kl"."""
+    what = "Δ truth margin" if kind == "margin" else "first-token KL"
+    return f"visual dependence: {what} ({condition})" if condition else f"visual dependence: {what}"
+
+
+def visual_dependence(lake: Lake) -> dict[tuple[str, str], dict[str, float]]:
+    """(image run id, sample id) -> {headline label: value} from the `visual_dependence` query.
+
+    One pair of signals per condition (the last-layer Δ truth margin and the first-token KL); a
+    model with several runs of one condition keeps the latest run's value for a question.
+    """
+    from vrp.schema import CONDITION_KINDS
+
+    if not lake.has_table("runs") or not any(
+        r.get("kind") in CONDITION_KINDS for r in lake.arrow("runs", columns=["kind"]).to_pylist()
+    ):
+        return {}
+    out: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for r in data.query(lake, "visual_dependence").to_pylist():
+        values = out[(r["run_id"], r["sample_id"])]
+        for kind, column in (("margin", "delta_truth_margin"), ("kl", "first_token_kl")):
+            if r[column] is not None:
+                values[dependence_label(kind, r["condition"])] = float(r[column])
+    return dict(out)
 
 
 @dataclass

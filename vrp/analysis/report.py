@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from vrp.analysis import compute, data, margins, stats
+from vrp.analysis import attribution, compute, data, margins, stats
 from vrp.analysis.interventions import (
     deltas_from_lake,
     destruction_curve_figure,
@@ -56,6 +56,10 @@ def _num(v: float | None, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return f"{v:.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"
 
 
 def _p(v: float | None) -> str:
@@ -128,7 +132,12 @@ def headline_table(h: compute.Headline, n_boot: int = stats.N_BOOT) -> Table:
         f"({n_boot:,} resamples, seeded; the pooled column resamples within each model). AUROC scores "
         "the metric oriented so that larger means correct (entropies negated). Unparsable answers are "
         "left out. The best probe is the held-out (out-of-fold, image-grouped 5-fold) logistic probe "
-        "score of each run's best layer; choosing that layer on the same folds is a mild optimistic bias."
+        "score of each run's best layer; choosing that layer on the same folds is a mild optimistic bias. "
+        "Visual dependence (with condition runs): the image run's last-layer truth margin minus the "
+        "condition run's (like every truth margin it reads the label's token, so it partly restates "
+        "correctness), and the first-token KL(image || condition), which is label-free. The fused "
+        "score and the logit-contribution model are out-of-fold logistic regressions (see Combined "
+        "scores)."
     )
     if not rows:
         note = "No scored answers yet (every answer unparsable, or no runs): nothing to correlate. " + note
@@ -319,6 +328,85 @@ def margin_table(mm: Sequence[compute.ModelMargins]) -> Table:
     )
 
 
+def attribution_table(found: Sequence[attribution.Attribution]) -> Table:
+    """Per model and condition: the peak visual layer, MLP shares, flips, KL and language-prior answers."""
+    rows = []
+    for a in found:
+        j = list(a.layers).index(a.peak)
+        d = a.delta["all"]
+        unchanged = ", ".join(f"{k} {v:.2f} (n={n})" for k, (v, n) in a.unchanged.items()) or "-"
+        rows.append(
+            [
+                a.model,
+                a.condition,
+                str(d.n),
+                str(a.peak),
+                f"{d.mean[j]:+.3f} [{_num(d.low[j])}, {_num(d.high[j])}]",
+                _pct(a.shares["peak"]),
+                _pct(a.shares["boosting"]),
+                _pct(a.shares["suppression"]),
+                _pct(a.shares["all"]),
+                _num(a.flip_rate),
+                _num(a.mean_kl, 4),
+                unchanged,
+            ]
+        )
+    return Table(
+        "Visual attribution: image minus condition",
+        [
+            "model",
+            "condition",
+            "n",
+            "peak visual layer",
+            "Δ truth margin at peak [95% CI]",
+            "MLP share at peak",
+            "MLP share, boosting layers",
+            "... suppression layers",
+            "... all layers",
+            "answer flip rate",
+            "mean first-token KL (nats)",
+            "answers unchanged without the image, per split",
+        ],
+        rows,
+        "Δ truth margin = the logit-lens truth margin of the image run minus that of the condition run "
+        "on the same question, averaged over the image run's scored answers (percentile bootstrap CI). "
+        "The peak visual layer is its argmax. MLP share = sum of mean |MLP| / (sum of mean |MLP| + "
+        "sum of mean |attention|) direct contributions to the truth logit in the image run, over the "
+        "peak, the boosting (mean Δ > 0), the suppression (mean Δ < 0) or all layers. KL is KL(image || "
+        "condition) of the first-token distributions. Unchanged answers are what the language prior "
+        "alone gives (for blank/noise: a degraded image).",
+    )
+
+
+def fusion_table(fits: Sequence) -> Table:
+    """Held-out AUROC of the fused score and the logit-contribution model, with their largest weights."""
+    rows = []
+    for f in fits:
+        top = sorted(f.coefficients.items(), key=lambda kv: -abs(kv[1]))[:4]
+        rows.append(
+            [
+                f.model,
+                f.name,
+                str(f.n),
+                f"{_num(f.auroc)} [{_num(f.auroc_low)}, {_num(f.auroc_high)}]",
+                str(f.folds),
+                ", ".join(f"{k} {v:+.2f}" for k, v in top),
+            ]
+        )
+    return Table(
+        "Combined scores (held-out)",
+        ["model", "model fitted", "n", "AUROC [95% CI]", "folds", "largest coefficients (per SD)"],
+        rows,
+        "Logistic regressions scored out of fold on the probes' image-grouped folds, each fold's "
+        "z-scoring fitted on its training rows only. Fusion: -H_s, C_k, first-token probability, "
+        "self-consistency, the first-token KL against each condition (when condition runs exist) and "
+        "the best probe's out-of-fold score. Logit contributions (the study's model): attention and "
+        "MLP direct contributions to the truth logit at the last 6 layers; they project onto the "
+        "label's token, so this AUROC is not that of a label-free detector. Coefficients from one "
+        "fit on all rows.",
+    )
+
+
 def intervention_table(effects: Sequence[dict], *, by: str | None = None) -> Table:
     """Rows of :func:`vrp.analysis.interventions.intervention_deltas`: overall, or per group of `by`."""
     chosen = [e for e in effects if (e["group"] is None) == (by is None)]
@@ -476,6 +564,35 @@ def figure_entropy(profiles: dict[str, margins.EntropyProfile], path: Path) -> b
     return True
 
 
+def figure_attribution(found: Sequence[attribution.Attribution], path: Path) -> bool:
+    """Per model: mean Δ truth margin by layer, one line per condition, each condition's peak marked."""
+    by_model: dict[str, list[attribution.Attribution]] = {}
+    for a in found:
+        by_model.setdefault(a.model, []).append(a)
+    if not by_model:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(by_model), figsize=(4 * len(by_model), 3.5), squeeze=False)
+    for ax, (model, pairs) in zip(axes[0], sorted(by_model.items()), strict=True):
+        for a in pairs:
+            d = a.delta["all"]
+            (line,) = ax.plot(a.layers, d.mean, marker="o", ms=3, label=f"image - {a.condition}")
+            if np.isfinite(d.low).all():
+                ax.fill_between(a.layers, d.low, d.high, alpha=0.15, color=line.get_color())
+            j = list(a.layers).index(a.peak)
+            ax.plot([a.peak], [d.mean[j]], marker="*", ms=14, color=line.get_color(), ls="none")
+            ax.annotate(
+                f"peak L{a.peak}", (a.peak, d.mean[j]), textcoords="offset points", xytext=(4, 6), fontsize=8
+            )
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set(title=model, xlabel="layer", ylabel="mean Δ truth margin (image - condition)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 # ----------------------------------------------------------------------------- assembly
 
 
@@ -518,6 +635,7 @@ def render(
     by = "type_tag" if type_map is not None else "question_type"
     effects = deltas_from_lake(lake, by=by, type_map=type_map, n_boot=n_boot, seed=seed)
     tasks = {t for (t,) in lake.sql("SELECT DISTINCT coalesce(task, 'yesno') FROM samples").fetchall()}
+    found = attribution.attributions(lake, n_boot=n_boot, seed=seed)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -528,16 +646,23 @@ def render(
     ):
         if fn(arg, figdir / name):
             figures.append((name, title))
+    attribution_figure = figure_attribution(found, figdir / "attribution_by_layer.png")
     if any(e["kind"] == "destroy" and e["group"] is None for e in effects):
         destruction_curve_figure(effects, figdir / "destruction_curve.png")
         figures.append(("destruction_curve.png", "Destruction sweep"))
     figures += _causal_figures(lake, figdir)
     tables = [headline_table(h, n_boot)]
+    if h.fusions:
+        tables.append(fusion_table(h.fusions))
     if "yesno" in tasks:
         tables.append(pope_table(lake))
     if "open" in tasks:
         tables += vqa_tables(lake, type_map)
     tables += [probe_table(h), margin_table(mm)]
+    if found:
+        tables.append(attribution_table(found))
+        if attribution_figure:
+            tables.append(("attribution_by_layer.png", "Visual attribution: Δ truth margin by layer"))
     if effects:
         tables.append(intervention_table(effects))
         if any(e["group"] is not None for e in effects):
@@ -547,17 +672,24 @@ def render(
     stamp = f"{TIMESTAMP_PREFIX}{generated} from {lake.root}."
     md = [f"# {title}", "", stamp, ""]
     body = [f"<h1>{title}</h1><p>{html.escape(stamp)}</p>"]
+
+    def add_figure(name: str, ftitle: str) -> None:
+        md.extend([f"### {ftitle}", "", f"![{ftitle}](figures/{name})", ""])
+        encoded = base64.b64encode((figdir / name).read_bytes()).decode()
+        body.append(
+            f'<h3>{html.escape(ftitle)}</h3><img alt="{html.escape(ftitle)}" '
+            f'src="data:image/png;base64,{encoded}">'
+        )
+
     for i, t in enumerate(tables):
+        if isinstance(t, tuple):  # a figure placed beside its section's table
+            add_figure(*t)
+            continue
         md.append(t.markdown())
         body.append(t.html())
         if i == 0:
             for name, ftitle in figures:
-                md += [f"### {ftitle}", "", f"![{ftitle}](figures/{name})", ""]
-                encoded = base64.b64encode((figdir / name).read_bytes()).decode()
-                body.append(
-                    f'<h3>{html.escape(ftitle)}</h3><img alt="{html.escape(ftitle)}" '
-                    f'src="data:image/png;base64,{encoded}">'
-                )
+                add_figure(name, ftitle)
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     style = (
         "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
