@@ -112,7 +112,10 @@ def fit_fusion(
     y = np.asarray(y).astype(int)
     plan = probes.make_folds(y, groups, seed=seed)
     oof, means = oof_logistic(x, y, plan.folds)
-    auc, low, high = stats.auroc_ci(oof, y, n_boot=n_boot, seed=seed)
+    if n_boot:
+        auc, low, high = stats.auroc_ci(oof, y, n_boot=n_boot, seed=seed)
+    else:
+        auc, low, high = stats.auroc(oof, y), float("nan"), float("nan")
     z = StandardScaler().fit_transform(x)
     full = LogisticRegression(max_iter=MAX_ITER).fit(z, y)
     return FusionFit(
