@@ -1,9 +1,11 @@
 """`vrp demo`: the whole study on the embedded default, on a laptop CPU.
 
 It generates a held-out shapes-POPE benchmark (a seed no toy was trained on), ingests it with
-the three shipped toy models (one per family) with K-sample self-consistency, fits the probes,
-runs the interventions (patch masking, neuron ablation, the destruction sweep, activation
-patching and attention knockout) and writes the report. Every step is the same code a GPU run over
+the three shipped toy models (one per family) with K-sample self-consistency, answers the same
+questions again with a grey image (``blank``) and without any image (``none``, where the family's
+processor takes a text-only prompt) for the visual attribution, fits the probes, runs the
+interventions (patch masking, neuron ablation, the destruction sweep, activation patching and
+attention knockout) and writes the report. Every step is the same code a GPU run over
 real POPE uses; only the models and the data are small.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,6 +98,11 @@ def run_demo(
         for line in summary.lines():
             echo(line)
         base_runs[model] = summary.run_id
+        for condition in demo_conditions(model):
+            _stage(echo, f"ingest {model} with image condition {condition}")
+            summary = run_ingest(replace(options, image_condition=condition), lake, echo=echo, progress=show)
+            for line in summary.lines():
+                echo(line)
 
     _stage(echo, "probes per layer (5-fold CV grouped by image), stored for the interventions")
     lake_handle = open_lake(lake)
@@ -139,6 +147,17 @@ def run_demo(
     minutes = (time.monotonic() - started) / 60
     _stage(echo, f"done in {minutes:.1f} min; report: {outcome.path / 'report.html'}")
     return outcome.path
+
+
+def demo_conditions(model: str) -> list[str]:
+    """``blank`` for every toy, and ``none`` where the family's processor takes a text-only prompt."""
+    from vrp.ingest.conditions import ConditionError, check_text_only
+
+    try:
+        check_text_only(model)
+    except ConditionError:
+        return ["blank"]
+    return ["blank", "none"]
 
 
 def _probe_line(outcome: StoredProbes) -> str:

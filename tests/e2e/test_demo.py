@@ -32,13 +32,30 @@ def test_demo_runs_end_to_end(tmp_path) -> None:
         ).fetchall()
     )
     assert per_model == {name: 3 * QUESTIONS for name in ("toy-llava", "toy-paligemma", "toy-qwen2vl")}
-    assert lake.sql("select count(*) from generations").fetchall()[0][0] == 3 * 3 * QUESTIONS * K
+    assert lake.sql("select count(*) from generations").fetchall()[0][0] == (3 + 5) * 3 * QUESTIONS * K
+    conditions = lake.sql("select model, kind from runs where kind in ('blank', 'none')").fetchall()
+    assert sorted(conditions) == [
+        ("toy-llava", "blank"),
+        ("toy-llava", "none"),
+        ("toy-paligemma", "blank"),
+        ("toy-qwen2vl", "blank"),
+        ("toy-qwen2vl", "none"),
+    ]
     kinds = {row[0] for row in lake.sql("select distinct kind from interventions").fetchall()}
     assert kinds == {"mask", "ablate", "destroy", "patch", "knockout"}
     assert lake.sql("select count(distinct run_id) from probe_layers").fetchall()[0][0] == 3
 
     report = (out_dir / "latest" / "report.md").read_text()
-    for section in ("Headline", "POPE", "Probe", "Margin", "Intervention", "Provenance"):
+    for section in (
+        "Headline",
+        "Combined scores",
+        "POPE",
+        "Probe",
+        "Margin",
+        "Visual attribution",
+        "Intervention",
+        "Provenance",
+    ):
         assert re.search(rf"^#+ .*{section}", report, flags=re.MULTILINE | re.IGNORECASE), section
     figures = re.findall(r"\]\((figures/[^)]+)\)", report)
     assert {"figures/patch_restoration.png", "figures/knockout_by_window.png"} <= set(figures)
