@@ -40,6 +40,7 @@ ADDED_IN_V2 = {
         "truth_prob",
         "truth_margin",
         "truth_rank",
+        "first_token_kl",
     ],
     "layers": ["lens_truth_rank"],
     "generations": ["score"],

@@ -7,7 +7,7 @@ and attention parts through their direct contributions to the truth logit (``lay
 peak alone, the boosting layers where the mean Δmargin is positive, the suppression layers where it is
 negative, all layers). Beside it: how often the answer flips without the image, the first-token
 KL(image || condition), and the share of answers that stay the same without the image (answers the
-language prior alone produces), per split.
+language prior alone produces), per question type where the dataset has them, else per split.
 
 Every function here is pure (numpy in, numbers out); :func:`attribution` reads one image run and
 one of its condition runs from the lake.
@@ -212,7 +212,7 @@ def attribution(
     None when the two runs share no scored question with a complete logit lens.
     """
     base_id, cond_id = condition_run["base_run_id"], condition_run["run_id"]
-    cols = ["sample_id", "split", "answer", "correct", "parse_status"]
+    cols = ["sample_id", "split", "question_type", "answer", "correct", "parse_status"]
     image = {
         r["sample_id"]: r for r in lake.arrow("samples", filter={"run_id": base_id}, columns=cols).to_pylist()
     }
@@ -263,8 +263,14 @@ def attribution(
         shares=shares,
         flip_rate=flip_rate(image_answers, cond_answers),
         mean_kl=float(np.mean(kls)) if kls else float("nan"),
-        unchanged=unchanged_share(image_answers, cond_answers, [image[s]["split"] or "all" for s in ids]),
+        unchanged=unchanged_share(image_answers, cond_answers, [_group(image[s]) for s in ids]),
     )
+
+
+def _group(row: dict) -> str:
+    """What language-prior answers are counted per: the question type where the dataset has one
+    (VQAv2), else the split (POPE's random / popular / adversarial)."""
+    return row.get("question_type") or row.get("split") or "all"
 
 
 def attributions(

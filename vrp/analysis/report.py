@@ -365,7 +365,7 @@ def attribution_table(found: Sequence[attribution.Attribution]) -> Table:
             "... all layers",
             "answer flip rate",
             "mean first-token KL (nats)",
-            "answers unchanged without the image, per split",
+            "answers unchanged without the image, per question type or split",
         ],
         rows,
         "Δ truth margin = the logit-lens truth margin of the image run minus that of the condition run "
