@@ -51,6 +51,7 @@ from vrp.interventions.scoring import answer_batch
 from vrp.lake import Lake
 from vrp.lake.identity import make_run_id
 from vrp.runs.loop import BatchOutcome, run_loop
+from vrp.schema import CONDITION_KINDS
 from vrp.tasks import Task, task_of_run
 from vrp.tasks.base import Label
 
@@ -171,8 +172,9 @@ def base_run(lake: Lake, run_id: str) -> dict[str, Any]:
         )
     row = dict(rows[0])
     if row.get("kind"):
+        what = "an image-condition run" if row["kind"] in CONDITION_KINDS else "an intervention"
         raise InterventionError(
-            f"run {run_id} is itself a {row['kind']} intervention; pass the baseline run it was made from "
+            f"run {run_id} is {what} ({row['kind']}); pass the image run it was made from "
             f"({row.get('base_run_id')})"
         )
     row["config"] = json.loads(row.get("config") or "{}")
