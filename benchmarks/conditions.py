@@ -34,9 +34,10 @@ from capture import build  # noqa: E402 - the same mid-size configs as the captu
 
 def bench(family: str, root: Path, batch: int, repeats: int, k: int) -> dict[str, float]:
     from vrp.ingest.conditions import check_text_only, make_condition
-    from vrp.ingest.datasets import generate_shapes_pope, load_dataset
+    from vrp.ingest.datasets import dataset_task, generate_shapes_pope, load_dataset
     from vrp.ingest.models import load_adapter
     from vrp.ingest.run import IngestOptions, _process_batch
+    from vrp.tasks import get_task
 
     path = build(family, root)
     data = generate_shapes_pope(root / "shapes", images=batch, seed=3, image_size=336)
@@ -44,6 +45,7 @@ def bench(family: str, root: Path, batch: int, repeats: int, k: int) -> dict[str
     adapter = load_adapter(str(path))
     layers = list(range(adapter.num_layers))
     options = IngestOptions(model=str(path), data_dir=str(data), batch_size=batch, self_consistency=k)
+    task = get_task(dataset_task(options.dataset), correct_rule=options.correct_rule)
     variants = {"image": None, "blank": make_condition("blank", samples, noise_steps=500, seed=0)}
     try:
         check_text_only(str(path))
@@ -51,7 +53,7 @@ def bench(family: str, root: Path, batch: int, repeats: int, k: int) -> dict[str
     except ValueError:
         pass
     # the image run's last residuals, which a condition run reads from the lake for its KL
-    rows, _ = _process_batch(adapter, samples, layers, options)
+    rows, _ = _process_batch(adapter, task, samples, layers, options)
     last = adapter.num_layers - 1
     base_last = {
         r["sample_id"]: np.asarray(r["h"], dtype=np.float32)
@@ -60,7 +62,9 @@ def bench(family: str, root: Path, batch: int, repeats: int, k: int) -> dict[str
     }
 
     def run(condition):
-        return _process_batch(adapter, samples, layers, options, condition=condition, base_last=base_last)
+        return _process_batch(
+            adapter, task, samples, layers, options, condition=condition, base_last=base_last
+        )
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     for condition in variants.values():
