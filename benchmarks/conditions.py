@@ -1,7 +1,8 @@
 """Cost of a condition run against the image run: `blank` and `none` vs `image`, per family.
 
 For each family, the mid-size random-weight config of ``benchmarks/capture.py`` (hidden 512,
-8 decoder layers, 576 image tokens) and one batch of shapes-POPE questions go through the ingest
+8 decoder layers) and one batch of 336 px shapes-POPE questions (576 image tokens for LLaVA and
+PaliGemma; Qwen2-VL keeps the native resolution, 144 merged tokens) go through the ingest
 loop's per-batch work (``vrp.ingest.run._process_batch``: load and condition the images, encode,
 capture every signal, decode the greedy answer, K self-consistency samples, build the rows; for a
 condition also the first-token KL against the image run's stored last residual). Lake commits are
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"mid config (hidden 512, 8 layers, 576 image tokens), batch {args.batch}, K = {args.k}, "
+        f"mid config (hidden 512, 8 layers), 336 px questions, batch {args.batch}, K = {args.k}, "
         f"median of {args.repeats} round-robin repeats, {args.threads} thread(s)"
     )
     print(
