@@ -1,7 +1,7 @@
 """No dead columns: a full study on a small POPE file writes a value into every schema column.
 
 The study is the one `vrp demo` runs, on the shipped toy-llava (it answers, so probes have both
-classes): ingest with self-consistency, the probes, and the three interventions. A POPE file
+classes): ingest with self-consistency, the probes, the interventions and a blank-image run. A POPE file
 with categories and one undecodable image makes `failures` and `samples.category` real too.
 A column that is null in every row fails the test unless ``NULL_BY_DESIGN`` names it with the
 reason (docs/ARCHITECTURE.md section 4 defines every column).
@@ -47,6 +47,10 @@ NULL_FOR_TASK: dict[str, dict[tuple[str, str], str]] = {
         ("samples", "object"): "POPE's questioned object; an open question names none",
         ("samples", "category"): "POPE's category field; shapes-VQA has none",
         ("samples", "source"): "POPE's image source (coco, aokvqa, gqa); shapes-VQA has none",
+        (
+            "samples",
+            "first_token_kl",
+        ): "image-condition runs only; this study runs none (the yes/no one does)",
         ("interventions", "donor_sample_id"): "patch runs only; this study masks (the yes/no one patches)",
         ("interventions", "restoration"): "patch runs only; this study masks (the yes/no one patches)",
     },
@@ -94,6 +98,12 @@ def _yesno_study(shapes_workspace) -> Path:
     _vrp(*INTERVENE, "destroy", "--base-run", base, "--layer", "peak", "--lake", lake, "--batch-size", "8")
     _vrp(*INTERVENE, "patch", "--base-run", base, "--layers", "-1", "--lake", lake, "--batch-size", "8")
     _vrp(*INTERVENE, "knockout", "--base-run", base, "--layers", "-1", "--lake", lake, "--batch-size", "8")
+    # an image-condition run (as the demo runs): its samples carry the first-token KL
+    _vrp(
+        "ingest", "run", "--model", "toy-llava", "--dataset", "pope", "--pope-file", str(pope),
+        "--image-dir", str(data / "images"), "--self-consistency", str(K), "--batch-size", "8",
+        "--image-condition", "blank", "--lake", lake,
+    )  # fmt: skip
     return Path(lake)
 
 
