@@ -1,4 +1,4 @@
-"""A scaled-down `vrp demo`: every stage on the shipped toys, and a report with every section."""
+"""A scaled-down `vrp demo`: every stage on the shipped toys and both tasks, a report with every section."""
 
 from __future__ import annotations
 
@@ -12,27 +12,33 @@ from vrp.demo import DEMO_SEED
 from vrp.lake import open_lake
 
 QUESTIONS = 30
+VQA_QUESTIONS = 20
 K = 2
+TOYS = ("toy-llava", "toy-paligemma", "toy-qwen2vl")
 
 
 def test_demo_runs_end_to_end(tmp_path) -> None:
     torch.set_num_threads(1)
     lake_dir, out_dir = tmp_path / "lake", tmp_path / "report"
     args = ["demo", "--lake", str(lake_dir), "--out", str(out_dir), "--questions", str(QUESTIONS)]
-    args += ["--self-consistency", str(K), "--n-boot", "200"]
+    args += ["--vqa-questions", str(VQA_QUESTIONS), "--self-consistency", str(K), "--n-boot", "200"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert f"seed {DEMO_SEED}" in result.output
 
     lake = open_lake(str(lake_dir))
-    per_model = dict(
-        lake.sql(
-            "select s.model, count(*) from samples s join runs r using (run_id) "
-            "where r.base_run_id is null group by s.model"
+    per_run = {
+        (model, task): n
+        for model, task, n in lake.sql(
+            "select s.model, s.task, count(*) from samples s join runs r using (run_id) "
+            "where r.base_run_id is null group by all"
         ).fetchall()
-    )
-    assert per_model == {name: 3 * QUESTIONS for name in ("toy-llava", "toy-paligemma", "toy-qwen2vl")}
-    assert lake.sql("select count(*) from generations").fetchall()[0][0] == (3 + 5) * 3 * QUESTIONS * K
+    }
+    expected = {(name, "yesno"): 3 * QUESTIONS for name in TOYS}
+    expected.update({(name, "open"): VQA_QUESTIONS for name in TOYS})
+    assert per_run == expected
+    generations = lake.sql("select count(*) from generations").fetchall()[0][0]
+    assert generations == (3 + 5) * 3 * QUESTIONS * K + 3 * VQA_QUESTIONS * K
     conditions = lake.sql("select model, kind from runs where kind in ('blank', 'none')").fetchall()
     assert sorted(conditions) == [
         ("toy-llava", "blank"),
@@ -43,13 +49,15 @@ def test_demo_runs_end_to_end(tmp_path) -> None:
     ]
     kinds = {row[0] for row in lake.sql("select distinct kind from interventions").fetchall()}
     assert kinds == {"mask", "ablate", "destroy", "patch", "knockout"}
-    assert lake.sql("select count(distinct run_id) from probe_layers").fetchall()[0][0] == 3
+    assert lake.sql("select count(distinct run_id) from probe_layers").fetchall()[0][0] == 6
 
     report = (out_dir / "latest" / "report.md").read_text()
     for section in (
         "Headline",
         "Combined scores",
         "POPE",
+        "VQA metrics",
+        "per question type",
         "Probe",
         "Margin",
         "Visual attribution",
@@ -62,3 +70,6 @@ def test_demo_runs_end_to_end(tmp_path) -> None:
     for figure in figures:
         assert (out_dir / "latest" / figure).is_file(), figure
     assert "report.html" in result.output
+    assert "time per stage" in result.output
+    for stage in ("ingest shapes-pope", "ingest shapes-vqa", "probes", "patching + knockout", "report"):
+        assert re.search(rf"^  {re.escape(stage)} +\d+\.\d+ min$", result.output, flags=re.MULTILINE), stage

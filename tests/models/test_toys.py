@@ -106,3 +106,96 @@ def test_learning_rate_schedule_by_hand() -> None:
     assert lr_at(30, cfg, 60, 100) == 1.0 and lr_at(30, cfg, None, None) == 1.0
     assert lr_at(80, cfg, 60, 100) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
     assert lr_at(100, cfg, 60, 100) == pytest.approx(0.1)
+
+
+def test_taught_answers_score_as_the_main_answer() -> None:
+    from vrp.ingest.datasets.shapes_vqa import image_questions
+    from vrp.tasks.vqa import is_correct, normalise_vqa_answer
+    from vrp.toys.train import taught_answer
+
+    assert taught_answer("2 ") == "two" and taught_answer("Red.") == "red"
+    assert taught_answer("1 shape") == "one shape"  # a main answer that stopped a training run
+    rows = [r for im in render_images(120, 11) for r in image_questions(im, 11)]
+    counted = [
+        r for r in rows if " " in r["multiple_choice_answer"] and r["multiple_choice_answer"][0].isdigit()
+    ]
+    assert counted  # "4 shapes" won the vote somewhere: numbers inside longer answers are covered
+    for row in rows:
+        taught = taught_answer(row["multiple_choice_answer"])
+        assert normalise_vqa_answer(taught) == normalise_vqa_answer(row["multiple_choice_answer"])
+        assert is_correct("exact", taught, row["multiple_choice_answer"], 0.0)
+
+
+def test_warm_start_grows_the_vocabulary_without_moving_old_outputs(tmp_path: Path) -> None:
+    import shutil
+    from collections import Counter
+
+    from vrp.ingest.datasets.shapes_vqa import image_questions
+    from vrp.tasks.vqa import is_correct
+    from vrp.toys.train import evaluate_vqa, extend_vocabulary, grow_embeddings, open_vocabulary
+
+    source = tmp_path / "source"
+    train_toy(ToyTrainConfig(family="paligemma", seed=3, steps=1, minutes=None, **SMALL), source)
+    old = load_adapter(str(source))
+    old_vocab = old.tokenizer.get_vocab()
+
+    # growing alone: words keep their ids, PaliGemma's <loc>/<seg> tokens move up past the new
+    # words (as a reload numbers them), and no old token's logit moves
+    grown_dir = tmp_path / "grown"
+    shutil.copytree(source, grown_dir)
+    growth = extend_vocabulary(grown_dir, open_vocabulary())
+    added = list(growth.tokens)
+    assert {"How", "many", "at", "using", "question"} <= set(added)
+    grown = load_adapter(str(grown_dir))
+    new_vocab = grown.tokenizer.get_vocab()
+    assert len(new_vocab) == len(old_vocab) + len(added)
+    assert sorted(new_vocab[t] for t in added) == list(range(growth.at, growth.at + len(added)))
+    moved = {t: i + (len(added) if i >= growth.at else 0) for t, i in old_vocab.items()}
+    assert {t: new_vocab[t] for t in old_vocab} == moved
+    assert old_vocab["<loc0000>"] >= growth.at  # the case the layout exists for
+    grow_embeddings(grown.model, growth, seed=5)
+    image = render_images(1, 9)[0].image
+    with torch.no_grad():
+        enc_old = old.encode([image], [question_for("red circle")])
+        enc_new = grown.encode([image], [question_for("red circle")])
+        assert torch.equal(enc_old.inputs["input_ids"], enc_new.inputs["input_ids"])
+        before = old.model(**enc_old.inputs).logits
+        after = grown.model(**enc_new.inputs).logits
+    assert after.shape[-1] == len(old_vocab) + len(added)
+    order = torch.tensor([moved[t] for t, _ in sorted(old_vocab.items(), key=lambda item: item[1])])
+    torch.testing.assert_close(after[..., order], before, rtol=0, atol=1e-6)
+    prompt = grown.tokenizer("How many shapes are there?\nAnswer the question using a single word or phrase.")
+    assert grown.tokenizer.unk_token_id not in prompt["input_ids"]
+
+    # a warm-started run on both tasks records where it began and the open questions' accuracy
+    tuned_cfg = ToyTrainConfig(
+        family="paligemma",
+        seed=6,
+        steps=2,
+        minutes=None,
+        init_from=str(source),
+        vqa_share=0.5,
+        **SMALL,
+    )
+    card = train_toy(tuned_cfg, tmp_path / "tuned")
+    assert card["training"]["init"]["from"] == "toy-paligemma"
+    assert card["training"]["init"]["training"]["seed"] == 3
+    assert card["training"]["added_tokens"] == added
+    assert card["training"]["added_tokens_at"] == growth.at
+    assert card["config"]["vocab_size"] == len(old_vocab) + len(added)
+    vqa = card["evaluation"]["vqa"]
+    images = render_images(SMALL["eval_images"], tuned_cfg.eval_seed)
+    rows = [r for im in images for r in image_questions(im, tuned_cfg.eval_seed)]
+    assert vqa["questions"] == len(rows)
+    for qtype, entry in vqa["by_type"].items():
+        golds = [r["multiple_choice_answer"] for r in rows if r["question_type"] == qtype]
+        majority = Counter(golds).most_common(1)[0][0]
+        assert entry["majority_answer"] == majority
+        assert entry["majority_baseline"] == sum(
+            is_correct("lenient", majority, g, 0.0) for g in golds
+        ) / len(golds)
+    tuned = load_adapter(str(tmp_path / "tuned"))
+    assert evaluate_vqa(tuned, images, tuned_cfg.eval_seed) == {
+        k: v for k, v in vqa.items() if k in ("questions", "accuracy", "by_type")
+    }
+    assert not (tmp_path / "tuned" / "checkpoint.json").exists()

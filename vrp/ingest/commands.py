@@ -359,6 +359,39 @@ def toy() -> None:
     type=click.IntRange(min=1),
     help="Torch CPU threads (results are deterministic for a given thread count).",
 )
+@click.option(
+    "--init-from",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Warm-start from a trained toy's folder (e.g. vrp/toys/toy-llava) instead of random weights.",
+)
+@click.option(
+    "--vqa-share",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0, max=1.0, max_open=True),
+    help="Share of each batch asking shapes-VQA open questions (the rest: shapes-POPE and captions).",
+)
+@click.option(
+    "--lr",
+    default=2e-3,
+    show_default=True,
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Peak learning rate (the shipped toys' warm starts used 1e-3).",
+)
+@click.option(
+    "--warmup-steps", default=50, show_default=True, type=click.IntRange(min=1), help="Linear warm-up."
+)
+@click.option(
+    "--evals", default=5, show_default=True, type=click.IntRange(min=1), help="Held-out evaluations per run."
+)
+@click.option(
+    "--checkpoint-minutes",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Save the weights this often, so a run cut short leaves a model (checkpoint.json says where).",
+)
 def toy_train(
     family: str,
     out_dir: Path,
@@ -368,12 +401,20 @@ def toy_train(
     decay_start: int | None,
     batch_size: int,
     threads: int,
+    init_from: Path | None,
+    vqa_share: float,
+    lr: float,
+    warmup_steps: int,
+    evals: int,
+    checkpoint_minutes: float,
 ) -> None:
     """Train one toy model on freshly generated shapes-POPE and save it with its card.
 
     With --minutes the learning rate stays constant until 30% of the budget is left, then decays
     over the step count the measured pace allows; the card records both numbers, and
     `--steps N --decay-start D` with the same seed and --threads reproduces the weights exactly.
+    With --init-from and --vqa-share the toy learns shapes-VQA's open questions on top of what it
+    knows; the card records the source toy, the mix, the added words and the accuracy per question type.
     """
     from transformers.utils import logging as hf_logging
 
@@ -390,12 +431,23 @@ def toy_train(
             decay_start=decay_start,
             batch_size=batch_size,
             threads=threads,
+            init_from=None if init_from is None else str(init_from),
+            vqa_share=vqa_share,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            evals=evals,
+            checkpoint_minutes=checkpoint_minutes,
         )
+        card = train_toy(cfg, out_dir, log=click.echo)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    card = train_toy(cfg, out_dir, log=click.echo)
     accuracy = ", ".join(f"{split} {acc:.3f}" for split, acc in card["evaluation"]["accuracy"].items())
     click.echo(
         f"saved {card['name']} to {out_dir} after {card['training']['steps']} steps "
         f"({card['training']['minutes']:.1f} min): held-out accuracy {accuracy}"
     )
+    if "vqa" in card["evaluation"]:
+        click.echo(
+            f"shapes-VQA held-out accuracy ({card['evaluation']['vqa']['rule']}): "
+            f"{card['evaluation']['vqa']['accuracy']:.3f}"
+        )

@@ -121,6 +121,23 @@ def _most_common(answers: list[str]) -> str:
     return next(normalise_vqa_answer(a) for a in answers if counts[normalise_vqa_answer(a)] == top)
 
 
+def image_questions(im: ShapeImage, seed: int) -> list[dict[str, Any]]:
+    """The shapes-VQA questions of one image of the set with ``seed``, as the written files hold them
+    (question, question_type, answer_type, the ten answers and ``multiple_choice_answer``); the toy
+    trainer draws its open questions from here, so training and benchmark share one generator."""
+    rng = np.random.default_rng([seed, im.index, 7])
+    return [
+        {
+            "question": question,
+            "question_type": qtype,
+            "answer_type": atype,
+            "answers": answers,
+            "multiple_choice_answer": _most_common(answers),
+        }
+        for question, qtype, atype, answers in _questions(im, rng)
+    ]
+
+
 def _jpeg_bytes(image: Image.Image) -> bytes:
     buffer = BytesIO()
     image.save(buffer, format="JPEG", quality=95, subsampling=0, optimize=False)
@@ -133,20 +150,19 @@ def _write(out: Path, images: list[ShapeImage], seed: int, image_size: int) -> t
     for im in images:
         image_id = im.index + 1
         (out / "images" / image_name(SUBTYPE, image_id)).write_bytes(_jpeg_bytes(im.image))
-        rng = np.random.default_rng([seed, im.index, 7])
-        for k, (question, qtype, atype, answers) in enumerate(_questions(im, rng)):
+        for k, row in enumerate(image_questions(im, seed)):
             question_id = image_id * 10 + k
-            questions.append({"image_id": image_id, "question": question, "question_id": question_id})
+            questions.append({"image_id": image_id, "question": row["question"], "question_id": question_id})
             annotations.append(
                 {
                     "question_id": question_id,
                     "image_id": image_id,
-                    "question_type": qtype,
-                    "answer_type": atype,
-                    "multiple_choice_answer": _most_common(answers),
+                    "question_type": row["question_type"],
+                    "answer_type": row["answer_type"],
+                    "multiple_choice_answer": row["multiple_choice_answer"],
                     "answers": [
                         {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                        for i, a in enumerate(answers)
+                        for i, a in enumerate(row["answers"])
                     ],
                 }
             )
