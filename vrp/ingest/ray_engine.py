@@ -104,6 +104,9 @@ def _absolute(options: IngestOptions) -> IngestOptions:
         data_dir=fix(options.data_dir),
         pope_file=fix(options.pope_file),
         image_dir=fix(options.image_dir),
+        questions_file=fix(options.questions_file),
+        annotations_file=fix(options.annotations_file),
+        data_file=fix(options.data_file),
     )
 
 
