@@ -145,3 +145,36 @@ def test_open_capture_without_a_gold_answer_keeps_truth_null(adapter) -> None:
     assert cap.samples[0]["correct"] is None
     assert all(row["lens_truth_margin"] is None for row in cap.layers[0])
     assert cap.nonfinite[0] is None
+
+
+def test_a_sentencepiece_style_tokenizer_gives_the_space_marked_truth_token(tmp_path) -> None:
+    """LLaVA's answer follows "ASSISTANT:" after a space: with SentencePiece-style pieces the truth
+    token of "2" is "▁2", not the bare "2" (both exist), and it is the teacher-forced sequence's."""
+    from tokenizers import pre_tokenizers
+
+    torch.set_num_threads(1)
+    path = build_tiny(
+        "llava", tmp_path / "llava", seed=3, num_layers=2, hidden_size=64, vocab_words=["2", "▁2"]
+    )
+    adapter = load_adapter(str(path))
+    tokenizer = adapter.tokenizer
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="never"
+    )
+    spaced, bare = tokenizer.convert_tokens_to_ids(["▁2", "2"])
+    assert spaced != bare and tokenizer.unk_token_id not in (spaced, bare)
+    image, question = _images()[0], QUESTIONS[1]
+
+    ids = adapter.answer_ids(image, question, "2")
+    assert ids[0] == spaced
+    enc = adapter.encode([image], [question])
+    prompt_len = enc.inputs["input_ids"].shape[1]
+    full = adapter.processor(images=[image], text=[adapter.prompt(question) + " 2"], return_tensors="pt")
+    assert torch.equal(full["input_ids"][0, :prompt_len], enc.inputs["input_ids"][0])
+    assert int(full["input_ids"][0, prompt_len]) == spaced
+    with torch.no_grad():  # a fresh teacher-forced forward over prompt + answer
+        logits = adapter.model(**full).logits[0, prompt_len - 1].double()
+    cap = capture_batch(
+        adapter, enc, [Label("2", ("2",) * 10)], task=get_task("open"), images=[image], questions=[question]
+    )
+    assert cap.samples[0]["truth_prob"] == pytest.approx(float(torch.softmax(logits, -1)[spaced]), abs=1e-5)
