@@ -18,8 +18,8 @@ from vrp.analysis.report import write_report
 from vrp.analysis.type_map import TypeMapError, read_type_map, tag_metrics, tag_of
 from vrp.cli import main
 from vrp.ingest.datasets import generate_shapes_vqa
-from vrp.ingest.interventions import plan_mask, run_intervention
 from vrp.ingest.run import IngestOptions, run_ingest
+from vrp.interventions import plan_mask, run_intervention
 from vrp.lake import open_lake
 
 TOY = Path(__file__).resolve().parents[1] / "vrp" / "toys" / "toy-paligemma"
