@@ -22,7 +22,7 @@ from vrp.ingest.run import IngestOptions, run_ingest
 from vrp.interventions import plan_mask, run_intervention
 from vrp.lake import open_lake
 
-TOY = Path(__file__).resolve().parents[1] / "vrp" / "toys" / "toy-paligemma"
+TOY = Path(__file__).resolve().parents[2] / "vrp" / "toys" / "toy-paligemma"
 QUIET = {"echo": lambda _line: None}
 TYPES = {"what color": "colour", "what": "other what", "how many": "counting"}
 
