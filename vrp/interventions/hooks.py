@@ -217,10 +217,10 @@ def knockout_mask(state: _Knockout, mask: torch.Tensor | None, n_query: int, n_k
         q_pos = torch.arange(n_key - n_query, n_key, device=device)
         allowed = (torch.arange(n_key, device=device)[None, :] <= q_pos[:, None])[None, None]
         allowed = allowed.expand(batch, 1, n_query, n_key)
-    elif mask.dtype == torch.bool:
+    elif mask.dtype == torch.bool:  # what `sdpa_mask`, registered for this backend, builds
         allowed = mask[..., :n_key].expand(batch, 1, n_query, n_key)
-    else:  # additive float mask
-        allowed = (mask[..., :n_key] == 0).expand(batch, 1, n_query, n_key)
+    else:
+        raise TypeError(f"knockout expects a boolean attention mask, got {mask.dtype}")
     keys = torch.zeros(batch, n_key, dtype=torch.bool, device=device)
     width = min(n_key, state.image_keys.shape[1])
     keys[:, :width] = state.image_keys[:, :width]
@@ -229,10 +229,7 @@ def knockout_mask(state: _Knockout, mask: torch.Tensor | None, n_query: int, n_k
     else:
         rows = torch.ones(batch, n_query, dtype=torch.bool, device=device)
     blocked = rows[:, None, :, None] & keys[:, None, None, :]
-    out = allowed & ~blocked.to(allowed.device)
-    if mask is not None and mask.dtype != torch.bool:
-        return torch.zeros_like(out, dtype=mask.dtype).masked_fill(~out, torch.finfo(mask.dtype).min)
-    return out
+    return allowed & ~blocked.to(allowed.device)
 
 
 AttentionInterface.register(KNOCKOUT_BACKEND, _knockout_sdpa)
