@@ -33,6 +33,8 @@ CONTRACT = {
     ),
     "heads": (("model",), ("run_id", "sample_id", "layer", "head"), "image_mass spatial_entropy"),
     "attention_maps": (("model",), ("run_id", "sample_id", "layer"), "grid_h grid_w map"),
+    "evidence_maps": (("model",), ("run_id", "sample_id", "layer"), "grid_h grid_w map"),
+    "images": ((), ("image_hash",), "height width media_type data"),
     "hidden": (("model", "site", "layer"), ("run_id", "sample_id", "site", "layer"), "site h"),
     "generations": (("model",), ("run_id", "sample_id", "k"), "text answer correct seed"),
     "probe_layers": (
@@ -57,7 +59,8 @@ def test_every_contract_table_has_its_columns_partitions_and_key():
         assert spec.partition_by == partitions, name
         assert spec.key == key, name
         names = set(spec.schema.names)
-        missing = ({"run_id", "model"} | set(columns.split()) | set(key) | set(partitions)) - names
+        per_run = set() if name == "images" else {"run_id", "model"}  # images are shared by runs
+        missing = (per_run | set(columns.split()) | set(key) | set(partitions)) - names
         assert not missing, f"{name} lacks {missing}"
         for column in set(key) | set(partitions):
             if (name, column) != ("failures", "sample_id"):  # a load failure may have no sample id yet
@@ -83,7 +86,8 @@ def test_scalar_float_columns_are_float64_and_ids_strings():
         for field in spec.schema:
             if pa.types.is_floating(field.type):
                 assert field.type == pa.float64(), (spec.name, field.name)
-        assert spec.schema.field("run_id").type == pa.string()
+        key = "image_hash" if spec.name == "images" else "run_id"
+        assert spec.schema.field(key).type == pa.string()
 
 
 def _table_with_version(root, name: str, version: str) -> None:

@@ -6,7 +6,10 @@ What this module offers:
   a float32 computation of *only* the answer position's attention rows (never T x T).
 * :class:`TraceModules` - forward hooks on decoder layers, attention and MLP outputs that keep
   the answer position only and always remove themselves.
-* :func:`capture_batch` - runs one batch: prefill with both of the above active, the greedy
+* :class:`EvidenceMaps` - forward hooks on decoder layers that project the image positions'
+  residuals through the final norm and unembedding (the logit lens on the patch grid) as the
+  prefill passes, keeping a few logits per position, never the residuals.
+* :func:`capture_batch` - runs one batch: prefill with all of the above active, the greedy
   answer decoded from the same prefill, and every per-layer signal of docs/ARCHITECTURE.md section 4.
 
 Usage::
@@ -224,6 +227,110 @@ class TraceModules:
         return hook
 
 
+class EvidenceMaps:
+    """Forward hooks that turn each decoder layer's image-position residuals into logit-lens evidence.
+
+    Usage::
+
+        with EvidenceMaps(adapter, enc.image_pos, candidates, prompt_len, layers=[0, 3]) as ev:
+            model(**enc.inputs)
+        ev.maps(truth_ids)[b][3]  # [n_image_tokens] float32: truth logit minus the vocabulary mean
+
+    The evidence at image position p and layer l is the logit lens of the residual there
+    (h_l -> the model's final norm -> unembedding): the truth token's logit minus the mean logit
+    over the vocabulary, the per-patch "does the hidden state already hold the answer" map.
+    The truth token is only known once the prefill has produced the answer position's logits, so
+    each hook keeps the logits of every *candidate* truth token (a handful) and the mean: the mean
+    logit is linear in the normed residual, so it is one dot product with the unembedding's mean
+    row, never a vocabulary-wide matrix. Residuals are dropped as soon as the layer is projected.
+    Only the prefill (sequence length == prompt_len) is recorded, once per layer.
+    """
+
+    def __init__(
+        self,
+        adapter: Any,
+        image_pos: Sequence[torch.Tensor],
+        candidates: Sequence[int],
+        prompt_len: int,
+        *,
+        layers: Sequence[int],
+    ) -> None:
+        self.adapter = adapter
+        self.prompt_len = prompt_len
+        self.layers = list(layers)
+        self.candidates = list(candidates)
+        self.rows = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(image_pos)])
+        self.cols = torch.cat([p.cpu().long() for p in image_pos])
+        self.counts = [len(p) for p in image_pos]
+        unembedding = adapter.unembedding()
+        weight = unembedding.weight.detach()
+        self._w = weight[self.candidates].float()  # [C, d]
+        self._w_mean = weight.float().mean(0)  # [d]
+        bias = getattr(unembedding, "bias", None)
+        self._b = None if bias is None else bias.detach()[self.candidates].float()
+        self._b_mean = None if bias is None else bias.detach().float().mean()
+        self.values: dict[int, torch.Tensor] = {}  # layer -> [sum of image tokens, C] truth-minus-mean
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> EvidenceMaps:
+        layers = self.adapter.decoder_layers()
+        for index in self.layers:
+            self._handles.append(layers[index].register_forward_hook(self._hook(index)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, index: int):
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[1] != self.prompt_len or index in self.values:
+                return
+            image = hidden[self.rows.to(hidden.device), self.cols.to(hidden.device)]  # [sum N, d]
+            normed = self.adapter.final_norm()(image).float()
+            logits = normed @ self._w.to(normed.device).T  # [sum N, C]
+            mean = normed @ self._w_mean.to(normed.device)  # [sum N]
+            if self._b is not None:
+                logits = logits + self._b.to(normed.device)
+                mean = mean + self._b_mean.to(normed.device)
+            self.values[index] = (logits - mean[:, None]).cpu()
+
+        return hook
+
+    def maps(self, truth_ids: Sequence[int]) -> list[dict[int, np.ndarray]]:
+        """Per sample, layer -> [n_image_tokens] float32 evidence for that sample's truth token.
+
+        A sample whose truth id is -1 (no right answer) gets no maps.
+        """
+        missing = sorted(set(self.layers) - set(self.values))
+        if missing:
+            raise RuntimeError(f"evidence maps: decoder layers {missing} did not run on the prefill")
+        out: list[dict[int, np.ndarray]] = []
+        start = 0
+        for b, count in enumerate(self.counts):
+            truth = int(truth_ids[b])
+            if truth < 0:  # no right answer to look for (its truth columns are null too)
+                out.append({})
+                start += count
+                continue
+            if truth not in self.candidates:
+                raise RuntimeError(
+                    f"truth token {truth} is not among the evidence candidates {self.candidates}; "
+                    "the task's truth_candidates() must list every token its truth_ids() can choose"
+                )
+            column = self.candidates.index(truth)
+            out.append(
+                {
+                    layer: self.values[layer][start : start + count, column].numpy().astype(np.float32)
+                    for layer in self.layers
+                }
+            )
+            start += count
+        return out
+
+
 @dataclass
 class BatchCapture:
     """Everything one batch produced, as plain numpy / python values per sample."""
@@ -239,6 +346,8 @@ class BatchCapture:
     )
     greedy_tokens: torch.Tensor | None = None  # [B, new] answer token ids
     first_logits: torch.Tensor | None = None  # [B, V] float32 next-token logits at the answer position
+    # per sample: layer -> [n_image_tokens] float32 logit-lens evidence (empty when not asked for)
+    evidence: list[dict[int, np.ndarray]] = field(default_factory=list)
 
 
 def first_token_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
@@ -303,13 +412,17 @@ def capture_batch(
     questions: Sequence[str] | None = None,
     max_new_tokens: int = 8,
     keep_cache: bool = False,
+    evidence_layers: Sequence[int] | None = None,
 ) -> BatchCapture:
     """Prefill once with every capture active, decode the greedy answer from the same prefill.
 
     `golds` are the samples (or bare yes/no labels); `task` defaults to yes/no. `images` and
     `questions` (as encoded) are needed by tasks whose truth token is teacher-forced.
+    ``evidence_layers``: the decoder layers whose logit-lens evidence maps are computed in the same
+    prefill (:class:`EvidenceMaps`), for the task's truth token; None computes none.
     """
     task = task if task is not None else get_task("yesno")
+    golds = [as_gold(g) for g in golds]
     model = adapter.model
     prompt_len = int(enc.inputs["input_ids"].shape[1])
     answer_pos = enc.answer_pos
@@ -318,10 +431,15 @@ def capture_batch(
         "mlp_out": [adapter.mlp(i) for i in range(adapter.num_layers)],
         "attn_out": [adapter.attn(i) for i in range(adapter.num_layers)],
     }
+    evidence = contextlib.nullcontext()
+    if evidence_layers is not None:
+        candidates = task.truth_candidates(adapter, images or [], questions or [], golds)
+        evidence = EvidenceMaps(adapter, enc.image_pos, candidates, prompt_len, layers=evidence_layers)
     with (
         torch.no_grad(),
         capture_attention(adapter, answer_pos, prompt_len) as attn,
         TraceModules(sites, answer_pos, prompt_len) as trace,
+        evidence as ev,
     ):
         out = model.generate(
             **enc.inputs,
@@ -332,11 +450,17 @@ def capture_batch(
             pad_token_id=adapter.tokenizer.pad_token_id,
         )
     require_every_layer(adapter, attn.rows, ATTENTION_BACKEND)
-    golds = [as_gold(g) for g in golds]
     truth_ids = task.truth_ids(adapter, images or [], questions or [], golds, out.logits[0].float())
-    return _summarise(
+    result = _summarise(
         adapter, enc, task, golds, truth_ids, attn.rows, trace.values, out, prompt_len, keep_cache
     )
+    if ev is not None:
+        result.evidence = ev.maps(truth_ids.tolist())
+        for b, maps in enumerate(result.evidence):
+            bad = [layer for layer, values in maps.items() if not np.isfinite(values).all()]
+            if bad and result.nonfinite[b] is None:
+                result.nonfinite[b] = f"evidence map at layer {bad[0]}"
+    return result
 
 
 def _summarise(

@@ -189,6 +189,12 @@ def ingest() -> None:
     help="Write even while the run looks held by another live ingest (use only when that one is dead).",
 )
 @click.option(
+    "--no-evidence",
+    is_flag=True,
+    help="Skip the logit-lens evidence maps (truth logit minus the mean logit at every image position, "
+    "per stored layer; computed in the same forward pass, stored beside attention_maps).",
+)
+@click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),
     default="local",
@@ -286,6 +292,7 @@ def ingest_run(**params: object) -> None:
         image_condition=str(params["image_condition"]),
         noise_steps=int(params["noise_steps"]),
         condition_seed=int(params["condition_seed"]),
+        evidence=not params["no_evidence"],
     )
     embedded = str(options.pope_file or "").lower().endswith((".parquet", ".tsv"))
     if options.dataset == "pope" and not (options.pope_file and (options.image_dir or embedded)):

@@ -24,6 +24,7 @@ from vrp.ingest.generate import sample_answers, sample_seed
 from vrp.ingest.models.base import LayerRangeError, resolve_layer
 from vrp.ingest.prompts import apply_template, question_template
 from vrp.lake.identity import make_run_id
+from vrp.lake.images import image_row
 from vrp.runs.loop import BatchOutcome, run_loop
 from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
 
@@ -76,6 +77,7 @@ class IngestOptions:
     image_condition: str = "image"  # image | none | blank | noise | mismatch (vrp.ingest.conditions)
     noise_steps: int = 500
     condition_seed: int = 0  # noise draws and the mismatch permutation
+    evidence: bool = True  # logit-lens evidence maps on the patch grid (recorded, not hashed)
 
 
 @dataclass
@@ -126,7 +128,7 @@ def estimate_bytes(
     """Uncompressed bytes the run will add: dominated by hidden states and attention maps."""
     per_sample = (
         len(HIDDEN_SITES) * len(layers) * adapter.hidden_size * 4
-        + len(layers) * n_image_tokens * 4
+        + len(layers) * n_image_tokens * 4 * 2  # attention and evidence maps
         + adapter.num_layers * adapter.num_heads * 24
         + adapter.num_layers * 96
         + k * 64
@@ -308,7 +310,7 @@ def plan_ingest(options: IngestOptions, lake_root: str, *, adapter: Adapter | No
         "code_version": vrp.__version__,
         # where the questions were read from: recorded so interventions can re-find the samples,
         # but not hashed (a moved folder with the same files is the same run)
-        "config": {**config, "data_source": data_source(options)},
+        "config": {**config, "data_source": data_source(options), "evidence_maps": options.evidence},
     }
     if condition is not None:
         condition.base_run_id = _find_base_run(open_lake(lake_root), config, run_row)
@@ -562,6 +564,12 @@ def _process_batch(
         if condition and condition.text_only
         else adapter.encode(images, questions)
     )
+    # the picture the model saw (none in a text-only condition)
+    pictures = (
+        [None] * len(ready)
+        if condition and condition.text_only
+        else [image_row(view) for view in adapter.model_views(images)]
+    )
     k = options.self_consistency
     cap = capture_batch(
         adapter,
@@ -572,6 +580,7 @@ def _process_batch(
         questions=questions,
         max_new_tokens=options.max_new_tokens,
         keep_cache=k > 0,
+        evidence_layers=layers if options.evidence else None,
     )
     samples_k: list[list[str]] = [[] for _ in ready]
     seeds: list[list[int]] = [[sample_seed(options.seed, s.sample_id, i) for i in range(k)] for s in ready]
@@ -598,6 +607,9 @@ def _process_batch(
         sampled = _sample_rows(task, sample, cap, b, layers, samples_k[b], seeds[b], options)
         if condition is not None:
             sampled["samples"][0]["first_token_kl"] = kls[b]
+        if pictures[b] is not None:
+            sampled["samples"][0]["image_hash"] = pictures[b]["image_hash"]
+            sampled["images"] = [pictures[b]]
         for table, table_rows in sampled.items():
             rows.setdefault(table, []).extend(table_rows)
     return rows, failures
@@ -668,6 +680,11 @@ def _sample_rows(
             {**key, "layer": layer, "grid_h": grid_h, "grid_w": grid_w, "map": cap.maps[b][layer]}
             for layer in layers
             if cap.maps[b]  # no image tokens (the `none` condition): no maps
+        ],
+        "evidence_maps": [
+            {**key, "layer": layer, "grid_h": grid_h, "grid_w": grid_w, "map": cap.evidence[b][layer]}
+            for layer in layers
+            if cap.evidence and layer in cap.evidence[b]
         ],
         "hidden": [
             {**key, "site": site, "layer": layer, "h": np.ascontiguousarray(cap.hidden[b][site][layer])}

@@ -117,8 +117,8 @@ def query(
 ) -> None:
     """Run one read-only SQL statement (SELECT or EXPLAIN) over the lake's tables.
 
-    Tables: runs, samples, failures, layers, heads, attention_maps, hidden, generations,
-    probe_layers, probe_neurons, interventions. Join on run_id and sample_id. SQL "-" reads
+    Tables: runs, samples, failures, layers, heads, attention_maps, evidence_maps, images, hidden,
+    generations, probe_layers, probe_neurons, interventions. Join on run_id and sample_id. SQL "-" reads
     the statement from stdin. Vectors come back as FLOAT[]; cast (h::FLOAT[n]) for array_* functions.
     """
     if list_names:

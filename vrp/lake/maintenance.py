@@ -502,7 +502,7 @@ def run_rows(lake: Lake, run_id: str) -> dict[str, int]:
     """How many rows each table holds for `run_id`."""
     out = {}
     for name in TABLES:
-        if lake.has_table(name):
+        if lake.has_table(name) and "run_id" in TABLES[name].schema.names:  # images belong to no run
             n = lake.dataset(name).count_rows(filter=pc.field("run_id") == run_id)
             if n:
                 out[name] = n

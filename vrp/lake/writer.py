@@ -34,6 +34,7 @@ from vrp.lake import delta, storage
 from vrp.lake.errors import LakeError, LakeValidationError
 from vrp.lake.heartbeat import Heartbeat
 from vrp.lake.identity import canonical_json
+from vrp.lake.images import store_images
 from vrp.lake.validate import Rows, to_arrow, validate
 from vrp.schema import CONDITION_KINDS, SCHEMA_VERSION, TABLES, TableSpec, parse_width_rule
 
@@ -354,6 +355,7 @@ class RunWriter:
     def commit(self, rows: Mapping[str, Rows]) -> None:
         """Commit one batch group: validate everything, then every other table, then the marker.
 
+        ``images`` rows (each picture as the model saw it) go to the shared ``images`` table.
         Rows of samples that are already complete are dropped (they are stored already), so a
         batch committed twice is stored once; a commit retried after an exception reuses its
         version, so it skips the tables its first attempt already committed (their application
@@ -362,6 +364,12 @@ class RunWriter:
         """
         if self._seq is None:
             raise LakeError("call begin() before commit(): it cleans up an interrupted attempt first")
+        rows = dict(rows)
+        # pictures first, into the shared `images` table (keyed by content, no run): one without
+        # its samples row is harmless, and a retried commit inserts none twice (a MERGE on the hash)
+        pictures = rows.pop("images", None)
+        if pictures:
+            store_images(self.root, pictures)
         prepared = self.prepare(rows)
         # samples another writer completed since begin() (a forced overlap, a shard of another
         # layout) are stored already: drop them, re-reading the marker table right now

@@ -180,6 +180,8 @@ TABLES: dict[str, TableSpec] = {
                 _opt("grid_w", pa.int32()),
                 _opt("image_h", pa.int32()),
                 _opt("image_w", pa.int32()),
+                # the `images` row of the picture this model saw (null for runs written before images)
+                _opt("image_hash", pa.string()),
                 *_f64("spatial_entropy", "spatial_entropy_norm"),
                 _opt("cluster_count", pa.int32()),
                 # schema version 2: open-ended answers (docs/ARCHITECTURE.md section 6)
@@ -252,6 +254,31 @@ TABLES: dict[str, TableSpec] = {
             ("model",),
             ("run_id", "sample_id", "layer"),
             {"map": "row:grid_h*grid_w"},
+        ),
+        _spec(
+            "evidence_maps",
+            [
+                *_ID,
+                _req("layer", pa.int32()),
+                _req("grid_h", pa.int32()),
+                _req("grid_w", pa.int32()),
+                _vec("map", "row:grid_h*grid_w"),
+            ],
+            ("model",),
+            ("run_id", "sample_id", "layer"),
+            {"map": "row:grid_h*grid_w"},
+        ),
+        _spec(
+            "images",
+            [
+                _req("image_hash", pa.string()),
+                _req("height", pa.int32()),
+                _req("width", pa.int32()),
+                _req("media_type", pa.string()),
+                _req("data", pa.binary()),
+            ],
+            (),
+            ("image_hash",),
         ),
         _spec(
             "hidden",

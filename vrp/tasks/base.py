@@ -93,6 +93,22 @@ class Task:
         """
         raise NotImplementedError
 
+    def truth_candidates(
+        self,
+        adapter: Adapter,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        golds: Sequence[Gold],
+    ) -> list[int]:
+        """Every token :meth:`truth_ids` may return for these samples, known before the forward pass.
+
+        The evidence maps project each layer's image positions onto these while the prefill runs
+        (docs/ARCHITECTURE.md 4.5b); the truth token itself may depend on the final logits. This
+        default serves tasks whose truth token does not: it asks :meth:`truth_ids` without logits.
+        """
+        ids = self.truth_ids(adapter, images, questions, golds, None)  # type: ignore[arg-type]
+        return sorted({int(i) for i in ids.tolist() if i >= 0})
+
     def token_stats(self, adapter: Adapter, logits: torch.Tensor) -> dict[str, np.ndarray]:
         """Task-specific statistics of next-token logits [B, V] (float32), keyed by sample column."""
         return {}

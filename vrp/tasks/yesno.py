@@ -132,6 +132,17 @@ class YesNoTask(Task):
             ids.append(variants[int(first_logits[b, list(variants)].argmax())])
         return torch.tensor(ids, dtype=torch.long)
 
+    def truth_candidates(
+        self,
+        adapter: Adapter,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        golds: Sequence[Gold],
+    ) -> list[int]:
+        """Every variant of the labels' words: :meth:`truth_ids` picks one from the final logits."""
+        yes, no = yes_no_ids(adapter)
+        return sorted({i for gold in golds for i in (yes if gold.label == "yes" else no)})
+
     def token_stats(self, adapter: Adapter, logits: torch.Tensor) -> dict[str, np.ndarray]:
         return yes_no_stats(logits, *yes_no_ids(adapter))
 

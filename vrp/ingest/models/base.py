@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -276,6 +277,24 @@ class Adapter:
             original_sizes=[(0, 0)] * rows,
             prompts=prompts,
         )
+
+    def model_views(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """Each image as the model sees it: [H, W, 3] uint8 after the processor's resize and crop.
+
+        The processor's own pipeline with rescaling and normalisation switched off, so the picture
+        lines up with the patch grid (H x W = grid x cell) and the viewer can draw maps over it.
+        """
+        out = self.processor.image_processor(
+            images=list(images), do_rescale=False, do_normalize=False, return_tensors="np"
+        )
+        return [
+            np.clip(np.rint(self._view_pixels(out, row)), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+            for row in range(len(images))
+        ]
+
+    def _view_pixels(self, processed: BatchFeature, row: int) -> np.ndarray:
+        """[3, H, W] float pixels of one image in the image processor's output."""
+        return np.asarray(processed["pixel_values"][row], dtype=np.float32)
 
     def _row_geometry(self, batch: BatchFeature, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(preprocessed image (h, w), grid cell (h, w)) in pixels; fixed-resolution default.

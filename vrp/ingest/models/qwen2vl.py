@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from transformers import BatchFeature, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
@@ -109,6 +110,24 @@ class Qwen2VLAdapter(Adapter):
         if t != 1:
             raise ValueError(f"row {row}: image_grid_thw t={t}; VRP handles single still images (t=1)")
         return (h * patch, w * patch), (merge * patch, merge * patch)
+
+    def _view_pixels(self, processed: BatchFeature, row: int) -> np.ndarray:
+        """Undo the processor's patch flattening: rows of (merged block, patch) back to [3, H, W].
+
+        The processor lays patches out merged-block by merged-block (row-major over the merged
+        grid, then row-major inside each m x m block), each patch as (channel, time, p, p).
+        """
+        ip = self.processor.image_processor
+        patch, merge, frames = int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
+        grids = np.asarray(processed["image_grid_thw"])
+        start = int(np.prod(grids[:row], axis=1).sum()) if row else 0
+        _t, gh, gw = (int(v) for v in grids[row])
+        flat = np.asarray(processed["pixel_values"][start : start + gh * gw], dtype=np.float32)
+        blocks = flat.reshape(gh // merge, gw // merge, merge, merge, 3, frames, patch, patch)[
+            :, :, :, :, :, 0
+        ]
+        # (gh/m, gw/m, m, m, C, p, p) -> (C, gh/m, m, p, gw/m, m, p)
+        return blocks.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * patch, gw * patch)
 
     def _geometry_hint(self) -> str:
         return "image_grid_thw / spatial_merge_size should give one token per merged patch"

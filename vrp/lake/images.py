@@ -1,0 +1,106 @@
+"""The ``images`` table: each picture once, as the model saw it, keyed by its content hash.
+
+Usage::
+
+    row = image_row(view)                 # view: [H, W, 3] uint8 after the processor's resize/crop
+    store_images(lake_root, [row, ...])   # inserts only hashes the lake does not hold yet
+    picture = load_images(lake, [row["image_hash"]])[row["image_hash"]]
+
+The pixels are stored losslessly (PNG) after the processor's resize and crop, so a map on the
+patch grid lines up with them cell for cell. ``image_hash`` hashes the pixels and their shape,
+so two questions about one image, or two models whose processors produce the same picture,
+share one row; ``samples.image_hash`` points at it. The table is not part of any run (it has no
+``run_id``): rows are inserted with a MERGE on the hash, so concurrent writers never store an
+image twice and a resumed run never duplicates one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.compute as pc
+from PIL import Image
+
+from vrp.lake import delta
+from vrp.lake.validate import to_arrow, validate
+from vrp.schema import TABLES
+
+if TYPE_CHECKING:
+    from vrp.lake.lake import Lake
+
+MEDIA_TYPE = "image/png"
+
+
+def image_hash(view: np.ndarray) -> str:
+    """Hex SHA-256 of an [H, W, 3] uint8 picture's shape and pixels (not of any file encoding)."""
+    pixels = np.ascontiguousarray(view, dtype=np.uint8)
+    height, width, channels = pixels.shape
+    digest = hashlib.sha256(f"{height}x{width}x{channels}:".encode())
+    digest.update(pixels.tobytes())
+    return digest.hexdigest()
+
+
+def image_row(view: np.ndarray) -> dict[str, Any]:
+    """One ``images`` row: the picture as PNG bytes with its hash and size."""
+    pixels = np.ascontiguousarray(view, dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"an image view must be [H, W, 3] uint8, got shape {pixels.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=6)
+    return {
+        "image_hash": image_hash(pixels),
+        "height": int(pixels.shape[0]),
+        "width": int(pixels.shape[1]),
+        "media_type": MEDIA_TYPE,
+        "data": buffer.getvalue(),
+    }
+
+
+def store_images(root: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> int:
+    """Insert the rows whose hash the lake does not hold yet; returns how many were inserted."""
+    unique: dict[str, Mapping[str, Any]] = {}
+    for row in rows:
+        unique.setdefault(str(row["image_hash"]), row)
+    if not unique:
+        return 0
+    spec = TABLES["images"]
+    dt = delta.ensure_table(root, spec)
+    held = set(dt.to_pyarrow_dataset().to_table(columns=["image_hash"]).column("image_hash").to_pylist())
+    fresh = [row for key, row in unique.items() if key not in held]
+    if not fresh:
+        return 0
+    source = to_arrow(spec, fresh)
+    validate(spec, source)
+
+    def action() -> None:
+        dt.update_incremental()
+        (
+            dt.merge(source, predicate="t.image_hash = s.image_hash", source_alias="s", target_alias="t")
+            .when_not_matched_insert_all()
+            .execute()
+        )
+
+    delta.retry_commit(action)
+    return len(fresh)
+
+
+def load_images(lake: Lake, hashes: Sequence[str]) -> dict[str, bytes]:
+    """image_hash -> PNG bytes for the hashes the lake holds (absent ones are simply missing)."""
+    wanted = sorted({h for h in hashes if h})
+    if not wanted or not lake.has_table("images"):
+        return {}
+    table = lake.arrow("images", pc.field("image_hash").isin(wanted), columns=["image_hash", "data"])
+    return dict(zip(table.column("image_hash").to_pylist(), table.column("data").to_pylist(), strict=True))
+
+
+def decode(data: bytes) -> np.ndarray:
+    """PNG bytes -> [H, W, 3] uint8."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+__all__ = ["MEDIA_TYPE", "decode", "image_hash", "image_row", "load_images", "store_images"]
