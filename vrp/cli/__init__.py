@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("vrp.ingest.commands", "toy"),
     "analyze": ("vrp.analysis.commands", "analyze"),
     "report": ("vrp.analysis.commands", "report"),
+    "view": ("vrp.view.commands", "view"),
     "demo": ("vrp.demo", "demo"),
 }
 

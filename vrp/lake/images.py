@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
@@ -94,8 +95,17 @@ def load_images(lake: Lake, hashes: Sequence[str]) -> dict[str, bytes]:
     wanted = sorted({h for h in hashes if h})
     if not wanted or not lake.has_table("images"):
         return {}
-    table = lake.arrow("images", pc.field("image_hash").isin(wanted), columns=["image_hash", "data"])
-    return dict(zip(table.column("image_hash").to_pylist(), table.column("data").to_pylist(), strict=True))
+    # filtered batch by batch in memory: a pushed-down IN filter on this unpartitioned table trips
+    # over the Delta statistics' string_view type (pyarrow 2x), and the table is small anyway
+    value_set = pa.array(wanted, type=pa.string())
+    out: dict[str, bytes] = {}
+    for batch in lake.dataset("images").to_batches(columns=["image_hash", "data"]):
+        hashes = batch.column("image_hash").cast(pa.string())
+        chosen = batch.filter(pc.is_in(hashes, value_set=value_set))
+        out.update(
+            zip(chosen.column("image_hash").to_pylist(), chosen.column("data").to_pylist(), strict=True)
+        )
+    return out
 
 
 def decode(data: bytes) -> np.ndarray:
