@@ -198,11 +198,20 @@ def _quantise(values: np.ndarray) -> dict[str, Any]:
     return {"lo": lo, "hi": hi, "q": base64.b64encode(q.tobytes()).decode("ascii")}
 
 
-def _maps_by_sample(table: pa.Table) -> dict[tuple[str, str], dict[int, np.ndarray]]:
-    """(run_id, sample_id) -> layer -> map, reading the vector column without a Python list per cell."""
+def _maps_by_sample(
+    table: pa.Table, grids: dict[tuple[str, str], tuple[int, int]]
+) -> dict[tuple[str, str], dict[int, np.ndarray]]:
+    """(run_id, sample_id) -> layer -> map, reading the vector column without a Python list per cell.
+
+    Also records each sample's grid in ``grids`` (the map rows carry it, whatever `samples` says).
+    """
     out: dict[tuple[str, str], dict[int, np.ndarray]] = defaultdict(dict)
     if table.num_rows == 0:
         return out
+    for run, sample, gh, gw in zip(
+        *(table.column(c).to_pylist() for c in ("run_id", "sample_id", "grid_h", "grid_w")), strict=True
+    ):
+        grids[(run, sample)] = (int(gh), int(gw))
     column = table.column("map").combine_chunks()
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     offsets = column.offsets.to_numpy()
@@ -237,8 +246,13 @@ def _cells(detail: str | None) -> list[int] | None:
 
 
 def _js(call: str, payload: Any) -> str:
-    """`VRP.<call>(<json>);` with every non-ASCII character escaped (the file is plain ASCII)."""
+    """`VRP.<call>(<json>);`, plain ASCII, with ``<``, ``>`` and ``&`` escaped as well.
+
+    The escapes keep markup out of the file entirely, so even a page that inlined it could not
+    be closed by a ``</script>`` in the lake's text.
+    """
     text = json.dumps(payload, ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=str)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return f"VRP.{call}({text});\n"
 
 
@@ -306,9 +320,10 @@ def write_view(
         heads[(r["run_id"], r["sample_id"])][r["layer"]].append(
             [r["head"], _finite(r["image_mass"]), _finite(r["spatial_entropy"])]
         )
-    map_columns = ["run_id", "sample_id", "layer", "map"]
-    attention = _maps_by_sample(_read(lake, "attention_maps", runs, ids, map_columns))
-    evidence = _maps_by_sample(_read(lake, "evidence_maps", runs, ids, map_columns))
+    map_columns = ["run_id", "sample_id", "layer", "grid_h", "grid_w", "map"]
+    grids: dict[tuple[str, str], tuple[int, int]] = {}
+    attention = _maps_by_sample(_read(lake, "attention_maps", runs, ids, map_columns), grids)
+    evidence = _maps_by_sample(_read(lake, "evidence_maps", runs, ids, map_columns), grids)
     generations: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in _read(
         lake, "generations", runs, ids, ["run_id", "sample_id", "k", "text", "answer", "correct"]
@@ -439,7 +454,7 @@ def write_view(
             "key": key,
             "meta": meta,
             "image": image,
-            "grid": [row.get("grid_h"), row.get("grid_w")],
+            "grid": list(grids.get(ident, (row.get("grid_h"), row.get("grid_w")))),
             "attention": _map_block(attention.get(ident, {}), renormalise=True),
             "evidence": _map_block(evidence.get(ident, {}), renormalise=False),
             "lens": {
