@@ -7,14 +7,11 @@ import sys
 
 import click
 
+from vrp.cli.options import format_option, lake_option, open_existing_lake, user_errors
+
 
 @click.command()
-@click.option(
-    "--lake",
-    "lake_dir",
-    envvar="VRP_LAKE",
-    help="Lake directory or s3:// URI (default $VRP_LAKE, ./vrp-lake).",
-)
+@lake_option
 @click.option("--run", "run_id", help="Only this run (run_id of an image run).")
 @click.option("--model", help="Only this model (the `model` column).")
 @click.option(
@@ -33,7 +30,7 @@ import click
     metavar="DIR",
     help="Output folder (a new folder, or a previous view: replaced).",
 )
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@format_option("text", "json", default="text", help="json: one line a pipeline can read.")
 def view(
     lake_dir: str | None,
     run_id: str | None,
@@ -52,12 +49,12 @@ def view(
     """
     from tqdm.auto import tqdm
 
-    from vrp.lake import LakeError, open_lake, resolve_lake_root
+    from vrp.lake import LakeError
     from vrp.view.build import write_view
 
-    lake = open_lake(resolve_lake_root(lake_dir))
+    lake = open_existing_lake(lake_dir)
     show = sys.stderr.isatty() and fmt == "text"
-    try:
+    with user_errors(LakeError, OSError):
         summary = write_view(
             lake,
             out_dir,
@@ -67,8 +64,6 @@ def view(
             limit=limit,
             progress=lambda rows: tqdm(rows, desc="view", unit="sample", disable=not show),
         )
-    except (LakeError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
     if fmt == "json":
         click.echo(
             json.dumps(
