@@ -136,6 +136,7 @@ def run_demo(
     )
     from vrp.interventions.base import peak_layer
     from vrp.lake import open_lake
+    from vrp.view import write_view
 
     show = sys.stderr.isatty()
     clock = StageClock(echo)
@@ -222,13 +223,16 @@ def run_demo(
                     for line in result.lines():
                         echo(line)
 
+    view = Path(out) / "view"
+    with clock.stage("view", f"viewer: a page per sample in {view}"):
+        echo(write_view(open_lake(lake), view).line())
     with clock.stage("report", "report"):
-        outcome = write_report(lake, out, force=True, n_boot=n_boot)
+        outcome = write_report(lake, out, force=True, n_boot=n_boot, view=view)
         echo(outcome.message)
         headline = (outcome.path / "report.md").read_text(encoding="utf-8")
         echo(_headline_section(headline))
     echo(clock.table())
-    _stage(echo, f"report: {outcome.path / 'report.html'}")
+    _stage(echo, f"report: {outcome.path / 'report.html'}; viewer: {view / 'index.html'}")
     return outcome.path
 
 

@@ -529,21 +529,41 @@ def fusion(
 @click.option(
     "--force", is_flag=True, help="Render even when the lake has not changed since the last report."
 )
+@click.option(
+    "--view",
+    "view_dir",
+    default=None,
+    metavar="DIR",
+    help="A `vrp view` folder: rows naming a sample (the most confident wrong answers) link to its page.",
+)
 @boot_option
 @seed_of_folds
 @type_map_option
 def report(
-    lake_dir: str | None, out_dir: str, force: bool, n_boot: int, seed: int, type_map_file: str | None
+    lake_dir: str | None,
+    out_dir: str,
+    force: bool,
+    view_dir: str | None,
+    n_boot: int,
+    seed: int,
+    type_map_file: str | None,
 ) -> None:
     """Markdown + self-contained HTML report of the study's tables and figures (reads the lake only).
 
     Each task gets its section: POPE metrics for yes/no runs, VQA metrics for open-answer runs.
+    With --view, rows that name a sample link to its page in that `vrp view` folder.
     """
     lake = open_existing_lake(lake_dir)
     type_map = _type_map(type_map_file)
     try:
         outcome = rendering.write_report(
-            lake.root, out_dir, force=force, n_boot=n_boot, seed=seed, type_map=type_map
+            lake.root,
+            out_dir,
+            force=force,
+            n_boot=n_boot,
+            seed=seed,
+            type_map=type_map,
+            view=view_dir,
         )
     except (LakeError, ProbeError, ValueError, OSError) as exc:
         raise click.ClickException(f"report failed: {damaged_file_error(exc) or exc}") from exc

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +35,7 @@ from vrp.analysis.interventions import (
 )
 from vrp.analysis.type_map import tag_metrics
 from vrp.lake import Lake, open_lake
+from vrp.lake.query import named_query
 
 TIMESTAMP_PREFIX = "Generated "
 _FIG_DPI = 100
@@ -90,6 +91,7 @@ class Table:
     header: list[str]
     rows: list[list[str]]
     note: str = ""
+    links: list[str | None] | None = None  # per row, where its first cell links to (a viewer page)
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", ""]
@@ -97,14 +99,25 @@ class Table:
             lines += [self.note, ""]
         lines.append("| " + " | ".join(self.header) + " |")
         lines.append("|" + "|".join("---" for _ in self.header) + "|")
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows]
+        for i, row in enumerate(self.rows):
+            cells = [c.replace("|", "\\|") for c in row]
+            link = self.links[i] if self.links else None
+            if link and cells:
+                text = cells[0].replace("[", "\\[").replace("]", "\\]")
+                cells[0] = f"[{text}](<{link}>)"
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows
-        )
+        rows = []
+        for i, row in enumerate(self.rows):
+            cells = [html.escape(c) for c in row]
+            link = self.links[i] if self.links else None
+            if link and cells:
+                cells[0] = f'<a href="{html.escape(link)}">{cells[0]}</a>'
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        body = "".join(rows)
         note = f"<p>{html.escape(self.note)}</p>" if self.note else ""
         return f"<h3>{html.escape(self.title)}</h3>{note}<table><tr>{head}</tr>{body}</table>"
 
@@ -610,6 +623,27 @@ def _causal_figures(lake: Lake, figdir: Path) -> list[tuple[str, str]]:
     return out
 
 
+def confident_wrong_table(lake: Lake, view_href: Callable[[str, str], str | None] | None) -> Table | None:
+    """The 20 most confident wrong answers per run, each linked to its `vrp view` page when given."""
+    rows = lake.sql(named_query("most_confident_wrong")).fetchall()
+    if not rows:
+        return None
+    table = Table(
+        "Most confident wrong answers",
+        ["question", "model", "split", "answer", "label", "p(answer)"],
+        [[str(q), str(m), str(sp), str(a), str(lb), _num(p)] for _r, _s, m, sp, q, a, lb, p in rows],
+        "Up to 20 per run, most confident first"
+        + (
+            "; each question opens its page in the viewer."
+            if view_href
+            else " (vrp report --view DIR links them)."
+        ),
+    )
+    if view_href:
+        table.links = [view_href(r[0], r[1]) for r in rows]
+    return table
+
+
 def render(
     lake: Lake,
     out: Path,
@@ -618,10 +652,12 @@ def render(
     n_boot: int = stats.N_BOOT,
     seed: int = stats.SEED,
     type_map: Mapping[str, str] | None = None,
+    view_href: Callable[[str, str], str | None] | None = None,
 ) -> None:
     """Write report.md, report.html and figures/ for the lake into ``out`` (created).
 
     Each task gets its own section: the POPE table for yes/no runs, the VQA tables for open ones.
+    ``view_href(run_id, sample_id)``: where a sample's `vrp view` page is, relative to ``out``.
     """
     runs = (
         sorted(lake.arrow("runs").to_pylist(), key=lambda r: (r["model"], r["run_id"]))
@@ -667,6 +703,9 @@ def render(
         tables.append(intervention_table(effects))
         if any(e["group"] is not None for e in effects):
             tables.append(intervention_table(effects, by=by))
+    wrong = confident_wrong_table(lake, view_href)
+    if wrong is not None:
+        tables.append(wrong)
     tables += [detail_table(h), provenance_table(runs)]
     title = "VRP report"
     stamp = f"{TIMESTAMP_PREFIX}{generated} from {lake.root}."
@@ -703,6 +742,21 @@ def render(
     (out / "report.html").write_text(page, encoding="utf-8")
 
 
+def _view_links(view: Path, report_dir: Path) -> Callable[[str, str], str | None]:
+    """run_id, sample_id -> the sample's viewer page relative to the report (None if not in the view)."""
+    from vrp.view import page_path
+
+    if not (view / "index.html").is_file():
+        raise ValueError(f"--view {view}: no vrp view there (write one with `vrp view --out {view}`)")
+    base = Path(os.path.relpath(view.resolve(), report_dir.resolve()))
+
+    def href(run_id: str, sample_id: str) -> str | None:
+        page = page_path(run_id, sample_id)
+        return (base / page).as_posix() if (view / page).is_file() else None
+
+    return href
+
+
 def write_report(
     lake_root: str,
     out_root: str | Path,
@@ -712,8 +766,12 @@ def write_report(
     seed: int = stats.SEED,
     now: datetime | None = None,
     type_map: Mapping[str, str] | None = None,
+    view: str | Path | None = None,
 ) -> Outcome:
-    """Render into ``out_root/<UTC time>/`` and point ``out_root/latest`` at it, unless nothing changed."""
+    """Render into ``out_root/<UTC time>/`` and point ``out_root/latest`` at it, unless nothing changed.
+
+    ``view``: a `vrp view` folder; report rows that name a sample link to its page there.
+    """
     lake = open_lake(lake_root)
     # a different type map renders different tables from the same lake
     versions = {**lake.versions(), **({"type_map": dict(type_map)} if type_map is not None else {})}
@@ -749,6 +807,7 @@ def write_report(
             n_boot=n_boot,
             seed=seed,
             type_map=type_map,
+            view_href=None if view is None else _view_links(Path(view), target),
         )
         (tmp / "versions.json").write_text(
             json.dumps({"lake": lake.root, "versions": versions}, indent=1, sort_keys=True) + "\n",
