@@ -172,9 +172,13 @@ def _rows(table: pa.Table, columns: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+def _finite(value: Any, digits: int | None = None) -> Any:
+    """JSON-safe: NaN/inf become null; ``digits`` rounds (a page shows 3 decimals, so 5 are plenty)."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        if digits is not None:
+            return round(value, digits)
     return value
 
 
@@ -318,7 +322,7 @@ def write_view(
         lake, "heads", runs, ids, ["run_id", "sample_id", "layer", "head", "image_mass", "spatial_entropy"]
     ).to_pylist():
         heads[(r["run_id"], r["sample_id"])][r["layer"]].append(
-            [r["head"], _finite(r["image_mass"]), _finite(r["spatial_entropy"])]
+            [r["head"], _finite(r["image_mass"], 5), _finite(r["spatial_entropy"], 5)]
         )
     map_columns = ["run_id", "sample_id", "layer", "grid_h", "grid_w", "map"]
     grids: dict[tuple[str, str], tuple[int, int]] = {}
@@ -459,8 +463,8 @@ def write_view(
             "evidence": _map_block(evidence.get(ident, {}), renormalise=False),
             "lens": {
                 "layers": [c[0] for c in curve],
-                "truth_margin": [_finite(c[1]) for c in curve],
-                "yes_no_margin": [_finite(c[2]) for c in curve],
+                "truth_margin": [_finite(c[1], 5) for c in curve],
+                "yes_no_margin": [_finite(c[2], 5) for c in curve],
             },
             "heads": {str(layer): sorted(v) for layer, v in heads.get(ident, {}).items()},
             "generations": [
