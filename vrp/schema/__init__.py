@@ -4,7 +4,7 @@ This module is the single source of truth for what the lake stores (docs/ARCHITE
 writer validates every batch against these specs before it touches disk, and the reader uses
 them to present empty tables for a fresh lake, so both sides agree on column names and types.
 
-Vectors (``hidden.h``, ``attention_maps.map``) are float32 lists. Delta normalises Arrow
+Vectors (``hidden.h``, ``attention_maps.map``, ``evidence_maps.map``) are float32 lists. Delta normalises Arrow
 fixed-size lists to variable lists, so the fixed width is enforced by the writer instead and
 described by :attr:`TableSpec.vectors`:
 
@@ -16,6 +16,11 @@ described by :attr:`TableSpec.vectors`:
 
 The rule is also stored in the vector field's Arrow metadata (key ``vrp.width``) so it travels
 with the Delta schema, and each commit records the widths it wrote in its commit metadata.
+
+``evidence_maps`` is the logit lens on the patch grid (per stored layer, the truth token's logit
+minus the mean logit at each image position); ``images`` holds each picture once as the model saw
+it (PNG, keyed by a hash of its pixels), shared by every run and pointed at by
+``samples.image_hash``, so it is the one table without ``run_id``.
 
 Bump :data:`SCHEMA_VERSION` whenever the tables change; the lake refuses to open tables of
 another version (see ``vrp.lake``). A new column is nullable and goes at the *end* of its
