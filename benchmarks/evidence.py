@@ -4,7 +4,8 @@ Part 1 - capture with and without evidence maps, on the mid config of benchmarks
 (hidden 512, 8 decoder layers, 576 image tokens): both variants in one process, round-robin
 (off, on, off, on, ...) so drift of a shared machine hits both alike. Prints per variant the
 median and the spread (min..max) of the seconds per call, the ratio of the medians and the
-median of the per-round (paired) ratios; the target is <= 1.05x.
+median of the per-round (paired) ratios, and the evidence hooks' own time as a share of a call
+without them (robust where the machine is shared); the target is <= 1.05x.
 
 Part 2 - `vrp view` over a lake of 1,000 samples at LLaVA-1.5's shape (32 layers, a 24x24 grid,
 32 heads, K = 10 sampled answers, a 336 px picture per 18 questions as in POPE), written with the
@@ -36,10 +37,29 @@ POPE_IMAGES = 500
 def capture_ratio(families: list[str], batches: list[int], repeats: int) -> None:
     import torch
 
+    from vrp.ingest import capture
     from vrp.ingest.capture import capture_batch
     from vrp.ingest.models import load_adapter
 
+    # the evidence hooks' own time, summed per call: on a loaded machine the wall-clock ratio
+    # swings by more than the whole effect, while this share of the call does not
+    spent: list[float] = []
+    plain_hook = capture.EvidenceMaps._hook
+
+    def timed_hook(self, index):  # noqa: ANN001, ANN202 - wraps EvidenceMaps._hook
+        hook = plain_hook(self, index)
+
+        def run(*args):  # noqa: ANN002, ANN202
+            start = time.perf_counter()
+            hook(*args)
+            spent.append(time.perf_counter() - start)
+
+        return run
+
+    capture.EvidenceMaps._hook = timed_hook
+
     header = ["family", "batch", "off median s", "off spread", "on median s", "on spread", "ratio", "paired"]
+    header.append("hooks share")
     print("  ".join(header))
     with tempfile.TemporaryDirectory() as tmp:
         for family in families:
@@ -51,13 +71,16 @@ def capture_ratio(families: list[str], batches: list[int], repeats: int) -> None
                 labels = ["yes"] * batch
                 variants = {"off": None, "on": layers}
                 times: dict[str, list[float]] = {"off": [], "on": []}
+                hook_seconds: list[float] = []
                 for name in ("off", "on"):  # warm-up: lazy allocations are no variant's cost
                     capture_batch(adapter, enc, labels, max_new_tokens=1, evidence_layers=variants[name])
                 for _ in range(repeats):
+                    spent.clear()
                     for name in ("off", "on"):
                         start = time.perf_counter()
                         capture_batch(adapter, enc, labels, max_new_tokens=1, evidence_layers=variants[name])
                         times[name].append(time.perf_counter() - start)
+                    hook_seconds.append(sum(spent))
                 off, on = (statistics.median(times[n]) for n in ("off", "on"))
                 spread = {n: f"{min(t):.3f}..{max(t):.3f}" for n, t in times.items()}
                 # each round's on/off ratio: the two calls ran back to back, so load drift cancels
@@ -71,6 +94,7 @@ def capture_ratio(families: list[str], batches: list[int], repeats: int) -> None
                     spread["on"],
                     f"x{on / off:.3f}",
                     f"x{paired:.3f}",
+                    f"{statistics.median(hook_seconds) / off:.2%}",
                 ]
                 print("  ".join(str(c) for c in cells))
 

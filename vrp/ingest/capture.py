@@ -265,7 +265,8 @@ class EvidenceMaps:
         unembedding = adapter.unembedding()
         weight = unembedding.weight.detach()
         self._w = weight[self.candidates].float()  # [C, d]
-        self._w_mean = weight.float().mean(0)  # [d]
+        # accumulated in float32 without a float32 copy of the whole unembedding (V x d)
+        self._w_mean = weight.sum(0, dtype=torch.float32) / weight.shape[0]  # [d]
         bias = getattr(unembedding, "bias", None)
         self._b = None if bias is None else bias.detach()[self.candidates].float()
         self._b_mean = None if bias is None else bias.detach().float().mean()

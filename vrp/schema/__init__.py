@@ -4,9 +4,9 @@ This module is the single source of truth for what the lake stores (docs/ARCHITE
 writer validates every batch against these specs before it touches disk, and the reader uses
 them to present empty tables for a fresh lake, so both sides agree on column names and types.
 
-Vectors (``hidden.h``, ``attention_maps.map``, ``evidence_maps.map``) are float32 lists. Delta normalises Arrow
-fixed-size lists to variable lists, so the fixed width is enforced by the writer instead and
-described by :attr:`TableSpec.vectors`:
+Vectors (``hidden.h``, ``attention_maps.map``, ``evidence_maps.map``) are float32 lists. Delta
+normalises Arrow fixed-size lists to variable lists, so the fixed width is enforced by the writer
+instead and described by :attr:`TableSpec.vectors`:
 
 * ``"run:<config key>"``: the width is ``run["config"][<config key>]`` (``hidden`` takes
   ``hidden_size``). Several models with different hidden sizes share the table, partitioned by
