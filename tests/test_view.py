@@ -70,7 +70,7 @@ def rich(tmp_path_factory):
     result = CliRunner().invoke(main, [*args, "--lake", lake_dir])
     assert result.exit_code == 0, result.output
 
-    # a condition run as the conditions issue lays it out: runs.kind names the condition,
+    # a condition run: runs.kind names the condition,
     # base_run_id the image run, same sample ids; its answers differ on the first two samples
     lake = open_lake(lake_dir)
     base = lake.arrow("samples").to_pylist()

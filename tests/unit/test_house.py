@@ -216,9 +216,10 @@ ROOMS: dict[str, set[str]] = {
     "tasks": set(),
     "runs": {"lake"},
     "interventions": {"schema", "lake", "cli", "tasks", "ingest", "runs"},
-    "analysis": {"schema", "metrics", "lake", "cli"},
+    "analysis": {"schema", "metrics", "lake", "cli", "view"},
+    "view": {"schema", "lake", "cli"},
     "toys": {"ingest", "tasks"},
-    "demo": {"schema", "metrics", "lake", "cli", "ingest", "interventions", "analysis", "toys", "tasks"},
+    "demo": {"schema", "metrics", "lake", "cli", "ingest", "interventions", "analysis", "toys", "tasks", "view"},
     "queries": set(),
     "__init__": {"lake"},
 }

@@ -334,15 +334,13 @@ def write_view(
     ).to_pylist():
         generations[(r["run_id"], r["sample_id"])].append(r)
 
-    # conditions: runs whose base is a viewed run and which wrote samples rows (issue 14's layout)
+    # conditions: runs whose base is a viewed run and which wrote samples rows
     conditions: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     condition_runs: dict[str, tuple[str, str]] = {}
     names: set[str] = set()
     con = lake.connect(safe=True)
     try:
-        cond_rows = con.execute(
-            "SELECT run_id, kind, base_run_id FROM runs WHERE kind IS NOT NULL AND base_run_id IS NOT NULL"
-        ).fetchall()
+        cond_rows = con.sql(_sql("conditions")).fetchall()
     finally:
         con.close()
     for run_id, kind, base in cond_rows:
