@@ -18,6 +18,7 @@ from vrp.ingest.models.tiny import build_tiny
 from vrp.ingest.run import IngestOptions, run_ingest
 from vrp.lake import open_lake
 from vrp.lake.images import decode, image_hash
+from vrp.tasks.yesno import yes_no_ids
 
 FAMILIES = ("llava", "paligemma", "qwen2vl")
 QUESTIONS = ["Is there a red circle in the image?", "Is there a square?"]
@@ -46,7 +47,8 @@ def test_last_layer_evidence_equals_the_models_own_logits(adapter) -> None:
     with torch.no_grad():
         logits = adapter.model(**enc.inputs).logits.float()  # a fresh forward, every position
     for b, label in enumerate(LABELS):
-        variants = adapter.yes_ids if label == "yes" else adapter.no_ids
+        yes, no = yes_no_ids(adapter)
+        variants = yes if label == "yes" else no
         at_answer = logits[b, int(enc.answer_pos[b])]
         truth = variants[int(at_answer[variants].argmax())]  # the label's variant the model scores highest
         at_image = logits[b, enc.image_pos[b]]  # [N, V]

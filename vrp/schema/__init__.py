@@ -33,7 +33,8 @@ Version 2 added the columns of open-ended answers: ``samples.task``, ``answers``
 answers), ``score``, ``question_type``, ``answer_type``, ``source`` and the truth token's
 ``truth_prob``/``truth_margin``/``truth_rank`` (the yes/no columns stay null for open answers);
 ``layers.lens_truth_rank``; ``generations.score``; ``interventions.score``/``truth_prob``/
-``truth_margin``.
+``truth_margin``. Version 3 added the pictures: the tables ``evidence_maps`` and ``images`` and
+the column ``samples.image_hash``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION: int = 2
+SCHEMA_VERSION: int = 3
 
 #: Arrow metadata key on a vector field holding its width rule.
 WIDTH_METADATA_KEY = b"vrp.width"
@@ -185,8 +186,6 @@ TABLES: dict[str, TableSpec] = {
                 _opt("grid_w", pa.int32()),
                 _opt("image_h", pa.int32()),
                 _opt("image_w", pa.int32()),
-                # the `images` row of the picture this model saw (null for runs written before images)
-                _opt("image_hash", pa.string()),
                 *_f64("spatial_entropy", "spatial_entropy_norm"),
                 _opt("cluster_count", pa.int32()),
                 # schema version 2: open-ended answers (docs/ARCHITECTURE.md section 6)
@@ -200,6 +199,8 @@ TABLES: dict[str, TableSpec] = {
                 _opt("truth_rank", pa.int32()),
                 # condition runs only: KL(image run's first-token distribution || this run's), nats
                 _opt("first_token_kl", pa.float64()),
+                # schema version 3: the `images` row of the picture this model saw (null before it)
+                _opt("image_hash", pa.string()),
             ],
             ("model", "dataset"),
             ("run_id", "sample_id"),
