@@ -18,6 +18,8 @@ from vrp.ingest.models.tiny import build_tiny
 from vrp.ingest.run import IngestOptions, run_ingest
 from vrp.lake import open_lake
 from vrp.lake.images import decode, image_hash
+from vrp.tasks import get_task
+from vrp.tasks.base import Label
 from vrp.tasks.yesno import yes_no_ids
 
 FAMILIES = ("llava", "paligemma", "qwen2vl")
@@ -59,6 +61,33 @@ def test_last_layer_evidence_equals_the_models_own_logits(adapter) -> None:
         assert np.ptp(got) > 1e-3, "the map must vary over the image for the test to mean anything"
         # earlier layers are the logit lens, not the last layer repeated
         assert not np.allclose(cap.evidence[b][0], got, atol=1e-3)
+
+
+def test_open_answers_use_the_tasks_teacher_forced_truth_token(adapter) -> None:
+    """For an open answer the map follows the task's truth token: the gold answer's first token."""
+    images = _images()
+    enc = adapter.encode(images, QUESTIONS)
+    golds = [Label("red", ("red",) * 10), Label(None, None)]  # the second has no gold answer
+    task = get_task("open")
+    layers = list(range(adapter.num_layers))
+    cap = capture_batch(
+        adapter,
+        enc,
+        golds,
+        task=task,
+        images=images,
+        questions=QUESTIONS,
+        max_new_tokens=1,
+        evidence_layers=layers,
+    )
+    truth = adapter.answer_ids(images[0], QUESTIONS[0], "red")[0]  # teacher-forced, independently
+    with torch.no_grad():
+        logits = adapter.model(**enc.inputs).logits.float()
+    at_image = logits[0, enc.image_pos[0]]
+    expected = (at_image[:, truth] - at_image.mean(-1)).numpy()
+    np.testing.assert_allclose(cap.evidence[0][adapter.num_layers - 1], expected, atol=1e-5, rtol=0)
+    assert cap.evidence[1] == {}, "no gold answer, no truth token, no map"
+    assert cap.nonfinite == [None, None]
 
 
 def test_evidence_maps_are_optional(adapter) -> None:
