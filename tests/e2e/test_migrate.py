@@ -246,8 +246,8 @@ def test_a_current_lake_lacking_columns_added_since_is_told_to_migrate(tmp_path,
     result = CliRunner().invoke(main, ["lake", "migrate", "--lake", str(root)])
     assert result.exit_code == 0, result.output
     assert (
-        "interventions: schema version 2 -> 2, added token_entropy, donor_sample_id, restoration"
-        in result.output
+        f"interventions: schema version {SCHEMA_VERSION} -> {SCHEMA_VERSION}, added token_entropy, "
+        "donor_sample_id, restoration" in result.output
     )
     interventions = open_lake(root).arrow("interventions")
     assert interventions.column("restoration").null_count == interventions.num_rows > 0
