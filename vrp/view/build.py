@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -154,13 +155,14 @@ def select_samples(
         sql += " LIMIT $limit"
         params["limit"] = int(limit)
     check_query(sql)
-    con = lake.connect(safe=True)
-    try:
-        return con.sql(sql, params=params).to_arrow_table()
-    except Exception as exc:  # noqa: BLE001 - DuckDB's errors come in several classes; one line for the user
-        raise ViewError(f"--where/--run/--model selection failed: {one_line(str(exc))}") from exc
-    finally:
-        con.close()
+    with tempfile.TemporaryDirectory(prefix="vrp-view-") as scratch:  # the locked connection's own temp dir
+        con = lake.connect(safe=True, temp_directory=scratch)
+        try:
+            return con.sql(sql, params=params).to_arrow_table()
+        except Exception as exc:  # noqa: BLE001 - DuckDB's errors come in several classes; one line for the user
+            raise ViewError(f"--where/--run/--model selection failed: {one_line(str(exc))}") from exc
+        finally:
+            con.close()
 
 
 def _rows(table: pa.Table, columns: Sequence[str]) -> list[dict[str, Any]]:
@@ -338,11 +340,7 @@ def write_view(
     conditions: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     condition_runs: dict[str, tuple[str, str]] = {}
     names: set[str] = set()
-    con = lake.connect(safe=True)
-    try:
-        cond_rows = con.sql(_sql("conditions")).fetchall()
-    finally:
-        con.close()
+    cond_rows = lake.sql(_sql("conditions")).fetchall()
     for run_id, kind, base in cond_rows:
         if base in runs:
             condition_runs[run_id] = (kind, base)
