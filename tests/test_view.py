@@ -75,11 +75,18 @@ def rich(tmp_path_factory):
     lake = open_lake(lake_dir)
     base = lake.arrow("samples").to_pylist()
     lens = lake.arrow("layers", columns=["sample_id", "layer", "lens_truth_margin"]).to_pylist()
-    hidden = json.loads(lake.sql(f"select config from runs where run_id = '{run_id}'").fetchall()[0][0])[
-        "hidden_size"
-    ]
+    config, source, revision = lake.sql(
+        f"select config, model_source, model_revision from runs where run_id = '{run_id}'"
+    ).fetchall()[0]
     condition = make_run(
-        "cond-none-1", base[0]["model"], hidden_size=hidden, kind="none", base_run_id=run_id, family="llava"
+        "cond-none-1",
+        base[0]["model"],
+        hidden_size=json.loads(config)["hidden_size"],
+        kind="none",
+        base_run_id=run_id,
+        family="llava",
+        model_source=source,
+        model_revision=revision,
     )
     writer = lake.writer(condition)
     writer.begin()
