@@ -684,7 +684,7 @@ def _sample_rows(
         "evidence_maps": [
             {**key, "layer": layer, "grid_h": grid_h, "grid_w": grid_w, "map": cap.evidence[b][layer]}
             for layer in layers
-            if cap.evidence and layer in cap.evidence[b]
+            if cap.evidence and layer in cap.evidence[b] and grid_h  # text-only runs have no grid
         ],
         "hidden": [
             {**key, "site": site, "layer": layer, "h": np.ascontiguousarray(cap.hidden[b][site][layer])}
