@@ -53,9 +53,9 @@ ADDED_IN_V2 = {
         "restoration",
     ],
 }
-# Schema version 3: a column and two tables (the pictures), absent from a version-1 lake too.
-ADDED_IN_V3 = {"samples": ["image_hash"]}
-TABLES_IN_V3 = ("evidence_maps", "images")
+# The pictures (also schema version 2): a column and two tables, absent from a version-1 lake.
+ADDED_PICTURES = {"samples": ["image_hash"]}
+PICTURE_TABLES = ("evidence_maps", "images")
 # A table the version-1 lake lacks (never written there), which migrate must create.
 ABSENT = "probe_neurons"
 QUIET = {"echo": lambda _line: None}
@@ -63,7 +63,7 @@ QUIET = {"echo": lambda _line: None}
 
 def _v1_schema(name: str) -> pa.Schema:
     spec = TABLES[name]
-    added = ADDED_IN_V2.get(name, []) + ADDED_IN_V3.get(name, [])
+    added = ADDED_IN_V2.get(name, []) + ADDED_PICTURES.get(name, [])
     keep = [f for f in spec.schema if f.name not in added]
     return pa.schema(keep)
 
@@ -87,7 +87,7 @@ def source(tmp_path_factory) -> dict[str, pa.Table]:
     tables = {
         name: lake.arrow(name)
         for name in TABLES
-        if name != ABSENT and name not in TABLES_IN_V3 and lake.has_table(name)
+        if name != ABSENT and name not in PICTURE_TABLES and lake.has_table(name)
     }
     assert {"runs", "samples", "layers", "generations", "interventions", "hidden"} <= set(tables)
     return {"data": data, **tables}
@@ -124,12 +124,12 @@ def _assert_migrated(root: Path, v1: dict[str, pa.Table]) -> None:
         assert _version(root, name) == str(SCHEMA_VERSION), name
         assert lake.dataset(name).schema.names == TABLES[name].schema.names, name
     assert lake.arrow(ABSENT).num_rows == 0
-    assert all(lake.arrow(name).num_rows == 0 for name in TABLES_IN_V3)
+    assert all(lake.arrow(name).num_rows == 0 for name in PICTURE_TABLES)
     for name, old in v1.items():
         now = _sorted(lake.arrow(name), name)
         assert now.num_rows == old.num_rows
         assert now.select(old.column_names).equals(_sorted(old, name)), name
-        for column in ADDED_IN_V2.get(name, []) + ADDED_IN_V3.get(name, []):
+        for column in ADDED_IN_V2.get(name, []) + ADDED_PICTURES.get(name, []):
             assert now.column(column).null_count == now.num_rows, (name, column)
 
 
@@ -151,7 +151,7 @@ def test_migrate_upgrades_in_place_and_a_new_run_writes_to_it(tmp_path, source) 
     assert result.exit_code == 0, result.output
     assert f"samples: schema version 1 -> {SCHEMA_VERSION}, added task, answers" in result.output
     assert "truth_rank, image_hash" in result.output
-    for name in (ABSENT, *TABLES_IN_V3):
+    for name in (ABSENT, *PICTURE_TABLES):
         assert f"{name}: created" in result.output
     _assert_migrated(root, v1)
     again = CliRunner().invoke(main, ["lake", "migrate", "--lake", str(root)])

@@ -29,12 +29,15 @@ place by appending the missing columns (null in existing rows), creating missing
 bumping the version property, with no per-version code. Renaming, removing or retyping a column
 cannot be migrated that way and needs a new lake.
 
-Version 2 added the columns of open-ended answers: ``samples.task``, ``answers`` (the human
-answers), ``score``, ``question_type``, ``answer_type``, ``source`` and the truth token's
-``truth_prob``/``truth_margin``/``truth_rank`` (the yes/no columns stay null for open answers);
-``layers.lens_truth_rank``; ``generations.score``; ``interventions.score``/``truth_prob``/
-``truth_margin``. Version 3 added the pictures: the tables ``evidence_maps`` and ``images`` and
-the column ``samples.image_hash``.
+Version 2 is one upgrade for everything the open-ended answers, the image conditions, the new
+intervention kinds and the pictures needed (no lake was ever shared between them): the columns
+of open-ended answers, ``samples.task``, ``answers`` (the human answers), ``score``,
+``question_type``, ``answer_type``, ``source`` and the truth token's ``truth_prob``/
+``truth_margin``/``truth_rank`` (the yes/no columns stay null for open answers);
+``samples.first_token_kl`` (condition runs); ``samples.image_hash`` and the tables
+``evidence_maps`` and ``images`` (the pictures); ``layers.lens_truth_rank``;
+``generations.score``; ``interventions.score``/``truth_prob``/``truth_margin`` and the patching
+columns.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION: int = 3
+SCHEMA_VERSION: int = 2
 
 #: Arrow metadata key on a vector field holding its width rule.
 WIDTH_METADATA_KEY = b"vrp.width"
@@ -199,7 +202,7 @@ TABLES: dict[str, TableSpec] = {
                 _opt("truth_rank", pa.int32()),
                 # condition runs only: KL(image run's first-token distribution || this run's), nats
                 _opt("first_token_kl", pa.float64()),
-                # schema version 3: the `images` row of the picture this model saw (null before it)
+                # schema version 2: the `images` row of the picture this model saw (null before it)
                 _opt("image_hash", pa.string()),
             ],
             ("model", "dataset"),
