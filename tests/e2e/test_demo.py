@@ -71,12 +71,20 @@ def test_demo_runs_end_to_end(tmp_path) -> None:
         assert (out_dir / "latest" / figure).is_file(), figure
     assert "report.html" in result.output
     assert "time per stage" in result.output
-    for stage in ("ingest shapes-pope", "ingest shapes-vqa", "probes", "patching + knockout", "view", "report"):
+    for stage in (
+        "ingest shapes-pope",
+        "ingest shapes-vqa",
+        "probes",
+        "patching + knockout",
+        "view",
+        "report",
+    ):
         assert re.search(rf"^  {re.escape(stage)} +\d+\.\d+ min$", result.output, flags=re.MULTILINE), stage
 
     # the viewer beside the report, and the report's confident-wrong rows open its pages
     assert (out_dir / "view" / "index.html").is_file()
-    assert len(list((out_dir / "view" / "s").glob("*.html"))) == 3 * 3 * QUESTIONS
+    # one page per sample of an image run (both tasks); condition runs show on the same page
+    assert len(list((out_dir / "view" / "s").glob("*.html"))) == 3 * (3 * QUESTIONS + VQA_QUESTIONS)
     links = re.findall(r"\]\(<([^>]+)>\)", report)
     assert links, "the report links no sample to the viewer"
     for link in links:

@@ -150,7 +150,7 @@ def test_migrate_upgrades_in_place_and_a_new_run_writes_to_it(tmp_path, source) 
     result = CliRunner().invoke(main, ["lake", "migrate", "--lake", str(root)])
     assert result.exit_code == 0, result.output
     assert f"samples: schema version 1 -> {SCHEMA_VERSION}, added task, answers" in result.output
-    assert "truth_rank, image_hash" in result.output
+    assert "truth_rank, first_token_kl, image_hash" in result.output
     for name in (ABSENT, *PICTURE_TABLES):
         assert f"{name}: created" in result.output
     _assert_migrated(root, v1)
