@@ -14,6 +14,7 @@ from lake_util import two_model_lake
 
 from vrp.lake import open_lake
 from vrp.lake.delta import table_path
+from vrp.lake.images import image_row, store_images
 from vrp.schema import TABLES
 
 daft = pytest.importorskip(
@@ -23,7 +24,13 @@ daft = pytest.importorskip(
 
 @pytest.fixture(scope="module")
 def lake_root(tmp_path_factory) -> str:
-    return two_model_lake(str(tmp_path_factory.mktemp("lake")), 5, 3)
+    root = two_model_lake(str(tmp_path_factory.mktemp("lake")), 5, 3)
+    # the pictures table is written by its own insert-if-absent path, twice so it has two files
+    store_images(root, [image_row(np.zeros((8, 8, 3), np.uint8))])
+    store_images(
+        root, [image_row(np.full((8, 8, 3), 200, np.uint8)), image_row(np.zeros((8, 8, 3), np.uint8))]
+    )
+    return root
 
 
 def test_no_file_of_a_fresh_lake_stores_arrow_view_types(lake_root):
@@ -39,7 +46,7 @@ def test_no_file_of_a_fresh_lake_stores_arrow_view_types(lake_root):
                 assert not pa.types.is_string_view(field.type), (name, field)
                 assert not pa.types.is_binary_view(field.type), (name, field)
             seen += 1
-    assert seen and lake.delta("runs").file_uris()
+    assert seen and lake.delta("runs").file_uris() and len(lake.delta("images").file_uris()) == 2
 
 
 def test_daft_reads_every_table_with_the_same_rows_and_vectors(lake_root):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from deltalake import write_deltalake
 from PIL import Image
 
 from vrp.lake import delta
@@ -71,23 +72,23 @@ def store_images(root: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]
         return 0
     spec = TABLES["images"]
     dt = delta.ensure_table(root, spec)
-    held = set(dt.to_pyarrow_dataset().to_table(columns=["image_hash"]).column("image_hash").to_pylist())
-    fresh = [row for key, row in unique.items() if key not in held]
-    if not fresh:
-        return 0
-    source = to_arrow(spec, fresh)
-    validate(spec, source)
 
-    def action() -> None:
+    def action() -> int:
+        # A plain append of the hashes not held yet, re-read after every lost race: Delta's MERGE
+        # would store the strings as Arrow string_view, which Daft and older pyarrow cannot read
+        # (docs/ARCHITECTURE.md, reading rules). Two writers racing on the same new picture can
+        # both append it: the rows are identical, and `vrp lake check` lists the pair.
         dt.update_incremental()
-        (
-            dt.merge(source, predicate="t.image_hash = s.image_hash", source_alias="s", target_alias="t")
-            .when_not_matched_insert_all()
-            .execute()
-        )
+        held = set(dt.to_pyarrow_dataset().to_table(columns=["image_hash"]).column("image_hash").to_pylist())
+        fresh = [row for key, row in unique.items() if key not in held]
+        if not fresh:
+            return 0
+        source = to_arrow(spec, fresh)
+        validate(spec, source)
+        write_deltalake(dt, source, mode="append", writer_properties=delta.writer_properties(spec))
+        return len(fresh)
 
-    delta.retry_commit(action)
-    return len(fresh)
+    return delta.retry_commit(action)
 
 
 def load_images(lake: Lake, hashes: Sequence[str]) -> dict[str, bytes]:
