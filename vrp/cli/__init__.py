@@ -87,9 +87,10 @@ class LazyGroup(click.Group):
 def main() -> None:
     """VRP, the VLM Reliability Probe.
 
-    Run a vision-language model once over a yes/no benchmark (`vrp ingest run`), store every
-    signal in an activation lake of Delta/Parquet tables, then ask questions with SQL
-    (`vrp query`), analyses (`vrp analyze`) and reports (`vrp report`).
+    Run a vision-language model once over a benchmark, yes/no (POPE) or open answers (VQAv2)
+    (`vrp ingest run`), store every signal in an activation lake of Delta/Parquet tables, then
+    ask questions with SQL (`vrp query`), analyses (`vrp analyze`), reports (`vrp report`) and
+    a per-sample viewer (`vrp view`).
 
     The lake is `--lake DIR`, else $VRP_LAKE, else ./vrp-lake.
     """
