@@ -130,3 +130,32 @@ def test_logit_lens_last_layer_equals_model_logits(adapter) -> None:
         logits = adapter.model(**enc.inputs).logits[torch.arange(2), enc.answer_pos].float()
     resid = torch.stack([trace.values["resid"][i] for i in range(adapter.num_layers)])
     torch.testing.assert_close(logit_lens(adapter, resid)[-1], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_hooks_remove_every_handle_also_when_installing_one_fails():
+    from vrp.ingest.capture import ForwardHooks
+
+    seen: list[int] = []
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    class Broken(ForwardHooks):
+        def _targets(self):
+            yield first, lambda _m, _i, _o: seen.append(1)
+            raise RuntimeError("no such module")
+
+    with pytest.raises(RuntimeError, match="no such module"), Broken():
+        pass
+    first(torch.zeros(1, 2))
+    assert seen == [] and not first._forward_hooks  # the hook installed before the failure is gone
+
+    class Two(ForwardHooks):
+        def _targets(self):
+            yield first, lambda _m, _i, _o: seen.append(1)
+            yield second, lambda _m, _i, _o: seen.append(2)
+
+    with Two():
+        first(torch.zeros(1, 2))
+        second(torch.zeros(1, 2))
+    first(torch.zeros(1, 2))
+    second(torch.zeros(1, 2))
+    assert seen == [1, 2] and not first._forward_hooks and not second._forward_hooks

@@ -29,10 +29,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import numpy as np
 import torch
@@ -179,7 +179,42 @@ def capture_attention(
     return route_attention(adapter.model, ATTENTION_BACKEND, _ACTIVE, state)
 
 
-class TraceModules:
+class ForwardHooks:
+    """Base of VRP's forward-hook context managers: installs the hooks on enter, removes them on exit.
+
+    Usage::
+
+        class Record(ForwardHooks):
+            def _targets(self):
+                yield self.module, lambda _m, _i, output: self.seen.append(output)
+
+        with Record() as rec:
+            model(**inputs)
+
+    A subclass only says which module gets which hook (``_targets``); every handle is removed on
+    exit, in reverse order, also on error and also when installing a later hook failed.
+    """
+
+    def _targets(self) -> Iterable[tuple[torch.nn.Module, Callable[..., Any]]]:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            for module, hook in self._targets():
+                self._handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles.clear()
+
+
+class TraceModules(ForwardHooks):
     """Forward hooks that keep each traced module's output at the answer position only.
 
     Usage::
@@ -199,18 +234,11 @@ class TraceModules:
         self.answer_pos = answer_pos
         self.prompt_len = prompt_len
         self.values: dict[str, dict[int, torch.Tensor]] = {name: {} for name in sites}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> TraceModules:
+    def _targets(self) -> Iterator[tuple[torch.nn.Module, Callable[..., Any]]]:
         for name, modules in self.sites.items():
             for index, module in enumerate(modules):
-                self._handles.append(module.register_forward_hook(self._hook(name, index)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+                yield module, self._hook(name, index)
 
     def _hook(self, name: str, index: int):
         store = self.values[name]
@@ -227,7 +255,7 @@ class TraceModules:
         return hook
 
 
-class EvidenceMaps:
+class EvidenceMaps(ForwardHooks):
     """Forward hooks that turn each decoder layer's image-position residuals into logit-lens evidence.
 
     Usage::
@@ -271,18 +299,11 @@ class EvidenceMaps:
         self._b = None if bias is None else bias.detach()[self.candidates].float()
         self._b_mean = None if bias is None else bias.detach().float().mean()
         self.values: dict[int, torch.Tensor] = {}  # layer -> [sum of image tokens, C] truth-minus-mean
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> EvidenceMaps:
+    def _targets(self) -> Iterator[tuple[torch.nn.Module, Callable[..., Any]]]:
         layers = self.adapter.decoder_layers()
         for index in self.layers:
-            self._handles.append(layers[index].register_forward_hook(self._hook(index)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+            yield layers[index], self._hook(index)
 
     def _hook(self, index: int):
         def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from vrp.ingest.capture import attention_layer_index, route_attention
+from vrp.ingest.capture import ForwardHooks, attention_layer_index, route_attention
 from vrp.ingest.models.base import Adapter, Encoded
 
 
@@ -40,7 +40,7 @@ def _replace(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-class EditOutput:
+class EditOutput(ForwardHooks):
     """Overwrite chosen coordinates of a module's output at every position while the block runs.
 
     Usage::
@@ -61,16 +61,9 @@ class EditOutput:
         self.values = None if values is None else torch.as_tensor(list(values), dtype=torch.float32)
         if self.values is not None and self.values.shape != self.coords.shape:
             raise ValueError(f"{self.values.numel()} values for {self.coords.numel()} coordinates")
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
 
-    def __enter__(self) -> EditOutput:
-        self._handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    def _targets(self) -> Iterator[tuple[torch.nn.Module, Callable[..., Any]]]:
+        yield self.module, self._hook
 
     def _hook(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
         hidden = _hidden(output)
@@ -85,7 +78,7 @@ class EditOutput:
         return _replace(output, edited)
 
 
-class RecordOutputs:
+class RecordOutputs(ForwardHooks):
     """Keep the whole prefill output of each module (the first call whose length is ``prompt_len``).
 
     Usage::
@@ -101,17 +94,10 @@ class RecordOutputs:
         self.modules = modules
         self.prompt_len = prompt_len
         self.values: dict[int, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> RecordOutputs:
+    def _targets(self) -> Iterator[tuple[torch.nn.Module, Callable[..., Any]]]:
         for key, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(key)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in reversed(self._handles):
-            handle.remove()
-        self._handles.clear()
+            yield module, self._hook(key)
 
     def _hook(self, key: int):  # noqa: ANN202 - a forward hook
         def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
@@ -131,7 +117,7 @@ class RowEdit:
     values: torch.Tensor  # [n, d]
 
 
-class PatchRows:
+class PatchRows(ForwardHooks):
     """Write per-row vectors into a module's prefill output: each row gets its own edit.
 
     Usage::
@@ -148,16 +134,9 @@ class PatchRows:
         self.module = module
         self.edits = list(edits)
         self.prompt_len = prompt_len
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
 
-    def __enter__(self) -> PatchRows:
-        self._handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    def _targets(self) -> Iterator[tuple[torch.nn.Module, Callable[..., Any]]]:
+        yield self.module, self._hook
 
     def _hook(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
         hidden = _hidden(output)
