@@ -14,6 +14,7 @@ from PIL import Image
 from vrp.cli import main
 from vrp.ingest.datasets import generate_shapes_pope
 from vrp.ingest.models import load_adapter
+from vrp.ingest.models.registry import families
 from vrp.ingest.models.tiny import build_tiny
 from vrp.ingest.run import IngestOptions, run_ingest
 from vrp.interventions import ablate, hooks, mask, scoring
@@ -21,7 +22,7 @@ from vrp.interventions import base as ivbase
 from vrp.interventions import destroy as destroy_kind
 from vrp.lake import open_lake
 
-FAMILIES = ("llava", "paligemma", "qwen2vl")
+FAMILIES = tuple(fam.name for fam in families())  # every registered family
 N_QUESTIONS = 8
 HIDDEN = 64
 QUIET = {"echo": lambda _line: None}

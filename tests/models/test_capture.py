@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from vrp.ingest.capture import TraceModules, capture_attention, capture_batch, logit_lens
+from vrp.ingest.models.registry import families
 from vrp.tasks.yesno import yes_no_ids
 
-FAMILIES = ("llava", "paligemma", "qwen2vl")
+FAMILIES = tuple(fam.name for fam in families())  # every registered family
 QUESTIONS = ["Is there a red circle in the image?", "Is there a square?"]
 
 

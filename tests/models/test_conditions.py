@@ -15,6 +15,7 @@ from PIL import Image
 import vrp.ingest.models as models
 from vrp.ingest import conditions
 from vrp.ingest.datasets import generate_shapes_pope, load_dataset, load_image
+from vrp.ingest.models.registry import family_of_model_type
 from vrp.ingest.models.tiny import build_tiny
 from vrp.ingest.run import IngestError, IngestOptions, run_ingest
 from vrp.lake import open_lake
@@ -126,9 +127,7 @@ def _direct(model_dir, images, prompt: str):
 
 
 def _family(model_dir) -> str:
-    return {"llava": "llava", "paligemma": "paligemma", "qwen2_vl": "qwen2vl"}[
-        json.loads((model_dir / "config.json").read_text())["model_type"]
-    ]
+    return family_of_model_type(json.loads((model_dir / "config.json").read_text())["model_type"]).name
 
 
 def _prompt(family: str, processor, question: str, *, image: bool) -> str:

@@ -14,6 +14,7 @@ from PIL import Image
 from vrp.ingest.capture import capture_batch
 from vrp.ingest.datasets import generate_shapes_pope
 from vrp.ingest.models import load_adapter
+from vrp.ingest.models.registry import families
 from vrp.ingest.models.tiny import build_tiny
 from vrp.ingest.run import IngestOptions, run_ingest
 from vrp.lake import open_lake
@@ -22,7 +23,7 @@ from vrp.tasks import get_task
 from vrp.tasks.base import Label
 from vrp.tasks.yesno import yes_no_ids
 
-FAMILIES = ("llava", "paligemma", "qwen2vl")
+FAMILIES = tuple(fam.name for fam in families())  # every registered family
 QUESTIONS = ["Is there a red circle in the image?", "Is there a square?"]
 LABELS = ["yes", "no"]
 

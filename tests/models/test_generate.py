@@ -20,8 +20,9 @@ from vrp.ingest.generate import (
     shared_prefix_attention,
     top_p_filter,
 )
+from vrp.ingest.models.registry import families
 
-FAMILIES = ("llava", "paligemma", "qwen2vl")
+FAMILIES = tuple(fam.name for fam in families())  # every registered family
 QUESTIONS = ["Is there a red circle in the image?", "Is there a square?"]
 
 

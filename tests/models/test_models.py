@@ -19,11 +19,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from vrp.ingest.models import FAMILIES, REGISTRY, answer_token_ids, load_adapter
-from vrp.ingest.models.loading import _torchvision_missing, checkpoint_revision
+from vrp.ingest.models.loading import checkpoint_revision
+from vrp.ingest.models.qwen2vl import _torchvision_missing
+from vrp.ingest.models.registry import tiny_variants
 from vrp.ingest.models.tiny import build_tiny
 from vrp.tasks.yesno import yes_no_ids
 
-FAMILY_NAMES = ("llava", "paligemma", "qwen2vl", "qwen2_5vl")
+FAMILY_NAMES = tiny_variants()  # every registered family and its variants
 QUESTIONS = ("Is there a red circle in the image?", "A star?")
 
 

@@ -33,8 +33,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from vrp.ingest.models.llava import LlavaAdapter
 from vrp.ingest.models.paligemma import PaliGemmaAdapter
-from vrp.ingest.models.qwen2vl import ImageOnlyQwen2VLProcessor, Qwen2VLAdapter
-from vrp.ingest.models.tiny import QWEN_CHAT_TEMPLATE, tiny_tokenizer
+from vrp.ingest.models.qwen2vl import QWEN_CHAT_TEMPLATE, ImageOnlyQwen2VLProcessor, Qwen2VLAdapter
+from vrp.ingest.models.tiny import tiny_tokenizer
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

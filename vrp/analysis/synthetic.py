@@ -65,7 +65,7 @@ def write_synthetic_lake(
             "model": model,
             "model_source": f"synthetic/{model}",
             "model_revision": "synthetic",
-            "family": "llava",
+            "family": "synthetic",
             "dataset": "shapes-pope",
             "split": ",".join(splits),
             "dtype": "float32",

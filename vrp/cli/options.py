@@ -10,6 +10,8 @@ What this module offers:
 - ``parse_int_list``, ``parse_float_list``, ``parse_bytes``, ``parse_shard``: text -> value
   parsers that raise ``click.BadParameter`` with an example of the expected form.
 - ``user_errors(*types)``: turns the listed exception types into a one-line ``click`` error.
+- ``LazyChoice(load)``: a choice whose values are read when first needed (the family registry
+  imports torch; ``vrp --help`` must not).
 
 Usage::
 
@@ -27,7 +29,7 @@ root as remote when it merely contained ``://``, while the lake itself asks
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -51,6 +53,24 @@ models_option = click.option(
 )
 
 device_option = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+
+
+class LazyChoice(click.ParamType):
+    """``click.Choice`` over ``load()``'s values, called only when a value or the help is needed."""
+
+    name = "choice"
+
+    def __init__(self, load: Callable[[], Sequence[str]]) -> None:
+        self._load = load
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(self._load()) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        choices = tuple(self._load())
+        if value in choices:
+            return str(value)
+        self.fail(f"{value!r} is not one of {', '.join(repr(c) for c in choices)}.", param, ctx)
 
 
 def seed_option(*, default: int = 0, help: str) -> Callable[[F], F]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from vrp.cli.options import (
+    LazyChoice,
     batch_size_option,
     device_option,
     lake_option,
@@ -324,13 +325,24 @@ def ingest_run(**params: object) -> None:
         click.echo(line)
 
 
+def _toy_families() -> tuple[str, ...]:
+    from vrp.ingest.models.registry import toy_families
+
+    return toy_families()
+
+
 @click.group()
 def toy() -> None:
     """Train the toy models: tiny real-class VLMs that learn shapes-POPE on a CPU."""
 
 
 @toy.command("train")
-@click.option("--family", required=True, type=click.Choice(["llava", "paligemma", "qwen2vl"]))
+@click.option(
+    "--family",
+    required=True,
+    type=LazyChoice(_toy_families),
+    help="A family with a toy (the family registry).",
+)
 @click.option(
     "--out",
     "out_dir",

@@ -252,11 +252,6 @@ def _restore_state(model: torch.nn.Module, saved: dict[str, Any]) -> None:
         setattr(owner, attr, value)
 
 
-GENERATED_TOKEN_TYPES = {"token_type_ids": 1, "mm_token_type_ids": 0}
-"""Per-token inputs and the value a generated token takes: PaliGemma's causal suffix is type 1,
-Qwen2-VL's text is multimodal type 0 (the values transformers' own generate appends)."""
-
-
 def _cut_at_end(tokens: torch.Tensor, end_ids: set[int], pad_id: int) -> torch.Tensor:
     """Replace everything after each row's first end token by padding.
 
@@ -358,14 +353,16 @@ def _decode_from_prefix(
         [enc.inputs["attention_mask"].repeat_interleave(k, dim=0), sequences.new_ones(rows, 1)], dim=1
     )
     # Every per-row input but the pixels (the image is already in the cache): token types for
-    # PaliGemma's prefix mask, M-RoPE's grid and token types for Qwen2-VL.
+    # PaliGemma's prefix mask, M-RoPE's grid and token types for Qwen2-VL. A per-token input gets the
+    # first token's value, the family's fact (FamilySpec.generated_token_types).
+    generated_types = adapter.spec.generated_token_types
     extra = {}
     for name, value in enc.inputs.items():
         if name in ("input_ids", "attention_mask") or name.startswith("pixel_values"):
             continue
         value = value.repeat_interleave(k, dim=0)
-        if name in GENERATED_TOKEN_TYPES:
-            value = torch.cat([value, value.new_full((rows, 1), GENERATED_TOKEN_TYPES[name])], dim=1)
+        if name in generated_types:
+            value = torch.cat([value, value.new_full((rows, 1), generated_types[name])], dim=1)
         extra[name] = value
     saved = _expand_state(model, adapter.spec.decode_state, k)
     try:

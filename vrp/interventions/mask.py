@@ -4,9 +4,8 @@ What this module offers:
 
 * :func:`rank_cells` - the top / bottom / a seeded random share of a stored attention map's cells.
 * :func:`grey_value` / :func:`mask_cells` - grey out (RGB 128) whole patch-grid cells directly in
-  the *preprocessed* ``pixel_values``, in the processor's own normalisation, for both layouts the
-  families use: an image tensor ``[B, C, H, W]`` (LLaVA, PaliGemma) and Qwen2-VL's flattened
-  ``[patches, C * T * P * P]`` rows ordered by merged cell. Masking after the resize is exact: a
+  the *preprocessed* ``pixel_values``, in the processor's own normalisation; where a cell's pixels
+  sit in that tensor is the family adapter's ``mask_pixels``. Masking after the resize is exact: a
   grey box drawn on the original image would bleed into neighbouring patches through interpolation.
 * :func:`plan_mask` -> :class:`Mask`: reads the base run's stored maps of one layer.
 
@@ -90,54 +89,21 @@ def grey_value(processor: Any) -> torch.Tensor:
     return value.float()
 
 
-def _flat_patch_layout(adapter: Adapter) -> tuple[int, int, int]:
-    """(patch, merge, temporal) of a processor with flattened patches (Qwen2-VL's ``image_grid_thw``)."""
-    ip = adapter.processor.image_processor
-    return int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
-
-
 def mask_cells(
     adapter: Adapter, enc: Encoded, cells: Sequence[Sequence[int]], value: torch.Tensor | None = None
 ) -> torch.Tensor:
     """A copy of ``enc.inputs["pixel_values"]`` with every pixel of the given cells set to grey.
 
     ``cells[row]`` lists the grid cells (row-major, as in the lake's attention maps) of batch row
-    ``row``. Image layout ``[B, C, H, W]``: the cell's :meth:`Adapter.patch_box` is filled. Flattened
-    layout (``image_grid_thw`` present): image ``row`` owns ``t*h*w`` consecutive patch rows, ordered
-    by merged cell, then the ``merge x merge`` patches inside it; each row holds ``C`` channel blocks
-    of ``T * P * P`` values. A merged cell is therefore ``merge**2`` consecutive rows, all set.
+    ``row``. Where a cell's pixels sit is the family's fact (:meth:`Adapter.mask_pixels`): the
+    cell's :meth:`Adapter.patch_box` in an image layout ``[B, C, H, W]``, or Qwen2-VL's flattened
+    patch rows.
     """
     pixels = enc.inputs["pixel_values"].clone()
     grey = (grey_value(adapter.processor) if value is None else value).to(pixels.device, pixels.dtype)
     if len(cells) != len(enc.grids):
         raise ValueError(f"{len(cells)} cell lists for a batch of {len(enc.grids)}")
-    if "image_grid_thw" in enc.inputs:
-        patch, merge, temporal = _flat_patch_layout(adapter)
-        channels = grey.numel()
-        block = temporal * patch * patch
-        if pixels.shape[1] != channels * block:
-            raise ValueError(
-                f"pixel_values rows have {pixels.shape[1]} values, "
-                f"expected {channels}x{temporal}x{patch}x{patch}"
-            )
-        row_values = grey.repeat_interleave(block)  # [C * T * P * P]
-        thw = enc.inputs["image_grid_thw"].tolist()
-        offsets = np.cumsum([0] + [t * h * w for t, h, w in thw])
-        for row, chosen in enumerate(cells):
-            grid_h, grid_w = enc.grids[row]
-            for cell in chosen:
-                if not 0 <= cell < grid_h * grid_w:
-                    raise IndexError(f"cell {cell} outside the {grid_h}x{grid_w} grid")
-                start = int(offsets[row]) + cell * merge * merge
-                pixels[start : start + merge * merge] = row_values
-        return pixels
-    if pixels.dim() != 4:
-        raise ValueError(f"unsupported pixel_values layout {tuple(pixels.shape)}")
-    for row, chosen in enumerate(cells):
-        for cell in chosen:
-            x0, y0, x1, y1 = adapter.patch_box(enc, row, cell)
-            pixels[row, :, y0:y1, x0:x1] = grey[:, None, None]
-    return pixels
+    return adapter.mask_pixels(pixels, enc, cells, grey)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ from vrp.ingest.datasets.shapes import (
     vocabulary,
 )
 from vrp.ingest.datasets.shapes_vqa import NUMBER_WORDS, SHAPE_NAMES, image_questions
+from vrp.ingest.models import registry
 from vrp.ingest.prompts import DATASET_PROMPTS, apply_template
 from vrp.tasks.vqa import is_correct, normalise_vqa_answer
 from vrp.tasks.yesno import yes_no_ids
@@ -82,7 +83,6 @@ if TYPE_CHECKING:
     from vrp.ingest.datasets.shapes import ShapeImage
     from vrp.ingest.models import Adapter
 
-FAMILIES: tuple[str, ...] = ("llava", "paligemma", "qwen2vl")
 EVAL_SEED_OFFSET = 900_001  # held-out images: seed + offset, never a training seed's stream
 STATS_IMAGES = 512  # images used for the pixel mean/std and for the negative-sampling statistics
 CARD_FILE = "card.json"
@@ -125,8 +125,9 @@ class ToyTrainConfig:
     build_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown family {self.family!r}; expected one of {', '.join(FAMILIES)}")
+        toys = registry.toy_families()
+        if self.family not in toys:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {', '.join(toys)}")
         if self.steps is None and self.minutes is None:
             raise ValueError("give a number of steps or of minutes")
         if not 0 < self.decay_share < 1:
@@ -337,10 +338,9 @@ def with_answers(adapter: Adapter, batch: Batch) -> tuple[dict[str, torch.Tensor
     inputs = dict(enc.inputs)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], extra_mask], dim=1)
-    for key in ("token_type_ids", "mm_token_type_ids"):
+    for key, fill in adapter.spec.generated_token_types.items():
         if key in inputs:
-            # answers are suffix / text tokens: PaliGemma's 1 keeps them out of the bidirectional prefix
-            fill = 1 if key == "token_type_ids" else 0
+            # answers are generated tokens: PaliGemma's 1 keeps them out of the bidirectional prefix
             inputs[key] = torch.cat([inputs[key], torch.full_like(extra, fill)], dim=1)
     return inputs, targets
 
@@ -468,8 +468,8 @@ def _build_kwargs(cfg: ToyTrainConfig, mean: list[float], std: list[float]) -> d
         image_mean=mean,
         image_std=std,
     )
-    if cfg.family == "qwen2vl":
-        kwargs["spatial_merge_size"] = 1  # one image token per 8 px patch: a 10x10 grid at 80 px
+    toy = registry.family(cfg.family).toy
+    kwargs.update(toy.build_overrides if toy is not None else {})
     kwargs.update(cfg.build_overrides)
     return kwargs
 
@@ -680,7 +680,7 @@ def _card(
 
     model = adapter.model
     return {
-        "name": f"toy-{cfg.family}",
+        "name": registry.toy_name(cfg.family),
         "family": cfg.family,
         "model_class": type(model).__name__,
         "parameters": int(sum(p.numel() for p in model.parameters())),

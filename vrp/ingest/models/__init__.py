@@ -1,15 +1,24 @@
-"""VLM family adapters: one interface over LLaVA-1.5, PaliGemma and Qwen2-VL (see ``base.py``)."""
+"""VLM family adapters: one interface over every registered family (see ``base.py`` and ``registry.py``)."""
 
 from __future__ import annotations
 
 from vrp.tasks.yesno import answer_token_ids
 
 from .base import Adapter, Encoded, FamilySpec
-from .llava import LLAVA
+from .family import Family
 from .loading import REGISTRY, load_adapter
-from .paligemma import PALIGEMMA
-from .qwen2vl import QWEN2VL
+from .registry import families
 
-FAMILIES: dict[str, FamilySpec] = {spec.family: spec for spec in (LLAVA, PALIGEMMA, QWEN2VL)}
+FAMILIES: dict[str, FamilySpec] = {fam.name: fam.spec for fam in families()}
 
-__all__ = ["FAMILIES", "REGISTRY", "Adapter", "Encoded", "FamilySpec", "answer_token_ids", "load_adapter"]
+__all__ = [
+    "FAMILIES",
+    "REGISTRY",
+    "Adapter",
+    "Encoded",
+    "Family",
+    "FamilySpec",
+    "answer_token_ids",
+    "families",
+    "load_adapter",
+]

@@ -8,8 +8,8 @@ What this module offers:
 - ``Encoded``: one batch ready for ``model(**enc.inputs)``, left padded, with per-row answer position,
   image-token positions, patch grid and preprocessed image size.
 - ``Adapter``: the shared implementation. A family subclass only declares its ``spec`` and, where the
-  family's geometry differs, overrides ``_row_geometry`` or ``prompt``; the capture engine never
-  branches on the family.
+  family differs, overrides ``_row_geometry`` or ``prompt`` (geometry), ``mask_pixels`` (its pixel
+  layout) or ``load_processor`` (processor quirks); the engine never branches on the family.
 
 Image tokens are always located by the image-token id in ``input_ids`` (never by fixed offsets, the
 defect of the study's own code), and every row is checked: its image-token count must equal the area
@@ -76,6 +76,11 @@ class FamilySpec:
     drop_inputs: tuple[str, ...] = ()
     # per-row tensors the model keeps from prefill to decoding (M-RoPE deltas), by dotted path
     decode_state: tuple[str, ...] = ()
+    # per-token inputs and the value a generated (or teacher-forced answer) token takes in them, as
+    # transformers' own generate appends: PaliGemma's causal suffix is token type 1, Qwen2-VL's text is
+    # multimodal type 0. Per family because the same input name means different things (Gemma 3 reads
+    # token type 1 as image).
+    generated_token_types: dict[str, int] = field(default_factory=dict)
     # what separates the prompt from the answer in a teacher-forced sequence (LLaVA: "ASSISTANT: 2")
     answer_separator: str = ""
     notes: tuple[str, ...] = ()
@@ -308,6 +313,30 @@ class Adapter:
 
     def _geometry_hint(self) -> str:
         return "the processor and model config disagree on the image token count"
+
+    def mask_pixels(
+        self, pixels: torch.Tensor, enc: Encoded, cells: Sequence[Sequence[int]], grey: torch.Tensor
+    ) -> torch.Tensor:
+        """Set every pixel of ``cells[row]`` to ``grey`` (per channel) in ``pixels``, in place.
+
+        ``pixels`` is a copy of ``enc.inputs["pixel_values"]``; this default is the image layout
+        ``[B, C, H, W]``, where a cell is its :meth:`patch_box`. A family whose processor lays pixels
+        out differently overrides it (Qwen2-VL's flattened patches).
+        """
+        if pixels.dim() != 4:
+            raise ValueError(f"unsupported pixel_values layout {tuple(pixels.shape)}")
+        for row, chosen in enumerate(cells):
+            for cell in chosen:
+                x0, y0, x1, y1 = self.patch_box(enc, row, cell)
+                pixels[row, :, y0:y1, x0:x1] = grey[:, None, None]
+        return pixels
+
+    @classmethod
+    def load_processor(cls, source: str) -> tuple[ProcessorMixin, bool]:
+        """(processor, built_image_only) of a checkpoint: ``AutoProcessor`` unless the family differs."""
+        import transformers
+
+        return transformers.AutoProcessor.from_pretrained(source), False
 
     # ----- geometry ----------------------------------------------------------------------------------
     def cell_of(self, enc: Encoded, row: int, position: int) -> int:

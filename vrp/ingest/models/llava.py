@@ -8,7 +8,14 @@ shortest edge and centre-crop: the preprocessed image is the ``pixel_values`` si
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .base import Adapter, FamilySpec
+from .family import Family, TinyRecipe, ToyRecipe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+    from transformers.processing_utils import ProcessorMixin
 
 LLAVA = FamilySpec(
     family="llava",
@@ -42,3 +49,70 @@ class LlavaAdapter(Adapter):
             f"vision_feature_select_strategy={strategy!r}; VRP maps image tokens to patches only for "
             "'default' (CLS dropped)"
         )
+
+
+def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """CLIP vision tower + Llama decoder; the processor pads nothing, resizes and centre-crops to size."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from .tiny import require_patch_multiple, text_kwargs
+
+    require_patch_multiple(opts)
+    size, patch = opts["image_size"], opts["patch_size"]
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=opts["image_mean"],
+        image_std=opts["image_std"],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=opts["vision_hidden_size"],
+        intermediate_size=2 * opts["vision_hidden_size"],
+        num_hidden_layers=opts["vision_layers"],
+        num_attention_heads=opts["vision_heads"],
+        image_size=size,
+        patch_size=patch,
+        projection_dim=opts["vision_hidden_size"],
+    )
+    text = LlamaConfig(**text_kwargs(tokenizer, opts))
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(size // patch) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+FAMILY = Family(
+    adapter=LlavaAdapter,
+    names={"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf", "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf"},
+    tiny={
+        "llava": TinyRecipe(
+            specials=("<unk>", "<s>", "</s>", "<pad>", "<image>"),
+            roles={"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+            build=_tiny,
+            defaults={"image_size": 32, "patch_size": 8},
+            named_specials={"image_token": "<image>"},
+            prepend_bos=True,
+        )
+    },
+    toy=ToyRecipe(),
+)

@@ -1,18 +1,15 @@
 """Loading a VLM by registry name, local directory or hub id into its family adapter.
 
-The family comes from ``config.model_type`` (never from the name). The revision recorded for the run is
-the hub commit when the files came from the hub cache, else a content hash of the checkpoint's config,
-safetensors index and weight files, so two different toys saved to the same folder never share a run.
-Qwen2-VL's ``AutoProcessor`` needs a video processor that needs torchvision; when torchvision is absent
-and that is the reason it failed, an image-only processor is built from the image processor, the
-tokenizer and the chat template. Any other processor error propagates.
+The family comes from ``config.model_type`` (never from the name), through the family registry
+(``registry.py``); so do the registry names and the processor (the family adapter's
+``load_processor``). The revision recorded for the run is the hub commit when the files came from the
+hub cache, else a content hash of the checkpoint's config, safetensors index and weight files, so two
+different toys saved to the same folder never share a run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -21,27 +18,19 @@ import torch
 import transformers
 
 from .base import Adapter
-from .llava import LlavaAdapter
-from .paligemma import PaliGemmaAdapter
-from .qwen2vl import ImageOnlyQwen2VLProcessor, Qwen2VLAdapter
+from .registry import TOYS_DIR, checkpoint_names, family, family_of_model_type
 
-__all__ = ["ADAPTERS", "DTYPES", "REGISTRY", "TOYS_DIR", "adapter_class", "load_adapter", "resolve_source"]
+__all__ = [
+    "DTYPES",
+    "REGISTRY",
+    "TOYS_DIR",
+    "adapter_class",
+    "load_adapter",
+    "load_processor",
+    "resolve_source",
+]
 
-TOYS_DIR = Path(__file__).resolve().parents[2] / "toys"
-
-REGISTRY: dict[str, str] = {
-    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
-    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
-    "paligemma-3b-mix-224": "google/paligemma-3b-mix-224",
-    "paligemma-3b-pt-224": "google/paligemma-3b-pt-224",
-    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
-    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
-    "toy-llava": str(TOYS_DIR / "toy-llava"),
-    "toy-paligemma": str(TOYS_DIR / "toy-paligemma"),
-    "toy-qwen2vl": str(TOYS_DIR / "toy-qwen2vl"),
-}
-
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, PaliGemmaAdapter, Qwen2VLAdapter)
+REGISTRY: dict[str, str] = checkpoint_names()
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -56,13 +45,7 @@ _SAMPLE = 2**20
 
 def adapter_class(model_type: str) -> type[Adapter]:
     """The adapter whose family declares ``model_type``."""
-    for cls in ADAPTERS:
-        if model_type in cls.spec.model_types:
-            return cls
-    known = sorted(t for cls in ADAPTERS for t in cls.spec.model_types)
-    raise ValueError(
-        f"model_type {model_type!r} is not a supported VLM family (supported: {', '.join(known)})"
-    )
+    return family_of_model_type(model_type).adapter
 
 
 def resolve_source(name_or_path: str) -> tuple[str, str]:
@@ -157,46 +140,9 @@ def checkpoint_revision(source: str, config: Any) -> str | None:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def _torchvision_missing() -> bool:
-    return importlib.util.find_spec("torchvision") is None
-
-
-def load_processor(source: str, family: str) -> tuple[Any, bool]:
-    """(processor, built_image_only): ``AutoProcessor``, or Qwen2-VL's image-only one without torchvision."""
-    try:
-        return transformers.AutoProcessor.from_pretrained(source), False
-    except (ImportError, OSError, ValueError) as err:
-        message = str(err).lower()
-        if not (
-            family == "qwen2vl"
-            and _torchvision_missing()
-            and ("video" in message or "torchvision" in message)
-        ):
-            raise
-    image_processor = transformers.AutoImageProcessor.from_pretrained(source)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    chat_template = _read_chat_template(source) or getattr(tokenizer, "chat_template", None)
-    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=chat_template), True
-
-
-def _read_chat_template(source: str) -> str | None:
-    """The processor chat template saved beside the checkpoint (``.jinja`` or legacy ``.json``)."""
-    path = Path(source)
-    if not path.is_dir():
-        from huggingface_hub import try_to_load_from_cache
-
-        for name in ("chat_template.jinja", "chat_template.json"):
-            cached = try_to_load_from_cache(source, name)
-            if isinstance(cached, str):
-                path = Path(cached).parent
-                break
-        else:
-            return None
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    if (path / "chat_template.json").is_file():
-        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
-    return None
+def load_processor(source: str, family_name: str) -> tuple[Any, bool]:
+    """(processor, built_image_only) of a checkpoint, as its family loads it."""
+    return family(family_name).adapter.load_processor(source)
 
 
 def _apply_pixel_bounds(processor: Any, min_pixels: int | None, max_pixels: int | None) -> dict[str, int]:
@@ -244,7 +190,7 @@ def load_adapter(
             f"min_pixels/max_pixels apply only to dynamic-resolution families (Qwen2-VL); {spec.family} "
             "always resizes to its fixed input size"
         )
-    processor, image_only = load_processor(source, spec.family)
+    processor, image_only = cls.load_processor(source)
     settings: dict[str, Any] = {"image_only_processor": image_only}
     if spec.dynamic_resolution:
         settings.update(_apply_pixel_bounds(processor, min_pixels, max_pixels))

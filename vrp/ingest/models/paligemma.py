@@ -10,9 +10,16 @@ must keep ``token_type_ids``; the processor's BC ``labels`` output is dropped. G
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from PIL import Image
 
 from .base import Adapter, FamilySpec
+from .family import Family, TinyRecipe, ToyRecipe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+    from transformers.processing_utils import ProcessorMixin
 
 PALIGEMMA = FamilySpec(
     family="paligemma",
@@ -34,11 +41,13 @@ PALIGEMMA = FamilySpec(
     text_only_reason="PaliGemmaProcessor refuses a prompt without images (the image is the prefix).",
     image_first=True,
     drop_inputs=("labels",),
+    generated_token_types={"token_type_ids": 1},
     notes=(
         "raw question; processor adds <image>*N, <bos>, the question and '\\n'",
         "image tokens first; image + prompt prefix attended bidirectionally (token_type_ids)",
         "Gemma RMSNorm multiplies by (1 + weight): norm_offset 1.0",
         "processor returns BC 'labels': dropped so forward does not compute a loss",
+        "generated tokens are the causal suffix: token_type_ids 1 (what the processor's suffix= gives)",
     ),
 )
 
@@ -52,3 +61,64 @@ class PaliGemmaAdapter(Adapter):
         """PaliGemma's processor puts the answer (its ``suffix``) after the prompt's newline."""
         batch = self.processor(images=[image], text=[prompt], suffix=None if answer is None else [answer])
         return [int(i) for i in batch["input_ids"][0]]
+
+
+def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """SigLIP vision tower (no head) + Gemma decoder; the processor resizes straight to size x size."""
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from .tiny import require_patch_multiple, text_kwargs
+
+    require_patch_multiple(opts)
+    size, patch = opts["image_size"], opts["patch_size"]
+    image_processor = SiglipImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=opts["image_mean"], image_std=opts["image_std"]
+    )
+    image_processor.image_seq_length = (size // patch) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vision = SiglipVisionConfig(
+        hidden_size=opts["vision_hidden_size"],
+        intermediate_size=2 * opts["vision_hidden_size"],
+        num_hidden_layers=opts["vision_layers"],
+        num_attention_heads=opts["vision_heads"],
+        image_size=size,
+        patch_size=patch,
+        vision_use_head=False,
+    )
+    text_args = text_kwargs(processor.tokenizer, opts)
+    text_args["head_dim"] = opts["hidden_size"] // opts["num_heads"]
+    text = GemmaConfig(**text_args)
+    config = PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=processor.image_token_id,
+        vocab_size=text.vocab_size,
+        projection_dim=opts["hidden_size"],
+        hidden_size=opts["hidden_size"],
+    )
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
+FAMILY = Family(
+    adapter=PaliGemmaAdapter,
+    names={
+        "paligemma-3b-mix-224": "google/paligemma-3b-mix-224",
+        "paligemma-3b-pt-224": "google/paligemma-3b-pt-224",
+    },
+    tiny={
+        "paligemma": TinyRecipe(
+            specials=("<pad>", "<eos>", "<bos>", "<unk>", "<image>"),
+            roles={"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
+            build=_tiny,
+            defaults={"image_size": 32, "patch_size": 8},
+        )
+    },
+    toy=ToyRecipe(),
+)
