@@ -379,9 +379,9 @@ def first_token_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
     probs = logp.exp()
     top2 = torch.topk(logits, 2, dim=-1).values
     return {
-        "top1_prob": probs.max(-1).values.numpy(),
-        "top2_margin": (top2[:, 0] - top2[:, 1]).numpy(),
-        "token_entropy": (-(probs * logp).nan_to_num(0.0).sum(-1)).numpy(),
+        "top1_prob": probs.max(-1).values.cpu().numpy(),
+        "top2_margin": (top2[:, 0] - top2[:, 1]).cpu().numpy(),
+        "token_entropy": (-(probs * logp).nan_to_num(0.0).sum(-1)).cpu().numpy(),
     }
 
 
@@ -393,7 +393,8 @@ def first_token_truth(logits: torch.Tensor, truth_ids: torch.Tensor) -> dict[str
     score above it (0 = the greedy token).
     """
     logits = logits.float()
-    batch = torch.arange(logits.shape[0])
+    truth_ids = truth_ids.to(logits.device)
+    batch = torch.arange(logits.shape[0], device=logits.device)
     truth = logits[batch, truth_ids]
     others = logits.clone()
     others[batch, truth_ids] = float("-inf")
@@ -509,10 +510,12 @@ def _summarise(
     texts = adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     answer_logprob = _answer_logprob(out.logits, new_tokens, adapter)
     first_token = first_logits.argmax(-1)  # [B]
+    truth_ids = truth_ids.to(first_token.device)
     has_truth = truth_ids >= 0  # a sample without a right answer keeps its truth columns null
     truth_ids = torch.where(has_truth, truth_ids, first_token)
     scale = _final_norm_scale(adapter, resid[-1])  # [B, d]
-    w_truth = adapter.unembedding().weight.detach().float()[truth_ids]  # [B, d]
+    # the truth rows alone in float32, never a float32 copy of the whole unembedding (V x d)
+    w_truth = adapter.unembedding().weight.detach()[truth_ids.to(resid.device)].float()  # [B, d]
     attn_contrib = ((attn_out * scale[None]) * w_truth[None]).sum(-1)  # [L, B]
     mlp_contrib = ((mlp_out * scale[None]) * w_truth[None]).sum(-1)
 
@@ -520,7 +523,8 @@ def _summarise(
         {**task.lens_stats(adapter, lens[layer]), **first_token_stats(lens[layer])}
         for layer in range(n_layers)
     ]
-    batch = torch.arange(first_logits.shape[0])
+    batch = torch.arange(first_logits.shape[0], device=lens.device)
+    truth_ids = truth_ids.to(lens.device)
     truth_logit = lens[:, batch, truth_ids]  # [L, B]
     others = lens.clone()
     others[:, batch, truth_ids] = float("-inf")
@@ -529,6 +533,12 @@ def _summarise(
     first = first_token_truth(first_logits, truth_ids)
     answer_logit = lens[:, batch, first_token]
     answer_rank = (lens > answer_logit[..., None]).sum(-1)  # [L, B]
+    # One copy to the host per tensor (a no-op on CPU), not one device sync per number read below.
+    truth_margin, truth_rank, answer_rank = truth_margin.cpu(), truth_rank.cpu(), answer_rank.cpu()
+    attn_contrib, mlp_contrib, has_truth = attn_contrib.cpu(), mlp_contrib.cpu(), has_truth.cpu()
+    first = {key: values.cpu() for key, values in first.items()}
+    resid, mlp_out = resid.cpu(), mlp_out.cpu()
+    rows_host = {layer: rows.cpu() for layer, rows in attn_rows.items()}
 
     result = BatchCapture(samples=[], layers=[], heads=[], maps=[], hidden=[])
     for b, gold in enumerate(golds):
@@ -540,7 +550,7 @@ def _summarise(
         layer_rows, head_rows, maps = [], [], []
         has_image = len(pos) > 0  # a text-only prompt (the `none` condition) has no map to summarise
         for layer in range(n_layers):
-            row = attn_rows[layer][b].cpu().double()  # [H, S]
+            row = rows_host[layer][b].double()  # [H, S]
             image = row[:, pos].numpy()  # [H, N] raw probabilities over image tokens
             grid = None
             if has_image:

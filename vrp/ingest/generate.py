@@ -94,7 +94,7 @@ class SeededSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(scores.shape[0]), self.draw(scores)] = 0.0
+        out[torch.arange(scores.shape[0], device=scores.device), self.draw(scores)] = 0.0
         return out
 
 

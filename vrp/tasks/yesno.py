@@ -94,9 +94,9 @@ def yes_no_stats(
     yes_lse = torch.logsumexp(logits[:, list(yes_ids)], dim=-1)
     no_lse = torch.logsumexp(logits[:, list(no_ids)], dim=-1)
     return {
-        "p_yes": probs[:, list(yes_ids)].sum(-1).numpy(),
-        "p_no": probs[:, list(no_ids)].sum(-1).numpy(),
-        "yes_no_margin": (yes_lse - no_lse).numpy(),
+        "p_yes": probs[:, list(yes_ids)].sum(-1).cpu().numpy(),
+        "p_no": probs[:, list(no_ids)].sum(-1).cpu().numpy(),
+        "yes_no_margin": (yes_lse - no_lse).cpu().numpy(),
     }
 
 
