@@ -8,21 +8,27 @@ TORCH_CPU ?= torch==2.13.0
 
 .PHONY: venv demo test test-fast lint clean
 
-$(BIN)/vrp: pyproject.toml
+# Two stamps: the runtime (all `make demo` needs) and the test extras on top (ray, moto, playwright,
+# daft: only the tests use them), so a fresh clone's demo does not wait for the test tooling.
+$(VENV)/.runtime: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "CUDA found: torch from the package range"; \
 	else $(BIN)/pip install --quiet "$(TORCH_CPU)"; fi
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# Daft reads the lake in tests/unit/test_engines.py. Its 0.7 releases declare pyarrow<26 but run on
 	# the pyarrow 26 VRP needs, so it is installed without its pins (it cannot sit in [dev]: pip
 	# would find no pyarrow that satisfies both).
 	$(BIN)/pip install --quiet --no-deps "daft>=0.7.26,<0.8"
-	touch $(BIN)/vrp
+	touch $@
 
-venv: $(BIN)/vrp
+venv: $(VENV)/.dev
 
-demo: venv
+demo: $(VENV)/.runtime
 	$(BIN)/vrp demo
 
 # everything: tests/unit (no model), tests/models (tiny checkpoints), tests/e2e (whole runs)
