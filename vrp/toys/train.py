@@ -217,6 +217,7 @@ def open_vocabulary() -> list[str]:
     """Every word of shapes-VQA's prompts and taught answers (short-answer instruction included)."""
     texts = [
         *(f"What color is the {shape}?" for shape in SHAPE_NAMES),
+        *(f"{shape}s" for shape in SHAPE_NAMES),  # "squares": an annotator's plural can be the main answer
         "How many shapes are there?",
         "What shape is at the top?",
         CAPTION_QUESTION,
