@@ -49,9 +49,57 @@ def test_attention_rows_equal_eager(adapter) -> None:
     for layer in range(adapter.num_layers):
         expected = eager.attentions[layer][batch, :, enc.answer_pos].float()  # [B, H, S]
         torch.testing.assert_close(rows.rows[layer], expected, atol=1e-5, rtol=0)
-        # image columns carry real mass (the test would be vacuous if all rows were on text)
+        # image columns carry real mass (the test would be vacuous if all rows were on text); a
+        # sliding-window layer whose window ends after the image sees none of it
+        if _layer_type(model, layer) == "sliding_attention":
+            continue
         for b in range(len(QUESTIONS)):
             assert rows.rows[layer][b][:, enc.image_pos[b]].sum() > 0
+
+
+# Families whose image block is attended bidirectionally, and the token types that make the same
+# prompt fully causal: PaliGemma's 1 is its causal suffix, Gemma 3's 0 is text (no image block).
+CAUSAL_TYPES = {"paligemma": 1, "gemma3": 0}
+
+
+@pytest.mark.parametrize("family", sorted(CAUSAL_TYPES))
+def test_answer_rows_use_the_models_bidirectional_image_mask(tiny_adapter, family) -> None:
+    """VRP's rows equal eager attention under the model's mask and differ from a causal image block.
+
+    With the image block attended causally (a mask dropped on the way, as a static cache does in
+    transformers) the keys of image tokens change from layer 1 on, and this test fails.
+    """
+    adapter = tiny_adapter(family, seed=0, num_layers=3)
+    model = adapter.model
+    enc = adapter.encode(_images(), QUESTIONS)
+    prompt_len = enc.inputs["input_ids"].shape[1]
+    with torch.no_grad(), capture_attention(adapter, enc.answer_pos, prompt_len) as rows:
+        model(**enc.inputs)
+    causal_inputs = dict(enc.inputs)
+    causal_inputs["token_type_ids"] = torch.full_like(enc.inputs["token_type_ids"], CAUSAL_TYPES[family])
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            own = model(**enc.inputs, output_attentions=True).attentions
+            causal = model(**causal_inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(previous)
+    batch = torch.arange(len(QUESTIONS))
+    for layer in range(adapter.num_layers):
+        torch.testing.assert_close(
+            rows.rows[layer], own[layer][batch, :, enc.answer_pos].float(), atol=1e-5, rtol=0
+        )
+    gap = max(
+        float((rows.rows[layer] - causal[layer][batch, :, enc.answer_pos].float()).abs().max())
+        for layer in range(1, adapter.num_layers)
+    )
+    assert gap > 10 * 1e-5  # far outside the tolerance above: a causal computation could not pass it
+
+
+def _layer_type(model, layer: int) -> str:
+    types = getattr(model.config.get_text_config(), "layer_types", None)
+    return types[layer] if types else "full_attention"
 
 
 def test_resid_equals_hidden_states_and_last_is_before_norm(adapter) -> None:

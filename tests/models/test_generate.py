@@ -69,8 +69,8 @@ def test_shared_prefill_logits_equal_fresh_forward(adapter) -> None:
         inputs["attention_mask"] = torch.cat(
             [fresh_inputs["attention_mask"], torch.ones(len(rows), step, dtype=torch.long)], dim=1
         )
-        # generated tokens are PaliGemma's causal suffix (type 1) and Qwen2-VL's text (mm type 0)
-        for name, value in (("token_type_ids", 1), ("mm_token_type_ids", 0)):
+        # generated tokens take the family's type (test_models.py checks it against the processor)
+        for name, value in adapter.spec.generated_token_types.items():
             if name in inputs:
                 new = torch.full((len(rows), step), value, dtype=inputs[name].dtype)
                 inputs[name] = torch.cat([inputs[name], new], 1)
@@ -175,7 +175,7 @@ def test_a_layer_that_bypasses_the_shared_prefix_attention_is_an_error(adapter) 
         require_every_layer(adapter, range(1, adapter.num_layers), SHARED_PREFIX_BACKEND)
 
 
-def test_sliding_window_attention_is_refused_not_silently_wrong(adapter) -> None:
+def test_a_position_bias_is_refused_not_silently_wrong(adapter) -> None:
     enc = _encode(adapter)
     cap = capture_batch(adapter, enc, ["yes", "no"], max_new_tokens=2, keep_cache=True)
     layer = cap.greedy_output.cache.layers[0]
@@ -184,5 +184,5 @@ def test_sliding_window_attention_is_refused_not_silently_wrong(adapter) -> None
     query = torch.zeros(
         2, adapter.model.config.get_text_config().num_attention_heads, 1, layer.keys.shape[-1]
     )
-    with shared_prefix(adapter, cache), pytest.raises(NotImplementedError, match="sliding window"):
-        shared_prefix_attention(module, query, query[:, :2], query[:, :2], None, sliding_window=4)
+    with shared_prefix(adapter, cache), pytest.raises(NotImplementedError, match="position bias"):
+        shared_prefix_attention(module, query, query[:, :2], query[:, :2], None, position_bias=query)

@@ -244,6 +244,27 @@ def test_yes_no_ids_with_sentencepiece_style_markers():
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_generated_token_types_are_what_the_processor_gives_an_answer(adapters, family):
+    """Every per-token input the processor returns is in the family's table, at the value it gives answers."""
+    adapter = adapters[family]
+    prompt = adapter.prompt(QUESTIONS[0])
+    short = adapter.processed(_images()[1], prompt, None)
+    full = adapter.processed(_images()[1], prompt, "yes")
+    answer_len = full["input_ids"].shape[1] - short["input_ids"].shape[1]
+    assert answer_len > 0
+    per_token = {
+        name
+        for name, value in full.items()
+        if name not in ("input_ids", "attention_mask", *adapter.spec.drop_inputs)
+        and isinstance(value, torch.Tensor)
+        and value.shape[:2] == full["input_ids"].shape
+    }
+    assert per_token == set(adapter.spec.generated_token_types)
+    for name, value in adapter.spec.generated_token_types.items():
+        assert full[name][0, -answer_len:].tolist() == [value] * answer_len
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_batch_equals_one_by_one(adapters, family):
     adapter = adapters[family]
     images = _images()

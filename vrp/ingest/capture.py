@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import numpy as np
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -451,8 +452,8 @@ def capture_batch(
     answer_pos = enc.answer_pos
     sites = {
         "resid": adapter.decoder_layers(),
-        "mlp_out": [adapter.mlp(i) for i in range(adapter.num_layers)],
-        "attn_out": [adapter.attn(i) for i in range(adapter.num_layers)],
+        "mlp_out": [adapter.mlp_out(i) for i in range(adapter.num_layers)],
+        "attn_out": [adapter.attn_out(i) for i in range(adapter.num_layers)],
     }
     evidence = contextlib.nullcontext()
     if evidence_layers is not None:
@@ -464,8 +465,11 @@ def capture_batch(
         TraceModules(sites, answer_pos, prompt_len) as trace,
         evidence as ev,
     ):
+        # A cache built without the config keeps every key, also in sliding-window layers (whose
+        # window the model's mask applies): self-consistency decodes from the whole prompt's keys.
         out = model.generate(
             **enc.inputs,
+            cache=DynamicCache(),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             return_dict_in_generate=True,

@@ -176,7 +176,9 @@ def shared_prefix_attention(
     returns. Scores against the prompt come from one matmul per row (all K*H/H_kv queries that
     share a KV head and a prompt at once), so the prompt's keys and values are read once per step
     instead of K times. Both score blocks are concatenated before the mask and the softmax, which
-    is eager attention's arithmetic on the same columns in the same order.
+    is eager attention's arithmetic on the same columns in the same order. A sliding window
+    (Gemma 3's local layers) is part of the model's mask over those columns: the cache keeps every
+    prompt key (:func:`capture_batch` decodes with a full-length cache), so column j is position j.
     """
     state = _ACTIVE.get()
     layer = None if state is None else state.layer_of.get(id(module))
@@ -184,10 +186,10 @@ def shared_prefix_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs
         )
-    if kwargs.get("sliding_window") is not None or kwargs.get("position_bias") is not None:
+    if kwargs.get("position_bias") is not None:
         raise NotImplementedError(
-            "shared-prefix decoding supports full causal attention only; this model uses a sliding window "
-            "or a position bias (run with --self-consistency 0, or add the case to shared_prefix_attention)"
+            "shared-prefix decoding supports masked softmax attention only; this model adds a position "
+            "bias (run with --self-consistency 0, or add the case to shared_prefix_attention)"
         )
     state.served.add(layer)
     cache_layer = state.cache.layers[layer]

@@ -70,7 +70,7 @@ class CoordinateEdits(Intervention):
         self, adapter: Adapter, enc: Encoded, condition: Condition, state: Any
     ) -> Iterator[dict[str, torch.Tensor]]:
         edit: Edit = condition.payload
-        with EditOutput(adapter.mlp(self.layer), edit.coords, edit.values):
+        with EditOutput(adapter.mlp_out(self.layer), edit.coords, edit.values):
             yield enc.inputs
 
     def detail(self, edit: Edit) -> dict[str, Any]:

@@ -61,13 +61,13 @@ Pair = tuple[str, str]  # (recipient sample id, donor sample id)
 
 
 def site_module(adapter: Adapter, site: str, layer: int) -> torch.nn.Module:
-    """The module whose output is the site: the decoder layer (resid), its attention or its MLP."""
+    """The module whose output is the site: the decoder layer (resid), what its attention or MLP adds."""
     if site == "resid":
         return adapter.decoder_layers()[layer]
     if site == "attn_out":
-        return adapter.attn(layer)
+        return adapter.attn_out(layer)
     if site == "mlp_out":
-        return adapter.mlp(layer)
+        return adapter.mlp_out(layer)
     raise InterventionError(f"--site must be one of {', '.join(SITES)}, got {site!r}")
 
 

@@ -8,8 +8,9 @@ What this module offers:
 - ``Encoded``: one batch ready for ``model(**enc.inputs)``, left padded, with per-row answer position,
   image-token positions, patch grid and preprocessed image size.
 - ``Adapter``: the shared implementation. A family subclass only declares its ``spec`` and, where the
-  family differs, overrides ``_row_geometry`` or ``prompt`` (geometry), ``mask_pixels`` (its pixel
-  layout) or ``load_processor`` (processor quirks); the engine never branches on the family.
+  family differs, overrides ``_row_geometry`` (geometry), ``prompt`` (a family without a template
+  uses the checkpoint's chat template), ``mask_pixels`` (its pixel layout), ``load_processor`` or
+  ``_batch_images`` (processor quirks); the engine never branches on the family.
 
 Image tokens are always located by the image-token id in ``input_ids`` (never by fixed offsets, the
 defect of the study's own code), and every row is checked: its image-token count must equal the area
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from transformers.processing_utils import ProcessorMixin
 
 __all__ = ["Adapter", "Encoded", "FamilySpec", "LayerRangeError", "resolve_layer"]
+
+QUESTION_SLOT = "{question}"
 
 
 class LayerRangeError(ValueError):
@@ -81,6 +84,10 @@ class FamilySpec:
     # multimodal type 0. Per family because the same input name means different things (Gemma 3 reads
     # token type 1 as image).
     generated_token_types: dict[str, int] = field(default_factory=dict)
+    # the modules whose outputs the layer adds to the residual stream, when not ``attn`` / ``mlp``
+    # themselves (Gemma 2/3 normalise both outputs first): the attn_out / mlp_out sites and MLP edits
+    attn_out: str | None = None
+    mlp_out: str | None = None
     # what separates the prompt from the answer in a teacher-forced sequence (LLaVA: "ASSISTANT: 2")
     answer_separator: str = ""
     notes: tuple[str, ...] = ()
@@ -140,6 +147,8 @@ class Adapter:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
+        bos_id = self.tokenizer.bos_token_id
+        self._tokenizer_adds_bos = bos_id is not None and self.tokenizer("x")["input_ids"][:1] == [bos_id]
         self.source = source
         self.name = name
         self.revision = revision
@@ -150,7 +159,7 @@ class Adapter:
         config = model.config
         text = config.get_text_config()
         self.image_token_id = int(getattr(config, self.spec.image_token_attr))
-        processor_image_id = getattr(processor, "image_token_id", None)
+        processor_image_id = self._processor_image_token_id()
         if processor_image_id is not None and int(processor_image_id) != self.image_token_id:
             raise ValueError(
                 f"processor image token id {processor_image_id} != model config {self.spec.image_token_attr} "
@@ -171,14 +180,42 @@ class Adapter:
         }
 
     # ----- prompts -----------------------------------------------------------------------------------
+    def _processor_image_token_id(self) -> int | None:
+        """The id the processor expands the image placeholder into (checked against the model config)."""
+        return getattr(self.processor, "image_token_id", None)
+
     def prompt_template_record(self) -> str:
-        """The prompt as recorded in the run config: the template with ``{question}`` left in."""
-        return self._template or ""
+        """The prompt as recorded in the run config: the template with ``{question}`` left in.
+
+        A family without a template (``FamilySpec.prompt_template`` None, no ``--prompt-template``)
+        uses the checkpoint's chat template; the record is then that template rendered around
+        ``{question}``.
+        """
+        if self._template is None:
+            return self._chat(QUESTION_SLOT, image=True)
+        return self._template
 
     def prompt(self, question: str) -> str:
         """The text handed to the processor for one question (image placeholder included)."""
+        if self._template is None:
+            return self._chat(question, image=True)
         image_token = getattr(self.processor, "image_token", "<image>")
         return self._template.replace("{image}", image_token).replace("{question}", question)
+
+    def _chat(self, question: str, *, image: bool) -> str:
+        """One user turn (the image, then the question) in the chat template, ready for the answer.
+
+        A template that writes the BOS token itself, for a tokenizer that also prepends one, would
+        give two; the rendered one is dropped then, so the ids are what the model was trained on.
+        """
+        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+        text = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        bos = self.tokenizer.bos_token
+        if self._tokenizer_adds_bos and bos and text.startswith(bos):
+            text = text[len(bos) :]
+        return text
 
     def answer_ids(self, image: Image.Image, question: str, answer: str) -> list[int]:
         """The ids of `answer` as they follow the prompt in a teacher-forced sequence.
@@ -187,19 +224,22 @@ class Adapter:
         processor; the ids past their common prefix are the answer's, so a tokenizer that spells
         a word differently after the prompt (SentencePiece's "▁2") gives that spelling.
         """
-        prompt = self._processed_ids(image, self.prompt(question), None)
-        full = self._processed_ids(image, self.prompt(question), answer)
+        prompt = [int(i) for i in self.processed(image, self.prompt(question), None)["input_ids"][0]]
+        full = [int(i) for i in self.processed(image, self.prompt(question), answer)["input_ids"][0]]
         start = next((i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), len(prompt))
         ids = full[start:]
         if not ids:
             raise ValueError(f"the answer {answer!r} adds no token after the prompt")
         return ids
 
-    def _processed_ids(self, image: Image.Image, prompt: str, answer: str | None) -> list[int]:
-        """Unpadded input ids of one prompt, with `answer` appended after the family's separator."""
+    def processed(self, image: Image.Image, prompt: str, answer: str | None) -> BatchFeature:
+        """The processor's unpadded output for one prompt, `answer` appended as the family writes it.
+
+        Here after the family's separator; also the reference for what an answer token's per-token
+        inputs are (``FamilySpec.generated_token_types``).
+        """
         text = prompt if answer is None else prompt + self.spec.answer_separator + answer
-        batch = self.processor(images=[image], text=[text], return_tensors="pt")
-        return [int(i) for i in batch["input_ids"][0]]
+        return self.processor(images=[image], text=[text], return_tensors="pt")
 
     # ----- encoding ----------------------------------------------------------------------------------
     def encode(self, images: Sequence[Image.Image], questions: Sequence[str]) -> Encoded:
@@ -209,7 +249,9 @@ class Adapter:
         if not images:
             raise ValueError("encode needs at least one sample")
         prompts = [self.prompt(q) for q in questions]
-        batch = self.processor(images=list(images), text=prompts, padding=True, return_tensors="pt")
+        batch = self.processor(
+            images=self._batch_images(images), text=prompts, padding=True, return_tensors="pt"
+        )
         input_ids = batch["input_ids"]
         mask = batch["attention_mask"]
         positions = torch.arange(input_ids.shape[1])
@@ -240,6 +282,10 @@ class Adapter:
             prompts=prompts,
         )
 
+    def _batch_images(self, images: Sequence[Image.Image]) -> list[Any]:
+        """The images of a batch as the processor takes them: one per prompt, in order."""
+        return list(images)
+
     def _model_inputs(self, batch: BatchFeature) -> dict[str, torch.Tensor]:
         """The processor's tensors the model takes, floats in the model's dtype, on its device."""
         model_dtype = next(self.model.parameters()).dtype
@@ -254,6 +300,8 @@ class Adapter:
 
     def text_prompt(self, question: str) -> str:
         """The prompt of one question without its image: the template with the image slot removed."""
+        if self._template is None:
+            return self._chat(question, image=False)
         return self._template.replace("{image}\n", "").replace("{image}", "").replace("{question}", question)
 
     def encode_text(self, questions: Sequence[str]) -> Encoded:
@@ -472,6 +520,14 @@ class Adapter:
 
     def mlp(self, layer: int) -> torch.nn.Module:
         return _resolve(self.decoder_layers()[layer], self.spec.mlp)
+
+    def attn_out(self, layer: int) -> torch.nn.Module:
+        """The module whose output the layer adds to the residual stream for its attention."""
+        return _resolve(self.decoder_layers()[layer], self.spec.attn_out or self.spec.attn)
+
+    def mlp_out(self, layer: int) -> torch.nn.Module:
+        """The module whose output the layer adds to the residual stream for its MLP."""
+        return _resolve(self.decoder_layers()[layer], self.spec.mlp_out or self.spec.mlp)
 
     def __repr__(self) -> str:
         return (

@@ -49,8 +49,10 @@ class TinyRecipe:
     defaults: dict[str, int]
     # tokenizer attributes that name a special token (LLaVA's processor reads ``tokenizer.image_token``)
     named_specials: dict[str, str] = field(default_factory=dict)
-    # whether the tokenizer prepends ``bos_token`` itself (Llama's tokenizer does)
+    # whether the tokenizer prepends ``bos_token`` itself (Llama's and Gemma's tokenizers do)
     prepend_bos: bool = False
+    # words of the family's prompt scaffolding, added to the vocabulary after the shared words
+    words: tuple[str, ...] = ()
     after_save: Callable[[Path, Any], None] | None = None
 
 

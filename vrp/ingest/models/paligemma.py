@@ -18,7 +18,7 @@ from .base import Adapter, FamilySpec
 from .family import Family, TinyRecipe, ToyRecipe
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+    from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerFast
     from transformers.processing_utils import ProcessorMixin
 
 PALIGEMMA = FamilySpec(
@@ -57,10 +57,10 @@ class PaliGemmaAdapter(Adapter):
 
     spec = PALIGEMMA
 
-    def _processed_ids(self, image: Image.Image, prompt: str, answer: str | None) -> list[int]:
+    def processed(self, image: Image.Image, prompt: str, answer: str | None) -> BatchFeature:
         """PaliGemma's processor puts the answer (its ``suffix``) after the prompt's newline."""
-        batch = self.processor(images=[image], text=[prompt], suffix=None if answer is None else [answer])
-        return [int(i) for i in batch["input_ids"][0]]
+        suffix = None if answer is None else [answer]
+        return self.processor(images=[image], text=[prompt], suffix=suffix, return_tensors="pt")
 
 
 def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[PreTrainedModel, ProcessorMixin]:

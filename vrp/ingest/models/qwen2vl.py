@@ -29,8 +29,6 @@ from transformers.processing_utils import ProcessorMixin
 from .base import Adapter, Encoded, FamilySpec
 from .family import Family, TinyRecipe, ToyRecipe
 
-QUESTION_SLOT = "{question}"
-
 QWEN2VL = FamilySpec(
     family="qwen2vl",
     model_types=("qwen2_vl", "qwen2_5_vl"),
@@ -87,32 +85,9 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 
 class Qwen2VLAdapter(Adapter):
-    """Qwen2-VL / Qwen2.5-VL: chat-template prompts and a per-image merged grid."""
+    """Qwen2-VL / Qwen2.5-VL: a per-image merged grid (prompts: the checkpoint's chat template)."""
 
     spec = QWEN2VL
-
-    def _messages(self, question: str) -> list[dict[str, Any]]:
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-
-    def prompt_template_record(self) -> str:
-        if self._template is not None:
-            return self._template
-        return self.processor.apply_chat_template(
-            self._messages(QUESTION_SLOT), add_generation_prompt=True, tokenize=False
-        )
-
-    def prompt(self, question: str) -> str:
-        if self._template is not None:
-            return super().prompt(question)
-        return self.processor.apply_chat_template(
-            self._messages(question), add_generation_prompt=True, tokenize=False
-        )
-
-    def text_prompt(self, question: str) -> str:
-        if self._template is not None:
-            return super().text_prompt(question)
-        messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _row_geometry(self, batch: BatchFeature, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
         vision = self.model.config.vision_config

@@ -106,10 +106,12 @@ BASE_WORDS: tuple[str, ...] = (
 
 def tiny_vocabulary(family: str, vocab_words: Sequence[str] | None = None) -> list[str]:
     """Special tokens first (stable ids), then scaffolding and content words in lower and capital case."""
-    specials = tiny_recipe(family).specials
+    recipe = tiny_recipe(family)
+    specials = recipe.specials
     words = ["\n", "USER", "ASSISTANT", "YES", "NO"]
     for word in (*BASE_WORDS, *(vocab_words or ())):
         words.extend((word, word.capitalize()))
+    words.extend(recipe.words)
     seen: dict[str, None] = dict.fromkeys(specials)
     for word in words:
         seen.setdefault(word, None)
@@ -130,11 +132,16 @@ def tiny_tokenizer(family: str, vocab_words: Sequence[str] | None = None) -> Pre
         ]
     )
     kwargs: dict[str, Any] = dict(roles)
+    others = [
+        t for t in recipe.specials if t not in roles.values() and t not in recipe.named_specials.values()
+    ]
     if recipe.named_specials:
         kwargs["extra_special_tokens"] = dict(recipe.named_specials)
     else:
-        kwargs["additional_special_tokens"] = [t for t in recipe.specials if t not in roles.values()]
+        kwargs["additional_special_tokens"] = others
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **kwargs)
+    if recipe.named_specials and others:  # special tokens without a name (Gemma 3's turn markers)
+        tokenizer.add_tokens(others, special_tokens=True)
     if recipe.prepend_bos:
         tokenizer.add_bos_token = True
         bos = roles["bos_token"]
