@@ -124,7 +124,7 @@ REAL: dict[str, dict[str, Any]] = {
     "gemma3": {  # google/gemma-3-4b-it
         "name": "gemma-3-4b",
         "params": 4_300_079_472,
-        "build": {"image_size": 896, "patch_size": 14},
+        "build": {"image_size": 896, "patch_size": 14, "grid": 16},  # 64x64 patches pooled to 16x16
         "top": {"mm_tokens_per_image": 256, "tie_word_embeddings": True},
         "text": {
             "vocab_size": 262208,
