@@ -99,7 +99,8 @@ def capture_ratio(families: list[str], batches: list[int], repeats: int) -> None
                 print("  ".join(str(c) for c in cells))
 
 
-def view_time(n_samples: int) -> None:
+def view_time(n_samples: int, *, browser: bool = True) -> float:
+    """Write a lake of `n_samples` at LLaVA-1.5's shape, then `vrp view` it; returns the view's seconds."""
     from vrp.lake import open_lake
     from vrp.lake.images import image_row, store_images
     from vrp.view import write_view
@@ -199,12 +200,14 @@ def view_time(n_samples: int) -> None:
         per_image_bytes = image_bytes / max(1, summary.images)
         pope = POPE_QUESTIONS * per_sample + POPE_IMAGES * per_image_bytes
         print(f"vrp view of {n_samples} samples: {seconds:.1f} s, {summary.bytes / 2**20:.1f} MiB")
-        _open_in_browser(out)
+        if browser:
+            _open_in_browser(out)
         print(
             f"per sample {per_sample / 1024:.1f} KiB of data, per picture {per_image_bytes / 1024:.1f} KiB; "
             f"a view of POPE ({POPE_QUESTIONS} questions, {POPE_IMAGES} images) at this shape: "
             f"about {pope / 2**20:.0f} MiB"
         )
+        return seconds
 
 
 def _open_in_browser(out: Path) -> None:

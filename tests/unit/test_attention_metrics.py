@@ -7,7 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from vrp.metrics.attention import cluster_count, normalise_map, normalised_entropy, spatial_entropy
+from vrp.metrics.attention import (
+    CLUSTER_EPS,
+    CLUSTER_MIN_SAMPLES,
+    CLUSTER_PERCENTILE,
+    cluster_count,
+    cluster_counts,
+    normalise_map,
+    normalised_entropy,
+    spatial_entropies,
+    spatial_entropy,
+)
 
 
 def test_uniform_map_has_entropy_log_n() -> None:
@@ -82,3 +92,54 @@ def test_normalised_entropy_is_one_for_uniform_and_zero_for_a_peak() -> None:
     two[[0, 5]] = 1.0
     assert normalised_entropy(spatial_entropy(two), 16) == pytest.approx(0.25, abs=1e-8)
     assert normalised_entropy(0.0, 1) is None
+
+
+def _dbscan_count(grid: np.ndarray) -> int:
+    """The definition run literally: scikit-learn's DBSCAN on the passing cells' coordinates."""
+    from sklearn.cluster import DBSCAN
+
+    cells = np.argwhere(grid >= np.percentile(grid, CLUSTER_PERCENTILE))
+    if len(cells) < CLUSTER_MIN_SAMPLES:
+        return 0
+    labels = DBSCAN(eps=CLUSTER_EPS, min_samples=CLUSTER_MIN_SAMPLES).fit_predict(cells)
+    return len(set(labels.tolist()) - {-1})
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (16, 16), (17, 23), (5, 7), (1, 9), (3, 3), (2, 2)])
+def test_cluster_counts_equal_dbscan(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    count = 40
+    blobs = np.zeros((count, *shape))
+    for grid in blobs:  # crosses of two to four cells at random places: touching, apart, at edges
+        for _ in range(5):
+            row, col = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+            grid[row, col : col + 2] = grid[row : row + 2, col] = 1.0
+    stacks = [
+        rng.random((count, *shape)),  # smooth attention-like maps
+        rng.random((count, *shape)) ** 8,  # a few peaks
+        rng.integers(0, 3, (count, *shape)).astype(float),  # ties at the threshold
+        (rng.random((count, *shape)) > 0.85).astype(float),  # sparse binary
+        np.full((count, *shape), 0.04),  # uniform: every cell passes
+        blobs,
+    ]
+    for grids in stacks:
+        expected = [_dbscan_count(grid) for grid in grids]
+        assert cluster_counts(grids).tolist() == expected
+        assert [cluster_count(grid) for grid in grids] == expected
+
+
+def test_cluster_counts_never_join_maps_of_a_stack() -> None:
+    # two maps whose blobs touch across the boundary between them if the stack were one image
+    top = np.zeros((4, 4))
+    top[3, :3] = 1.0
+    bottom = np.zeros((4, 4))
+    bottom[0, :3] = 1.0
+    assert cluster_counts(np.stack([top, bottom])).tolist() == [1, 1]
+    assert cluster_counts(np.zeros((0, 4, 4))).tolist() == []
+
+
+def test_spatial_entropies_are_spatial_entropy_per_row() -> None:
+    maps = np.random.default_rng(3).random((3, 5, 576))
+    rows = spatial_entropies(maps)
+    assert rows.shape == (3, 5)
+    assert rows.tolist() == [[spatial_entropy(m) for m in layer] for layer in maps]

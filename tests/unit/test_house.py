@@ -1,7 +1,7 @@
 """The house rules that keep one place for each shared piece (docs/ARCHITECTURE.md section 3).
 
 Every command takes ``--lake`` from the one options module and opens the lake through its one
-opener; the metric definitions import no scikit-learn until DBSCAN runs; the writer needs only
+opener; the metric definitions import no scipy until a cluster count runs; the writer needs only
 the lake root, so ``vrp.lake.writer`` does not import the reader.
 """
 
@@ -136,13 +136,13 @@ def _modules_after(code: str) -> set[str]:
     return set(out.split())
 
 
-def test_metrics_import_scikit_learn_only_when_dbscan_runs() -> None:
+def test_metrics_import_scipy_only_when_a_cluster_count_runs() -> None:
     loaded = _modules_after("from vrp.metrics.attention import spatial_entropy; spatial_entropy([1.0, 2.0])")
-    assert "sklearn" not in loaded and "torch" not in loaded
+    assert "scipy" not in loaded and "sklearn" not in loaded and "torch" not in loaded
     loaded = _modules_after(
         "import numpy as np; from vrp.metrics.attention import cluster_count; cluster_count(np.eye(4))"
     )
-    assert "sklearn" in loaded
+    assert "scipy.ndimage" in loaded and "sklearn" not in loaded
 
 
 def _imported_modules(module: ModuleType) -> set[str]:

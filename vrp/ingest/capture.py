@@ -41,7 +41,14 @@ from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from vrp.metrics.attention import cluster_count, normalise_map, normalised_entropy, spatial_entropy
+from vrp.metrics.attention import (
+    cluster_count,
+    cluster_counts,
+    normalise_map,
+    normalised_entropy,
+    spatial_entropies,
+    spatial_entropy,
+)
 from vrp.tasks import Gold, Task, get_task
 from vrp.tasks.base import as_gold
 
@@ -537,12 +544,20 @@ def _summarise(
     first = first_token_truth(first_logits, truth_ids)
     answer_logit = lens[:, batch, first_token]
     answer_rank = (lens > answer_logit[..., None]).sum(-1)  # [L, B]
-    # One copy to the host per tensor (a no-op on CPU), not one device sync per number read below.
-    truth_margin, truth_rank, answer_rank = truth_margin.cpu(), truth_rank.cpu(), answer_rank.cpu()
-    attn_contrib, mlp_contrib, has_truth = attn_contrib.cpu(), mlp_contrib.cpu(), has_truth.cpu()
+    # One copy to the host per tensor (tolist, cpu; no-ops on CPU), not one device sync per number:
+    # python numbers per layer and sample, and every layer's answer rows as [B, L, H, S] float32.
+    per_layer = {
+        "truth_margin": truth_margin.tolist(),
+        "truth_rank": truth_rank.tolist(),
+        "answer_rank": answer_rank.tolist(),
+        "attn_contrib": attn_contrib.tolist(),
+        "mlp_contrib": mlp_contrib.tolist(),
+    }
+    lens_host = [{key: values.tolist() for key, values in layer.items()} for layer in lens_stats]
+    has_truth = has_truth.cpu()
     first = {key: values.cpu() for key, values in first.items()}
     resid, mlp_out = resid.cpu(), mlp_out.cpu()
-    rows_host = {layer: rows.cpu() for layer, rows in attn_rows.items()}
+    rows_host = torch.stack([attn_rows[layer] for layer in range(n_layers)], dim=1).cpu()
 
     result = BatchCapture(samples=[], layers=[], heads=[], maps=[], hidden=[])
     for b, gold in enumerate(golds):
@@ -551,45 +566,46 @@ def _summarise(
         answer, status = task.parse(texts[b])
         correct, score = task.score(answer, gold)
         truth = bool(has_truth[b])
-        layer_rows, head_rows, maps = [], [], []
         has_image = len(pos) > 0  # a text-only prompt (the `none` condition) has no map to summarise
+        summary = None
+        if has_image:
+            summary = _attention_summary(rows_host[b][:, :, pos].double().numpy(), grid_h, grid_w)
+        maps = [] if summary is None else list(summary.maps)
+        layer_rows, head_rows = [], []
         for layer in range(n_layers):
-            row = rows_host[layer][b].double()  # [H, S]
-            image = row[:, pos].numpy()  # [H, N] raw probabilities over image tokens
-            grid = None
-            if has_image:
-                head_maps = normalise_map(image)
-                mean_raw = image.mean(0)
-                layer_map = normalise_map(mean_raw)
-                grid = layer_map.reshape(grid_h, grid_w)
-                maps.append(layer_map.astype(np.float32))
-            entropy = spatial_entropy(grid) if has_image else None
             layer_rows.append(
                 {
                     "layer": layer,
-                    "image_mass": float(mean_raw.sum()) if has_image else None,
-                    "spatial_entropy": entropy,
-                    "spatial_entropy_norm": normalised_entropy(entropy, grid.size) if has_image else None,
-                    "cluster_count": cluster_count(grid) if has_image else None,
-                    **{c: float(lens_stats[layer][c][b]) for c in task.lens_columns},
-                    "lens_truth_margin": float(truth_margin[layer, b]) if truth else None,
-                    "lens_answer_rank": int(answer_rank[layer, b]),
-                    "lens_entropy": float(lens_stats[layer]["token_entropy"][b]),
-                    "attn_contrib": float(attn_contrib[layer, b]) if truth else None,
-                    "mlp_contrib": float(mlp_contrib[layer, b]) if truth else None,
-                    "lens_truth_rank": int(truth_rank[layer, b]) if truth else None,
+                    "image_mass": summary.image_mass[layer] if summary is not None else None,
+                    "spatial_entropy": summary.entropy[layer] if summary is not None else None,
+                    "spatial_entropy_norm": summary.entropy_norm[layer] if summary is not None else None,
+                    "cluster_count": summary.clusters[layer] if summary is not None else None,
+                    **{c: lens_host[layer][c][b] for c in task.lens_columns},
+                    "lens_truth_margin": per_layer["truth_margin"][layer][b] if truth else None,
+                    "lens_answer_rank": per_layer["answer_rank"][layer][b],
+                    "lens_entropy": lens_host[layer]["token_entropy"][b],
+                    "attn_contrib": per_layer["attn_contrib"][layer][b] if truth else None,
+                    "mlp_contrib": per_layer["mlp_contrib"][layer][b] if truth else None,
+                    "lens_truth_rank": per_layer["truth_rank"][layer][b] if truth else None,
                 }
             )
-            for head in range(image.shape[0] if has_image else 0):
-                head_entropy = spatial_entropy(head_maps[head])
-                head_rows.append(
+            if has_image:
+                head_rows.extend(
                     {
                         "layer": layer,
                         "head": head,
-                        "image_mass": float(image[head].sum()),
-                        "spatial_entropy": head_entropy,
-                        "spatial_entropy_norm": normalised_entropy(head_entropy, image.shape[1]),
+                        "image_mass": mass,
+                        "spatial_entropy": entropy,
+                        "spatial_entropy_norm": entropy_norm,
                     }
+                    for head, (mass, entropy, entropy_norm) in enumerate(
+                        zip(
+                            summary.head_mass[layer],
+                            summary.head_entropy[layer],
+                            summary.head_entropy_norm[layer],
+                            strict=True,
+                        )
+                    )
                 )
         mean_map = normalise_map(np.mean(maps, axis=0)).reshape(grid_h, grid_w) if has_image else None
         mean_entropy = spatial_entropy(mean_map) if has_image else None
@@ -624,6 +640,48 @@ def _summarise(
     if keep_cache:
         result.greedy_output = out
     return result
+
+
+@dataclass
+class _MapSummary:
+    """One sample's attention summaries over its image tokens, per layer and per (layer, head)."""
+
+    maps: np.ndarray  # [L, N] float32 head-mean maps, each renormalised to sum to 1
+    image_mass: list[float]  # [L] the head-mean row's mass on image tokens
+    entropy: list[float]  # [L] H_s of each layer's map
+    entropy_norm: list[float | None]  # [L] H_s / ln N
+    clusters: list[int]  # [L] C_k of each layer's map
+    head_mass: list[list[float]]  # [L][H]
+    head_entropy: list[list[float]]  # [L][H]
+    head_entropy_norm: list[list[float | None]]  # [L][H]
+
+
+def _attention_summary(image: np.ndarray, grid_h: int, grid_w: int) -> _MapSummary:
+    """Every per-layer and per-head attention summary of one sample, as whole-array operations.
+
+    ``image`` is [L, H, N] float64, the answer rows' raw probabilities on the image tokens. The
+    arithmetic is the per-map definitions' (vrp.metrics.attention) applied along the last axis,
+    so each number is the one the per-map functions give (docs/ARCHITECTURE.md 4.1).
+    """
+    n_layers, _, n_cells = image.shape
+    head_maps = normalise_map(image)  # [L, H, N]
+    mean_raw = image.mean(1)  # [L, N]
+    layer_maps = normalise_map(mean_raw)
+    entropy = spatial_entropies(layer_maps)
+    head_entropy = spatial_entropies(head_maps)
+    log_cells = np.log(n_cells) if n_cells >= 2 else None  # normalised_entropy: None for one cell
+    return _MapSummary(
+        maps=layer_maps.astype(np.float32),
+        image_mass=mean_raw.sum(-1).tolist(),
+        entropy=entropy.tolist(),
+        entropy_norm=[None] * n_layers if log_cells is None else (entropy / log_cells).tolist(),
+        clusters=cluster_counts(layer_maps.reshape(n_layers, grid_h, grid_w)).tolist(),
+        head_mass=image.sum(-1).tolist(),
+        head_entropy=head_entropy.tolist(),
+        head_entropy_norm=(
+            [[None] * image.shape[1]] * n_layers if log_cells is None else (head_entropy / log_cells).tolist()
+        ),
+    )
 
 
 def _answer_logprob(
@@ -661,8 +719,16 @@ def _first_nonfinite(
     """Name the captured signal where a NaN or inf first appears (earliest layer first), or None.
 
     Hidden states are checked first: a NaN born in layer l spreads to every later signal, so the
-    earliest non-finite residual is where to look.
+    earliest non-finite residual is where to look. The rows are only searched when some value is
+    not finite (the common case returns after a few whole-array checks).
     """
+    numbers = [v for row in (sample, *layer_rows, *head_rows) for v in row.values() if isinstance(v, float)]
+    if (
+        all(np.isfinite(values).all() for values in hidden.values())
+        and all(np.isfinite(values).all() for values in maps)
+        and np.isfinite(np.asarray(numbers, dtype=np.float64)).all()
+    ):
+        return None
     for site, values in hidden.items():
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():

@@ -2,8 +2,17 @@
 
 These are definitions of stored signals, so they live outside both rooms that use them: the
 capture engine calls them on every layer's map at ingest time, and analyses can call them again
-on any aggregate map read from the lake. Pure numpy; scikit-learn's DBSCAN is imported only when
-``cluster_count`` runs, so a capture that stores no cluster counts never loads scikit-learn.
+on any aggregate map read from the lake. Pure numpy, but for the connected-component labelling
+of ``cluster_counts`` (scipy.ndimage), imported only when a cluster count is computed.
+
+The cluster count is defined as DBSCAN's (eps 1.5, min_samples 3) and computed without running
+DBSCAN: on integer cell coordinates eps 1.5 reaches exactly the 8 neighbours, so a *core* cell is
+a selected cell with at least two selected neighbours, clusters are the 8-connected components of
+core cells (DBSCAN joins two points when one is a core point within eps of the other, and a
+non-core border cell never joins two clusters), and non-core cells only attach to a cluster or are
+noise. So C_k is the number of 8-connected components of the core cells: a 3x3 box sum and one
+labelling for a whole stack of maps, instead of one DBSCAN fit per map (docs/ARCHITECTURE.md 4.1;
+tests/unit/test_attention_metrics.py checks the equality against scikit-learn's DBSCAN).
 """
 
 from __future__ import annotations
@@ -26,8 +35,13 @@ def normalise_map(values: np.ndarray) -> np.ndarray:
 
 def spatial_entropy(attention_map: np.ndarray) -> float:
     """H_s(M) = -sum M log(M + 1e-9) in nats, on an L1-normalised map of any shape."""
-    m = normalise_map(np.asarray(attention_map, dtype=np.float64).ravel())
-    return float(-(m * np.log(m + ENTROPY_DELTA)).sum())
+    return float(spatial_entropies(np.asarray(attention_map, dtype=np.float64).ravel()))
+
+
+def spatial_entropies(maps: np.ndarray) -> np.ndarray:
+    """H_s of every map along the last axis ([..., N] -> [...]), each L1-normalised first."""
+    m = normalise_map(np.asarray(maps, dtype=np.float64))
+    return -(m * np.log(m + ENTROPY_DELTA)).sum(-1)
 
 
 def normalised_entropy(entropy: float, n_cells: int) -> float | None:
@@ -46,16 +60,43 @@ def cluster_count(attention_map: np.ndarray) -> int:
 
     The map must be 2-D (grid_h x grid_w). Coordinates are the integer (row, col) of each cell,
     unweighted, so eps 1.5 means 8-connectivity. Fewer than three cells above the threshold
-    gives 0, as does a map where every surviving cell is noise.
+    gives 0, as does a map where every surviving cell is noise. See :func:`cluster_counts`.
     """
     grid = np.asarray(attention_map, dtype=np.float64)
     if grid.ndim != 2:
         raise ValueError(f"cluster_count needs a 2-D grid, got shape {grid.shape}")
-    threshold = np.percentile(grid, CLUSTER_PERCENTILE)
-    cells = np.argwhere(grid >= threshold)
-    if len(cells) < CLUSTER_MIN_SAMPLES:
-        return 0
-    from sklearn.cluster import DBSCAN  # only here: see the module docstring
+    return int(cluster_counts(grid[None])[0])
 
-    labels = DBSCAN(eps=CLUSTER_EPS, min_samples=CLUSTER_MIN_SAMPLES).fit_predict(cells)
-    return int(len(set(labels.tolist()) - {-1}))
+
+def cluster_counts(grids: np.ndarray) -> np.ndarray:
+    """C_k of each map in a stack [M, grid_h, grid_w] (one grid for all), as int64 [M].
+
+    The same number as :func:`cluster_count` per map, computed for the whole stack at once: the
+    90th-percentile threshold per map, the core cells (a selected cell whose 3x3 neighbourhood,
+    itself included, holds at least ``CLUSTER_MIN_SAMPLES`` selected cells), and the 8-connected
+    components of the core cells (module docstring: that is DBSCAN's cluster count).
+    """
+    from scipy import ndimage  # only here: see the module docstring
+
+    grids = np.asarray(grids, dtype=np.float64)
+    if grids.ndim != 3:
+        raise ValueError(f"cluster_counts needs a stack of 2-D grids [M, h, w], got shape {grids.shape}")
+    count, height, width = grids.shape
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    threshold = np.percentile(grids.reshape(count, -1), CLUSTER_PERCENTILE, axis=1)
+    selected = grids >= threshold[:, None, None]
+    padded = np.pad(selected.astype(np.int32), ((0, 0), (1, 1), (1, 1)))
+    around = sum(
+        padded[:, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+    )
+    core = selected & (around >= CLUSTER_MIN_SAMPLES)
+    within_map = np.zeros((3, 3, 3), dtype=bool)
+    within_map[1] = True  # 8-connectivity inside each map, never across maps of the stack
+    labels, found = ndimage.label(core, structure=within_map)
+    if not found:
+        return np.zeros(count, dtype=np.int64)
+    # every component lies in one map: count each where its first cell is
+    values, first = np.unique(labels.reshape(-1), return_index=True)
+    owner = first[values > 0] // (height * width)  # label 0 is the background
+    return np.bincount(owner, minlength=count).astype(np.int64)
