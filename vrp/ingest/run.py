@@ -24,7 +24,7 @@ from vrp.ingest.generate import sample_answers, sample_seed
 from vrp.ingest.models.base import LayerRangeError, resolve_layer
 from vrp.ingest.prompts import apply_template, question_template
 from vrp.lake.identity import make_run_id
-from vrp.lake.images import image_row
+from vrp.lake.images import image_hash, image_row
 from vrp.runs.loop import BatchOutcome, run_loop
 from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
 
@@ -568,7 +568,7 @@ def _process_batch(
     pictures = (
         [None] * len(ready)
         if condition and condition.text_only
-        else [image_row(view) for view in adapter.model_views(images)]
+        else _picture_rows(adapter.model_views(images))
     )
     k = options.self_consistency
     cap = capture_batch(
@@ -613,6 +613,22 @@ def _process_batch(
         for table, table_rows in sampled.items():
             rows.setdefault(table, []).extend(table_rows)
     return rows, failures
+
+
+def _picture_rows(views: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    """One ``images`` row per view, each distinct picture PNG-encoded once.
+
+    POPE asks six questions about each picture, one after the other, so a batch holds each picture
+    several times; the PNG encoding is most of what storing a picture costs.
+    """
+    encoded: dict[str, dict[str, Any]] = {}
+    rows = []
+    for view in views:
+        digest = image_hash(view)
+        if digest not in encoded:
+            encoded[digest] = image_row(view)
+        rows.append(encoded[digest])
+    return rows
 
 
 def _sample_rows(
