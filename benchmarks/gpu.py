@@ -217,6 +217,8 @@ def make_variants(
     adapter: Any, images: list[Image.Image], questions: list[str], labels: list[str], new_tokens: int, k: int
 ) -> dict[str, Callable[[], None]]:
     """One zero-argument callable per variant (module docstring), each dropping its outputs."""
+    from transformers.cache_utils import DynamicCache
+
     from vrp.ingest.capture import capture_batch
     from vrp.ingest.generate import sample_answers, sample_seed
 
@@ -246,6 +248,7 @@ def make_variants(
     def sc() -> None:
         out = model.generate(
             **enc.inputs,
+            cache=DynamicCache(),  # as capture_batch: every prompt key kept, also in sliding-window layers
             do_sample=False,
             max_new_tokens=new_tokens,
             pad_token_id=pad,

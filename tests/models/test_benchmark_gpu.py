@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_gpu_benchmark_smoke_without_lake_libraries(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--families", "llava,qwen2vl"]
+    script = str(ROOT / "benchmarks" / "gpu.py")
+    cmd = [sys.executable, script, "--smoke", "--families", "llava,qwen2vl,gemma3"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
@@ -30,9 +31,11 @@ def test_gpu_benchmark_smoke_without_lake_libraries(tmp_path: Path) -> None:
     assert configs["qwen2vl"]["params"] == 8_291_375_616
     # a 640x480 picture: smart_resize to 476x644, merged 2x2 -> 17x23 tokens
     assert configs["qwen2vl"]["grid"] == [17, 23] and configs["qwen2vl"]["layers"] == 28
+    assert configs["gemma3"]["params"] == 4_300_079_472
+    assert configs["gemma3"]["image_tokens"] == [256, 256] and configs["gemma3"]["layers"] == 34
 
     blocks = {(b["family"], b["batch"]): b for b in report["blocks"]}
-    assert set(blocks) == {("llava", 1), ("llava", 2), ("qwen2vl", 1), ("qwen2vl", 2)}
+    assert set(blocks) == {(f, b) for f in ("llava", "qwen2vl", "gemma3") for b in (1, 2)}
     for block in blocks.values():
         for name, row in block["variants"].items():
             assert row["error"] is None, (name, row["error"])
