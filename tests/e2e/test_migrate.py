@@ -55,6 +55,11 @@ ADDED_IN_V2 = {
 }
 # The pictures (also schema version 2): a column and two tables, absent from a version-1 lake.
 ADDED_PICTURES = {"samples": ["image_hash"]}
+# Several grids per image (also schema version 2): the tile of a map, each map's own metrics.
+ADDED_MULTI_GRID = {
+    "samples": ["n_grids"],
+    "attention_maps": ["tile", "mass", "spatial_entropy", "spatial_entropy_norm", "cluster_count"],
+}
 PICTURE_TABLES = ("evidence_maps", "images")
 # A table the version-1 lake lacks (never written there), which migrate must create.
 ABSENT = "probe_neurons"
@@ -63,13 +68,13 @@ QUIET = {"echo": lambda _line: None}
 
 def _v1_schema(name: str) -> pa.Schema:
     spec = TABLES[name]
-    added = ADDED_IN_V2.get(name, []) + ADDED_PICTURES.get(name, [])
+    added = ADDED_IN_V2.get(name, []) + ADDED_PICTURES.get(name, []) + ADDED_MULTI_GRID.get(name, [])
     keep = [f for f in spec.schema if f.name not in added]
     return pa.schema(keep)
 
 
 def _sorted(table: pa.Table, name: str) -> pa.Table:
-    return table.sort_by([(c, "ascending") for c in TABLES[name].key])
+    return table.sort_by([(c, "ascending") for c in TABLES[name].key if c in table.column_names])
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +134,8 @@ def _assert_migrated(root: Path, v1: dict[str, pa.Table]) -> None:
         now = _sorted(lake.arrow(name), name)
         assert now.num_rows == old.num_rows
         assert now.select(old.column_names).equals(_sorted(old, name)), name
-        for column in ADDED_IN_V2.get(name, []) + ADDED_PICTURES.get(name, []):
+        added = ADDED_IN_V2.get(name, []) + ADDED_PICTURES.get(name, []) + ADDED_MULTI_GRID.get(name, [])
+        for column in added:
             assert now.column(column).null_count == now.num_rows, (name, column)
 
 
@@ -150,7 +156,8 @@ def test_migrate_upgrades_in_place_and_a_new_run_writes_to_it(tmp_path, source) 
     result = CliRunner().invoke(main, ["lake", "migrate", "--lake", str(root)])
     assert result.exit_code == 0, result.output
     assert f"samples: schema version 1 -> {SCHEMA_VERSION}, added task, answers" in result.output
-    assert "truth_rank, first_token_kl, image_hash" in result.output
+    assert "truth_rank, first_token_kl, image_hash, n_grids" in result.output
+    assert "attention_maps: schema version 1 -> 2, added tile, mass, spatial_entropy" in result.output
     for name in (ABSENT, *PICTURE_TABLES):
         assert f"{name}: created" in result.output
     _assert_migrated(root, v1)

@@ -49,6 +49,7 @@ from vrp.metrics.attention import (
     spatial_entropies,
     spatial_entropy,
 )
+from vrp.metrics.grids import Layout, grid_maps, grid_values, stitch_attention, stitch_evidence
 from vrp.tasks import Gold, Task, get_task
 from vrp.tasks.base import as_gold
 
@@ -376,8 +377,14 @@ class BatchCapture:
     )
     greedy_tokens: torch.Tensor | None = None  # [B, new] answer token ids
     first_logits: torch.Tensor | None = None  # [B, V] float32 next-token logits at the answer position
-    # per sample: layer -> [n_image_tokens] float32 logit-lens evidence (empty when not asked for)
+    # per sample: layer -> float32 logit-lens evidence on the stitched lattice (empty when not asked for)
     evidence: list[dict[int, np.ndarray]] = field(default_factory=list)
+    # per sample: its grids (one for single-grid families; docs/ARCHITECTURE.md section 4.1b)
+    layouts: list[Layout | None] = field(default_factory=list)
+    # multi-grid samples only, per sample, per layer: each grid's map (sums to 1) and raw mass
+    grid_maps: list[list[list[tuple[np.ndarray, float]]]] = field(default_factory=list)
+    # multi-grid samples only, per sample: layer -> each grid's float32 evidence
+    grid_evidence: list[dict[int, list[np.ndarray]]] = field(default_factory=list)
 
 
 def first_token_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
@@ -489,12 +496,41 @@ def capture_batch(
         adapter, enc, task, golds, truth_ids, attn.rows, trace.values, out, prompt_len, keep_cache
     )
     if ev is not None:
-        result.evidence = ev.maps(truth_ids.tolist())
+        tokens = ev.maps(truth_ids.tolist())  # per sample: layer -> [n_image_tokens]
+        result.evidence = [
+            {layer: _on_layout(values, layout, stitch_evidence) for layer, values in maps.items()}
+            for maps, layout in zip(tokens, result.layouts, strict=True)
+        ]
+        result.grid_evidence = [
+            {
+                layer: [v.astype(np.float32) for v in grid_values(values, layout)]
+                for layer, values in maps.items()
+            }
+            if layout is not None and layout.multi
+            else {}
+            for maps, layout in zip(tokens, result.layouts, strict=True)
+        ]
         for b, maps in enumerate(result.evidence):
             bad = [layer for layer, values in maps.items() if not np.isfinite(values).all()]
             if bad and result.nonfinite[b] is None:
                 result.nonfinite[b] = f"evidence map at layer {bad[0]}"
     return result
+
+
+def _on_layout(values: np.ndarray, layout: Layout | None, stitch: Callable[..., np.ndarray]) -> np.ndarray:
+    """Per-image-token values as one float32 map over the whole image (unchanged for one grid)."""
+    if layout is None or not layout.multi:
+        return values
+    return stitch(values, layout).astype(np.float32)
+
+
+def _row_layout(enc: Encoded, b: int) -> Layout | None:
+    """Row ``b``'s grids; None for a text-only row (no image tokens, no grid)."""
+    if len(enc.image_pos[b]) == 0:
+        return None
+    if enc.layouts:
+        return enc.layouts[b]
+    return Layout.single(*enc.grids[b])
 
 
 def _summarise(
@@ -563,13 +599,14 @@ def _summarise(
     for b, gold in enumerate(golds):
         pos = enc.image_pos[b].cpu()
         grid_h, grid_w = enc.grids[b]
+        layout = _row_layout(enc, b)
         answer, status = task.parse(texts[b])
         correct, score = task.score(answer, gold)
         truth = bool(has_truth[b])
-        has_image = len(pos) > 0  # a text-only prompt (the `none` condition) has no map to summarise
+        has_image = layout is not None  # a text-only prompt (the `none` condition) has no map to summarise
         summary = None
         if has_image:
-            summary = _attention_summary(rows_host[b][:, :, pos].double().numpy(), grid_h, grid_w)
+            summary = _attention_summary(rows_host[b][:, :, pos].double().numpy(), layout)
         maps = [] if summary is None else list(summary.maps)
         layer_rows, head_rows = [], []
         for layer in range(n_layers):
@@ -622,6 +659,7 @@ def _summarise(
             "n_image_tokens": int(len(pos)),
             "grid_h": int(grid_h) if has_image else None,
             "grid_w": int(grid_w) if has_image else None,
+            "n_grids": len(layout.grids) if has_image else None,
             "image_h": int(image_h) if has_image else None,
             "image_w": int(image_w) if has_image else None,
             "spatial_entropy": mean_entropy,
@@ -633,6 +671,8 @@ def _summarise(
         result.layers.append(layer_rows)
         result.heads.append(head_rows)
         result.maps.append(maps)
+        result.layouts.append(layout)
+        result.grid_maps.append([] if summary is None else summary.grids)
         result.hidden.append(hidden)
         result.nonfinite.append(_first_nonfinite(sample, layer_rows, head_rows, maps, hidden))
     result.greedy_tokens = new_tokens
@@ -654,19 +694,31 @@ class _MapSummary:
     head_mass: list[list[float]]  # [L][H]
     head_entropy: list[list[float]]  # [L][H]
     head_entropy_norm: list[list[float | None]]  # [L][H]
+    # several grids only, per layer: each grid's map (sums to 1) and raw mass (4.1b); else empty
+    grids: list[list[tuple[np.ndarray, float]]]
 
 
-def _attention_summary(image: np.ndarray, grid_h: int, grid_w: int) -> _MapSummary:
+def _attention_summary(image: np.ndarray, layout: Layout) -> _MapSummary:
     """Every per-layer and per-head attention summary of one sample, as whole-array operations.
 
     ``image`` is [L, H, N] float64, the answer rows' raw probabilities on the image tokens. The
     arithmetic is the per-map definitions' (vrp.metrics.attention) applied along the last axis,
-    so each number is the one the per-map functions give (docs/ARCHITECTURE.md 4.1).
+    so each number is the one the per-map functions give (docs/ARCHITECTURE.md 4.1). Maps are on
+    the layout's stitched lattice: for one grid that is the renormalised row itself (4.1b).
     """
-    n_layers, _, n_cells = image.shape
-    head_maps = normalise_map(image)  # [L, H, N]
+    n_layers = image.shape[0]
+    grid_h, grid_w = layout.stitched
+    n_cells = grid_h * grid_w
+    head_maps = stitch_attention(image, layout)  # [L, H, cells]
     mean_raw = image.mean(1)  # [L, N]
-    layer_maps = normalise_map(mean_raw)
+    layer_maps = stitch_attention(mean_raw, layout)
+    per_grid: list[list[tuple[np.ndarray, float]]] = []
+    if layout.multi:
+        tiles, masses = grid_maps(mean_raw, layout)  # per grid [L, cells], masses [L, n_grids]
+        per_grid = [
+            [(tile[layer].astype(np.float32), float(masses[layer, g])) for g, tile in enumerate(tiles)]
+            for layer in range(n_layers)
+        ]
     entropy = spatial_entropies(layer_maps)
     head_entropy = spatial_entropies(head_maps)
     log_cells = np.log(n_cells) if n_cells >= 2 else None  # normalised_entropy: None for one cell
@@ -681,6 +733,7 @@ def _attention_summary(image: np.ndarray, grid_h: int, grid_w: int) -> _MapSumma
         head_entropy_norm=(
             [[None] * image.shape[1]] * n_layers if log_cells is None else (head_entropy / log_cells).tolist()
         ),
+        grids=per_grid,
     )
 
 

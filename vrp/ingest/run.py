@@ -25,6 +25,7 @@ from vrp.ingest.models.base import LayerRangeError, resolve_layer
 from vrp.ingest.prompts import apply_template, question_template
 from vrp.lake.identity import make_run_id
 from vrp.lake.images import image_hash, image_row
+from vrp.metrics.attention import cluster_count, normalised_entropy, spatial_entropy
 from vrp.runs.loop import BatchOutcome, run_loop
 from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
 
@@ -687,21 +688,12 @@ def _sample_rows(
         "sc_answer": sc_answer,
         "sc_k": options.self_consistency,
     }
-    grid_h, grid_w = captured["grid_h"], captured["grid_w"]
     return {
         "samples": [sample_row],
         "layers": [{**key, **row} for row in cap.layers[b]],
         "heads": [{**key, **row} for row in cap.heads[b]],
-        "attention_maps": [
-            {**key, "layer": layer, "grid_h": grid_h, "grid_w": grid_w, "map": cap.maps[b][layer]}
-            for layer in layers
-            if cap.maps[b]  # no image tokens (the `none` condition): no maps
-        ],
-        "evidence_maps": [
-            {**key, "layer": layer, "grid_h": grid_h, "grid_w": grid_w, "map": cap.evidence[b][layer]}
-            for layer in layers
-            if cap.evidence and layer in cap.evidence[b] and grid_h  # text-only runs have no grid
-        ],
+        "attention_maps": [{**key, **row} for row in attention_map_rows(cap, b, layers)],
+        "evidence_maps": [{**key, **row} for row in evidence_map_rows(cap, b, layers)],
         "hidden": [
             {**key, "site": site, "layer": layer, "h": np.ascontiguousarray(cap.hidden[b][site][layer])}
             for site in HIDDEN_SITES
@@ -709,3 +701,71 @@ def _sample_rows(
         ],
         "generations": generations,
     }
+
+
+def attention_map_rows(cap: BatchCapture, b: int, layers: Sequence[int]) -> list[dict[str, Any]]:
+    """Sample ``b``'s ``attention_maps`` rows (docs/ARCHITECTURE.md section 4.1b).
+
+    Per stored layer: the map over the whole image (``tile`` -1; its mass, H_s and C_k are the
+    ``layers`` row's) and, for an image seen as several grids, each grid's map (``tile`` 0..,
+    global view first) with its own raw mass, H_s and C_k. A text-only row (the `none`
+    condition) has no image tokens and no maps.
+    """
+    layout = cap.layouts[b] if cap.layouts else None
+    if not cap.maps[b] or layout is None:
+        return []
+    rows = []
+    for layer in layers:
+        summary = cap.layers[b][layer]
+        grids = cap.grid_maps[b][layer] if layout.multi else []
+        grid_h, grid_w = layout.stitched
+        rows.append(
+            {
+                "layer": layer,
+                "tile": -1,
+                "grid_h": grid_h,
+                "grid_w": grid_w,
+                "map": cap.maps[b][layer],
+                # several grids: the cells' mass, without the row separators' share of image_mass
+                "mass": sum(mass for _m, mass in grids) if grids else summary["image_mass"],
+                **{k: summary[k] for k in ("spatial_entropy", "spatial_entropy_norm", "cluster_count")},
+            }
+        )
+        for grid, (values, mass) in zip(layout.grids if grids else (), grids, strict=True):
+            entropy = spatial_entropy(values)
+            rows.append(
+                {
+                    "layer": layer,
+                    "tile": grid.tile,
+                    "grid_h": grid.rows,
+                    "grid_w": grid.cols,
+                    "map": values,
+                    "mass": mass,
+                    "spatial_entropy": entropy,
+                    "spatial_entropy_norm": normalised_entropy(entropy, values.size),
+                    "cluster_count": cluster_count(values.reshape(grid.rows, grid.cols)),
+                }
+            )
+    return rows
+
+
+def evidence_map_rows(cap: BatchCapture, b: int, layers: Sequence[int]) -> list[dict[str, Any]]:
+    """Sample ``b``'s ``evidence_maps`` rows: per stored layer the whole-image map (``tile`` -1) and,
+    for several grids, each grid's (``tile`` 0..). None without evidence or without an image."""
+    layout = cap.layouts[b] if cap.layouts else None
+    if not cap.evidence or layout is None:
+        return []
+    rows = []
+    for layer in layers:
+        if layer not in cap.evidence[b]:
+            continue
+        grid_h, grid_w = layout.stitched
+        rows.append(
+            {"layer": layer, "tile": -1, "grid_h": grid_h, "grid_w": grid_w, "map": cap.evidence[b][layer]}
+        )
+        if layout.multi:
+            rows += [
+                {"layer": layer, "tile": grid.tile, "grid_h": grid.rows, "grid_w": grid.cols, "map": values}
+                for grid, values in zip(layout.grids, cap.grid_evidence[b][layer], strict=True)
+            ]
+    return rows

@@ -106,6 +106,41 @@ def mask_cells(
     return adapter.mask_pixels(pixels, enc, cells, grey)
 
 
+def _shapes(shapes: Sequence[tuple[int, int]]) -> str:
+    return " + ".join(f"{h}x{w}" for h, w in shapes)
+
+
+def cell_shares(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[tuple[tuple[int, int], ...], np.ndarray]]:
+    """Per sample, (the grids' shapes, one value per cell to rank) from one layer's map rows.
+
+    One grid: its map (``tile`` -1, or null in rows older than the column). Several grids (rows
+    with ``tile`` >= 0, docs/ARCHITECTURE.md section 4.1b): every grid's cells in tile order, each
+    map scaled by its grid's raw mass, so cells of different grids compare by the share of the
+    answer's attention they received; the ranked ids are then the flat cell ids masking uses.
+    """
+    by_sample: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_sample.setdefault(row["sample_id"], []).append(row)
+    out = {}
+    for sample_id, sample_rows in by_sample.items():
+        grids = sorted((r for r in sample_rows if r["tile"] is not None and r["tile"] >= 0), key=_tile)
+        if grids:
+            shapes = tuple((int(r["grid_h"]), int(r["grid_w"])) for r in grids)
+            values = np.concatenate(
+                [np.asarray(r["map"], dtype=np.float64) * float(r["mass"]) for r in grids]
+            )
+        else:
+            (whole,) = sample_rows
+            shapes = ((int(whole["grid_h"]), int(whole["grid_w"])),)
+            values = np.asarray(whole["map"], dtype=np.float64)
+        out[sample_id] = (shapes, values)
+    return out
+
+
+def _tile(row: dict[str, Any]) -> int:
+    return int(row["tile"])
+
+
 @dataclass(frozen=True)
 class _MaskBatch:
     grey: torch.Tensor
@@ -120,7 +155,8 @@ class Mask(Intervention):
     layer: int = -1
     ratio: float = 0.3
     masks: tuple[str, ...] = MASK_CONDITIONS
-    maps: dict[str, tuple[int, int, np.ndarray]] | None = None  # sample -> (grid_h, grid_w, map)
+    # sample -> (each grid's shape, one ranking value per cell over all grids; see cell_shares)
+    maps: dict[str, tuple[tuple[tuple[int, int], ...], np.ndarray]] | None = None
 
     def select(self, samples: Sequence[Sample]) -> list[Sample]:
         missing = [s.sample_id for s in samples if s.sample_id not in (self.maps or {})]
@@ -141,13 +177,18 @@ class Mask(Intervention):
     def _cells(self, enc: Encoded, batch: Sequence[Sample], condition: str) -> list[list[int]]:
         chosen = []
         for b, sample in enumerate(batch):
-            grid_h, grid_w, attention = self.maps[sample.sample_id]
-            if (grid_h, grid_w) != tuple(enc.grids[b]):
+            shapes, attention = self.maps[sample.sample_id]
+            now = (
+                tuple((g.rows, g.cols) for g in enc.layouts[b].grids)
+                if enc.layouts and enc.layouts[b].multi
+                else (tuple(enc.grids[b]),)
+            )
+            if shapes != now:
                 raise InterventionError(
-                    f"sample {sample.sample_id}: the stored map is {grid_h}x{grid_w} but the "
-                    f"processor now gives {enc.grids[b][0]}x{enc.grids[b][1]}; its settings changed"
+                    f"sample {sample.sample_id}: the stored maps are {_shapes(shapes)} but the "
+                    f"processor now gives {_shapes(now)}; its settings changed"
                 )
-            count = 0 if condition == "full" else n_cells(self.ratio, grid_h * grid_w)
+            count = 0 if condition == "full" else n_cells(self.ratio, attention.size)
             rng = np.random.default_rng(sample_seed(self.seed, sample.sample_id, 0))
             chosen.append(rank_cells(attention, condition, count, rng))
         return chosen
@@ -207,7 +248,7 @@ def plan_mask(
     table = lake.arrow(
         "attention_maps",
         filter={"run_id": base_run_id, "layer": index},
-        columns=["sample_id", "grid_h", "grid_w", "map"],
+        columns=["sample_id", "tile", "grid_h", "grid_w", "map", "mass"],
     )
     if table.num_rows == 0:
         stored = base["config"].get("capture", {}).get("layers")
@@ -216,10 +257,7 @@ def plan_mask(
             f"(it stored layers {stored}); "
             "choose one of those with --layer, or re-ingest with --layers including it"
         )
-    maps = {
-        row["sample_id"]: (int(row["grid_h"]), int(row["grid_w"]), np.asarray(row["map"], dtype=np.float64))
-        for row in table.to_pylist()
-    }
+    maps = cell_shares(table.to_pylist())
     ordered = tuple(c for c in MASK_CONDITIONS if c in conditions)
     return Mask(
         base=base,

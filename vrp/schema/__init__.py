@@ -37,7 +37,9 @@ of open-ended answers, ``samples.task``, ``answers`` (the human answers), ``scor
 ``samples.first_token_kl`` (condition runs); ``samples.image_hash`` and the tables
 ``evidence_maps`` and ``images`` (the pictures); ``layers.lens_truth_rank``;
 ``generations.score``; ``interventions.score``/``truth_prob``/``truth_margin`` and the patching
-columns.
+columns; the multi-grid columns ``tile`` (``attention_maps``, ``evidence_maps``, where it joins the
+key), ``attention_maps.mass``/``spatial_entropy``/``spatial_entropy_norm``/``cluster_count`` and
+``samples.n_grids``.
 """
 
 from __future__ import annotations
@@ -204,6 +206,8 @@ TABLES: dict[str, TableSpec] = {
                 _opt("first_token_kl", pa.float64()),
                 # schema version 2: the `images` row of the picture this model saw (null before it)
                 _opt("image_hash", pa.string()),
+                # schema version 2: how many patch grids the model saw the image as (global view + tiles)
+                _opt("n_grids", pa.int32()),
             ],
             ("model", "dataset"),
             ("run_id", "sample_id"),
@@ -259,9 +263,15 @@ TABLES: dict[str, TableSpec] = {
                 _req("grid_h", pa.int32()),
                 _req("grid_w", pa.int32()),
                 _vec("map", "row:grid_h*grid_w"),
+                # schema version 2, several grids per image (docs/ARCHITECTURE.md section 4.1b): -1 (or
+                # null in older rows) is the map over the whole image, 0.. each grid, global view first
+                _opt("tile", pa.int32()),
+                # the grid's raw head-mean attention mass (as layers.image_mass) and this map's H_s, C_k
+                *_f64("mass", "spatial_entropy", "spatial_entropy_norm"),
+                _opt("cluster_count", pa.int32()),
             ],
             ("model",),
-            ("run_id", "sample_id", "layer"),
+            ("run_id", "sample_id", "layer", "tile"),
             {"map": "row:grid_h*grid_w"},
         ),
         _spec(
@@ -272,9 +282,10 @@ TABLES: dict[str, TableSpec] = {
                 _req("grid_h", pa.int32()),
                 _req("grid_w", pa.int32()),
                 _vec("map", "row:grid_h*grid_w"),
+                _opt("tile", pa.int32()),  # as attention_maps.tile
             ],
             ("model",),
-            ("run_id", "sample_id", "layer"),
+            ("run_id", "sample_id", "layer", "tile"),
             {"map": "row:grid_h*grid_w"},
         ),
         _spec(

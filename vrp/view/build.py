@@ -210,8 +210,13 @@ def _maps_by_sample(
     """(run_id, sample_id) -> layer -> map, reading the vector column without a Python list per cell.
 
     Also records each sample's grid in ``grids`` (the map rows carry it, whatever `samples` says).
+    Only the maps over the whole image are drawn: ``tile`` -1, or null in rows older than the
+    column; an image seen as several grids has its per-grid rows too (docs/ARCHITECTURE.md 4.1b).
     """
     out: dict[tuple[str, str], dict[int, np.ndarray]] = defaultdict(dict)
+    if "tile" in table.column_names:
+        table = table.filter(pc.equal(pc.fill_null(table.column("tile"), -1), -1))
+        table = table.drop_columns(["tile"])
     if table.num_rows == 0:
         return out
     for run, sample, gh, gw in zip(
@@ -326,7 +331,7 @@ def write_view(
         heads[(r["run_id"], r["sample_id"])][r["layer"]].append(
             [r["head"], _finite(r["image_mass"], 5), _finite(r["spatial_entropy"], 5)]
         )
-    map_columns = ["run_id", "sample_id", "layer", "grid_h", "grid_w", "map"]
+    map_columns = ["run_id", "sample_id", "layer", "tile", "grid_h", "grid_w", "map"]
     grids: dict[tuple[str, str], tuple[int, int]] = {}
     attention = _maps_by_sample(_read(lake, "attention_maps", runs, ids, map_columns), grids)
     evidence = _maps_by_sample(_read(lake, "evidence_maps", runs, ids, map_columns), grids)

@@ -6,7 +6,8 @@ What this module offers:
   ``(1 + w)`` norm offset, PaliGemma's bidirectional prefix, fp16 refusal), in the spirit of pyvene's
   model mappings. Nothing in it is pipeline code.
 - ``Encoded``: one batch ready for ``model(**enc.inputs)``, left padded, with per-row answer position,
-  image-token positions, patch grid and preprocessed image size.
+  image-token positions, patch grid(s) (``layouts``: one grid, or a global view and tiles) and
+  preprocessed image size.
 - ``Adapter``: the shared implementation. A family subclass only declares its ``spec`` and, where the
   family differs, overrides ``_row_geometry`` (geometry), ``prompt`` (a family without a template
   uses the checkpoint's chat template), ``mask_pixels`` (its pixel layout), ``load_processor`` or
@@ -14,8 +15,8 @@ What this module offers:
 
 Image tokens are always located by the image-token id in ``input_ids`` (never by fixed offsets, the
 defect of the study's own code), and every row is checked: its image-token count must equal the area
-of the patch grid the family's geometry derives, otherwise ``encode`` raises instead of mislabelling
-patches.
+of the patch grid the family's geometry derives (for a family with several grids per image, their
+cells plus its row separators), otherwise ``encode`` raises instead of mislabelling patches.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
+
+from vrp.metrics.grids import Layout
 
 if TYPE_CHECKING:
     from transformers import BatchFeature
@@ -105,6 +108,9 @@ class Encoded:
     cell_sizes: list[tuple[int, int]] = field(default_factory=list)
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    # per row: every patch grid of the image (global view first) and its stitched lattice, which is
+    # also ``grids[row]``; one grid for single-grid families (docs/ARCHITECTURE.md section 4.1b)
+    layouts: list[Layout] = field(default_factory=list)
 
 
 def _resolve(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -256,20 +262,24 @@ class Adapter:
         mask = batch["attention_mask"]
         positions = torch.arange(input_ids.shape[1])
         answer_pos = torch.where(mask.bool(), positions, -1).max(dim=1).values
-        image_pos, grids, image_sizes, cell_sizes = [], [], [], []
+        image_pos, grids, image_sizes, cell_sizes, layouts = [], [], [], [], []
         for row in range(input_ids.shape[0]):
             pos = torch.nonzero(input_ids[row] == self.image_token_id).flatten()
-            image_size, cell = self._row_geometry(batch, row)
-            grid = (image_size[0] // cell[0], image_size[1] // cell[1])
-            if pos.numel() != grid[0] * grid[1]:
+            image_size, cell, layout = self._row_layout(batch, row, (images[row].height, images[row].width))
+            if pos.numel() != layout.n_tokens:
+                shapes = " + ".join(f"{g.rows}x{g.cols}" for g in layout.grids)
+                expected = f"grids {shapes}" if layout.multi else f"a {shapes} grid"
+                if layout.separators:
+                    expected += f" and {layout.separators} row separators"
                 raise ValueError(
-                    f"row {row}: {pos.numel()} image tokens but the {self.spec.family} geometry gives a "
-                    f"{grid[0]}x{grid[1]} grid; {self._geometry_hint()}"
+                    f"row {row}: {pos.numel()} image tokens but the {self.spec.family} geometry gives "
+                    f"{expected}; {self._geometry_hint()}"
                 )
             image_pos.append(pos)
-            grids.append(grid)
+            grids.append(layout.stitched)
             image_sizes.append(image_size)
             cell_sizes.append(cell)
+            layouts.append(layout)
         inputs = self._model_inputs(batch)
         return Encoded(
             inputs=inputs,
@@ -280,6 +290,7 @@ class Adapter:
             cell_sizes=cell_sizes,
             original_sizes=[(im.height, im.width) for im in images],
             prompts=prompts,
+            layouts=layouts,
         )
 
     def _batch_images(self, images: Sequence[Image.Image]) -> list[Any]:
@@ -349,6 +360,20 @@ class Adapter:
         """[3, H, W] float pixels of one image in the image processor's output."""
         return np.asarray(processed["pixel_values"][row], dtype=np.float32)
 
+    def _row_layout(
+        self, batch: BatchFeature, row: int, original_size: tuple[int, int]
+    ) -> tuple[tuple[int, int], tuple[int, int], Layout]:
+        """(preprocessed image (h, w), grid cell (h, w), every grid of the row's image).
+
+        The default is one grid from :meth:`_row_geometry`. A family that shows the model several
+        grids per image (a global view and tiles) overrides this and returns its
+        :class:`~vrp.metrics.grids.Layout`; the first two values then describe the stitched
+        lattice over the original image.
+        """
+        image_size, cell = self._row_geometry(batch, row)
+        grid = (image_size[0] // cell[0], image_size[1] // cell[1])
+        return image_size, cell, Layout.single(*grid, image_size)
+
     def _row_geometry(self, batch: BatchFeature, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(preprocessed image (h, w), grid cell (h, w)) in pixels; fixed-resolution default.
 
@@ -387,6 +412,15 @@ class Adapter:
         return transformers.AutoProcessor.from_pretrained(source), False
 
     # ----- geometry ----------------------------------------------------------------------------------
+    @staticmethod
+    def _one_grid(enc: Encoded, row: int) -> None:
+        """Refuse a single-grid question about an image the model saw as several grids."""
+        if enc.layouts and enc.layouts[row].multi:
+            raise ValueError(
+                f"row {row} was seen as {len(enc.layouts[row].grids)} grids: its cells have no single "
+                "preprocessed image; use enc.layouts[row] (vrp.metrics.grids)"
+            )
+
     def cell_of(self, enc: Encoded, row: int, position: int) -> int:
         """Grid cell (row-major index) of the image token at sequence ``position`` of batch row ``row``."""
         hits = torch.nonzero(enc.image_pos[row] == position).flatten()
@@ -400,6 +434,7 @@ class Adapter:
 
     def patch_box(self, enc: Encoded, row: int, cell: int) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1), end-exclusive, of grid cell ``cell`` in the preprocessed image's pixels."""
+        self._one_grid(enc, row)
         grid_h, grid_w = enc.grids[row]
         if not 0 <= cell < grid_h * grid_w:
             raise IndexError(f"cell {cell} outside the {grid_h}x{grid_w} grid")
@@ -409,6 +444,7 @@ class Adapter:
 
     def cell_at(self, enc: Encoded, row: int, x: float, y: float) -> int:
         """Row-major grid cell that contains preprocessed pixel (x, y)."""
+        self._one_grid(enc, row)
         cell_h, cell_w = enc.cell_sizes[row]
         grid_h, grid_w = enc.grids[row]
         r, c = int(y // cell_h), int(x // cell_w)
