@@ -90,7 +90,9 @@ def test_high_mask_greys_exactly_the_top_attended_patches(world, family) -> None
     # the chosen cells are the 30% most attended cells of the stored last-layer map
     maps = _stored_maps(world["lake"], run_id, 1)
     sample_id, attention = sorted(maps.items())[0]
-    high = mask.rank_cells(plan.maps[sample_id][2], "high", ivbase.n_cells(0.3, attention.size))
+    shapes, ranked = plan.maps[sample_id]
+    assert shapes == ((4, 4),)  # one grid
+    high = mask.rank_cells(ranked, "high", ivbase.n_cells(0.3, attention.size))
     assert len(high) == 5  # 0.3 * 16 = 4.8 -> 5
     others = np.setdiff1d(np.arange(attention.size), high)
     assert attention[high].min() >= attention[others].max()
