@@ -126,7 +126,8 @@ def test_a_640x480_photo_gets_2x2_tiles_unpadded_to_36_rows(mistral_7b):
     assert enc.image_pos[0].numel() == 576 + 36 * 49 == 2340
     assert enc.inputs["pixel_values"].shape == (1, 5, 3, 336, 336)
     # rows 6..41 of the 48 feature rows = canvas y 84..588, i.e. the whole photo (480 px high)
-    assert layout.grids[1].canvas_box == pytest.approx((84, 0, 588, 672))
+    high = layout.grids[1]
+    assert (high.y_spans[0, 0], high.y_spans[-1, 1], high.x_spans[-1, 1]) == (84, 588, 672)
     assert layout.grids[1].image_box == pytest.approx((0, 0, 480, 640))
 
 

@@ -25,13 +25,13 @@ from vrp.metrics.grids import (
 def _two_grid_layout() -> Layout:
     """A 12x24 px image: a 2x4 global view over all of it, then one 6x12 high-res grid with a
     separator token after each of its rows (like LLaVA-NeXT's newline tokens)."""
-    glob = Grid(0, 2, 4, np.arange(8), 0, (0, 0, 24, 24), (0, 0, 12, 24), is_global=True)
+    glob = Grid.uniform(0, 2, 4, np.arange(8), 0, (0, 0, 24, 24), (0, 0, 12, 24), is_global=True)
     positions = []
     token = 8
     for _ in range(6):
         positions.extend(range(token, token + 12))
         token += 13  # 12 cells then a separator
-    tiles = Grid(1, 6, 12, np.asarray(positions), 1, (0, 0, 12, 24), (0, 0, 12, 24))
+    tiles = Grid.uniform(1, 6, 12, np.asarray(positions), 1, (0, 0, 12, 24), (0, 0, 12, 24))
     return Layout((glob, tiles), (12, 24), (6, 12), token)
 
 
@@ -102,8 +102,8 @@ def test_stitched_attention_by_hand():
 
 def test_mass_outside_the_image_is_dropped_before_renormalising():
     """A global view padded beyond the image: its padding row hands nothing to the lattice."""
-    glob = Grid(0, 2, 2, np.arange(4), 0, (0, 0, 8, 8), (-4, 0, 12, 8), is_global=True)
-    tile = Grid(1, 2, 2, np.arange(4, 8), 1, (0, 0, 8, 8), (0, 0, 8, 8))
+    glob = Grid.uniform(0, 2, 2, np.arange(4), 0, (0, 0, 8, 8), (-4, 0, 12, 8), is_global=True)
+    tile = Grid.uniform(1, 2, 2, np.arange(4, 8), 1, (0, 0, 8, 8), (0, 0, 8, 8))
     layout = Layout((glob, tile), (8, 8), (2, 2), 8)
     raw = np.zeros(8)
     raw[0] = 1.0  # global cell (0, 0): y in [-4, 4), half of it above the image
@@ -114,9 +114,9 @@ def test_mass_outside_the_image_is_dropped_before_renormalising():
 
 
 def test_stitched_evidence_takes_the_finest_view_and_the_global_view_only_where_nothing_finer_is():
-    glob = Grid(0, 1, 2, np.arange(2), 0, (0, 0, 4, 4), (0, 0, 4, 8), is_global=True)
+    glob = Grid.uniform(0, 1, 2, np.arange(2), 0, (0, 0, 4, 4), (0, 0, 4, 8), is_global=True)
     # tiles cover only the left half of the image
-    tile = Grid(1, 2, 2, np.arange(2, 6), 1, (0, 0, 4, 4), (0, 0, 4, 4))
+    tile = Grid.uniform(1, 2, 2, np.arange(2, 6), 1, (0, 0, 4, 4), (0, 0, 4, 4))
     layout = Layout((glob, tile), (4, 8), (2, 4), 6)
     values = np.asarray([10.0, 20.0, 1.0, 2.0, 3.0, 4.0])
     stitched = stitch_evidence(values, layout).reshape(2, 4)
@@ -124,8 +124,8 @@ def test_stitched_evidence_takes_the_finest_view_and_the_global_view_only_where_
 
 
 def test_stitched_evidence_is_an_area_weighted_mean():
-    glob = Grid(0, 1, 1, np.arange(1), 0, (0, 0, 2, 2), (0, 0, 2, 2), is_global=True)
-    tile = Grid(1, 2, 2, np.arange(1, 5), 1, (0, 0, 2, 2), (0, 0, 2, 2))
+    glob = Grid.uniform(0, 1, 1, np.arange(1), 0, (0, 0, 2, 2), (0, 0, 2, 2), is_global=True)
+    tile = Grid.uniform(1, 2, 2, np.arange(1, 5), 1, (0, 0, 2, 2), (0, 0, 2, 2))
     layout = Layout((glob, tile), (2, 2), (1, 1), 5)
     values = np.asarray([100.0, 1.0, 2.0, 3.0, 6.0])
     np.testing.assert_allclose(stitch_evidence(values, layout), [3.0])  # (1+2+3+6)/4, global ignored
@@ -133,7 +133,7 @@ def test_stitched_evidence_is_an_area_weighted_mean():
 
 @pytest.mark.parametrize(("box", "rows", "cols"), [((0, 0, 14, 28), 1, 2), ((3.4, 0, 19.6, 10), 5, 3)])
 def test_cell_boxes_partition_the_canvas_box(box, rows, cols):
-    grid = Grid(0, rows, cols, np.arange(rows * cols), 0, box, box)
+    grid = Grid.uniform(0, rows, cols, np.arange(rows * cols), 0, box, box)
     boxes = cell_boxes(grid)
     cover = np.zeros((40, 40), dtype=int)
     for y0, x0, y1, x1 in boxes:
@@ -147,7 +147,7 @@ def test_cell_boxes_partition_the_canvas_box(box, rows, cols):
 
 
 def test_cell_boxes_of_whole_pixel_cells():
-    grid = Grid(0, 2, 3, np.arange(6), 0, (14, 0, 42, 42), (0, 0, 1, 1))
+    grid = Grid.uniform(0, 2, 3, np.arange(6), 0, (14, 0, 42, 42), (0, 0, 1, 1))
     assert cell_boxes(grid).tolist()[4] == [28, 14, 42, 28]
 
 
@@ -165,14 +165,33 @@ def test_layout_refuses_inconsistent_grids():
     box = (0, 0, 2, 2)
     with pytest.raises(ValueError, match="same image token"):
         Layout(
-            (Grid(0, 1, 2, np.asarray([0, 1]), 0, box, box), Grid(1, 1, 1, np.asarray([1]), 0, box, box)),
+            (
+                Grid.uniform(0, 1, 2, np.asarray([0, 1]), 0, box, box),
+                Grid.uniform(1, 1, 1, np.asarray([1]), 0, box, box),
+            ),
             (2, 2),
             (1, 2),
             2,
         )
     with pytest.raises(ValueError, match="outside the 2 image tokens"):
-        Layout((Grid(0, 1, 2, np.asarray([0, 2]), 0, box, box),), (2, 2), (1, 2), 2)
+        Layout((Grid.uniform(0, 1, 2, np.asarray([0, 2]), 0, box, box),), (2, 2), (1, 2), 2)
     with pytest.raises(ValueError, match="positions for"):
-        Grid(0, 2, 2, np.arange(3), 0, box, box)
+        Grid.uniform(0, 2, 2, np.arange(3), 0, box, box)
     with pytest.raises(ValueError, match="numbered"):
-        Layout((Grid(1, 1, 1, np.asarray([0]), 0, box, box),), (2, 2), (1, 1), 1)
+        Layout((Grid.uniform(1, 1, 1, np.asarray([0]), 0, box, box),), (2, 2), (1, 1), 1)
+
+
+def test_spans_with_gaps_leave_the_unread_pixels_alone_and_keep_the_mass():
+    """Like a SigLIP 384 px tile read as 27 x 14 px: the last pixels belong to no cell."""
+    spans = np.asarray([[0.0, 2.0], [2.0, 4.0]])
+    grid = Grid(0, 2, 2, np.arange(4), 0, spans, spans, spans * 5 / 5, spans * 5 / 5)  # canvas 5 px, 1 unread
+    boxes = cell_boxes(grid)
+    cover = np.zeros((5, 5), dtype=int)
+    for y0, x0, y1, x1 in boxes:
+        cover[y0:y1, x0:x1] += 1
+    assert cover[:4, :4].min() == 1 and cover[4].sum() == 0 and cover[:, 4].sum() == 0
+    glob = Grid.uniform(0, 1, 1, np.arange(1), 0, (0, 0, 5, 5), (0, 0, 4, 4), is_global=True)
+    tiles = Grid(1, 2, 2, np.arange(1, 5), 1, spans, spans, spans, spans)
+    layout = Layout((glob, tiles), (4, 4), (2, 2), 5)
+    raw = np.asarray([0.4, 0.1, 0.2, 0.3, 0.0])
+    np.testing.assert_allclose(stitch_attention(raw, layout), [0.2, 0.3, 0.4, 0.1])

@@ -38,9 +38,10 @@ class Grid:
     ``positions`` index the row's image tokens (``Encoded.image_pos[row]``), not the sequence, one
     per cell in row-major order; image tokens in no grid are row separators (LLaVA-NeXT's
     ``image_newline``). ``view`` names the pixel canvas the cells were cut from (which tensor is
-    the family's fact); ``canvas_box`` is the part of that canvas the cells split evenly, and
-    ``image_box`` the same area in the original image's pixels (it may reach past the image where
-    the processor padded).
+    the family's fact). Cell (r, c) covers canvas pixels ``y_spans[r] x x_spans[c]`` and original
+    image pixels ``image_y[r] x image_x[c]`` (each ``[n, 2]`` float start/end pairs; spans may leave
+    gaps, like the pixels a SigLIP 384 px tile never reads, and may reach past the image where the
+    processor padded). :meth:`uniform` builds the common case of equal cells over one box.
     """
 
     tile: int
@@ -48,8 +49,10 @@ class Grid:
     cols: int
     positions: np.ndarray
     view: int
-    canvas_box: Box
-    image_box: Box
+    y_spans: np.ndarray
+    x_spans: np.ndarray
+    image_y: np.ndarray
+    image_x: np.ndarray
     is_global: bool = False
 
     def __post_init__(self) -> None:
@@ -59,10 +62,61 @@ class Grid:
             raise ValueError(
                 f"grid {self.tile}: {len(self.positions)} token positions for {self.rows}x{self.cols} cells"
             )
+        for name, n in (
+            ("y_spans", self.rows),
+            ("x_spans", self.cols),
+            ("image_y", self.rows),
+            ("image_x", self.cols),
+        ):
+            spans = np.asarray(getattr(self, name))
+            if spans.shape != (n, 2) or not (spans[:, 1] > spans[:, 0]).all():
+                raise ValueError(f"grid {self.tile}: {name} must be {n} increasing (start, end) pairs")
+
+    @classmethod
+    def uniform(
+        cls,
+        tile: int,
+        rows: int,
+        cols: int,
+        positions: np.ndarray,
+        view: int,
+        canvas_box: Box,
+        image_box: Box,
+        *,
+        is_global: bool = False,
+    ) -> Grid:
+        """Equal cells over ``canvas_box`` and ``image_box`` (``(y0, x0, y1, x1)``)."""
+        return cls(
+            tile,
+            rows,
+            cols,
+            np.asarray(positions),
+            view,
+            _spans(canvas_box[0], canvas_box[2], rows),
+            _spans(canvas_box[1], canvas_box[3], cols),
+            _spans(image_box[0], image_box[2], rows),
+            _spans(image_box[1], image_box[3], cols),
+            is_global,
+        )
 
     @property
     def size(self) -> int:
         return self.rows * self.cols
+
+    @property
+    def image_box(self) -> Box:
+        """The original-image area the grid spans: ``(y0, x0, y1, x1)``."""
+        return (
+            float(self.image_y[0, 0]),
+            float(self.image_x[0, 0]),
+            float(self.image_y[-1, 1]),
+            float(self.image_x[-1, 1]),
+        )
+
+
+def _spans(start: float, stop: float, n: int) -> np.ndarray:
+    edges = np.linspace(float(start), float(stop), n + 1)
+    return np.stack([edges[:-1], edges[1:]], axis=1)
 
 
 @dataclass(frozen=True)
@@ -96,7 +150,7 @@ class Layout:
         """The layout of a one-grid family: every image token is a cell, in row-major order."""
         size = image_size or (rows, cols)
         box = (0.0, 0.0, float(size[0]), float(size[1]))
-        grid = Grid(0, rows, cols, np.arange(rows * cols), 0, box, box)
+        grid = Grid.uniform(0, rows, cols, np.arange(rows * cols), 0, box, box)
         return cls((grid,), (int(size[0]), int(size[1])), (rows, cols), rows * cols)
 
     @property
@@ -133,21 +187,17 @@ def grid_maps(raw: np.ndarray, layout: Layout) -> tuple[list[np.ndarray], np.nda
     return [normalise_map(p) for p in parts], masses
 
 
-def _edges(start: float, stop: float, n: int) -> np.ndarray:
-    return np.linspace(start, stop, n + 1)
-
-
 def _overlap(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Length of overlap between every dst interval (rows) and src interval (cols): ``[n_dst, n_src]``."""
-    lo = np.maximum(dst[:-1, None], src[None, :-1])
-    hi = np.minimum(dst[1:, None], src[None, 1:])
+    """Overlap length of every dst span (rows) with every src span (cols): ``[n_dst, n_src]``."""
+    lo = np.maximum(dst[:, None, 0], src[None, :, 0])
+    hi = np.minimum(dst[:, None, 1], src[None, :, 1])
     return np.clip(hi - lo, 0.0, None)
 
 
 def _lattice(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = layout.stitched
     height, width = layout.image_size
-    return _edges(0.0, float(height), rows), _edges(0.0, float(width), cols)
+    return _spans(0.0, height, rows), _spans(0.0, width, cols)
 
 
 def spread_weights(grid: Grid, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
@@ -157,11 +207,10 @@ def spread_weights(grid: Grid, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     the overlap of their boxes over the grid cell's area, so a cell wholly inside the image hands
     out all of it and one lying in padding outside the image hands out less.
     """
-    y0, x0, y1, x1 = grid.image_box
     lat_y, lat_x = _lattice(layout)
-    src_y, src_x = _edges(y0, y1, grid.rows), _edges(x0, x1, grid.cols)
-    wy = _overlap(src_y, lat_y) / np.diff(src_y)[None, :]
-    wx = _overlap(src_x, lat_x) / np.diff(src_x)[None, :]
+    src_y, src_x = np.asarray(grid.image_y, float), np.asarray(grid.image_x, float)
+    wy = _overlap(src_y, lat_y) / np.diff(src_y, axis=1).T
+    wx = _overlap(src_x, lat_x) / np.diff(src_x, axis=1).T
     return wy, wx
 
 
@@ -207,9 +256,8 @@ def stitch_evidence(values: np.ndarray, layout: Layout) -> np.ndarray:
     def mean_of(grids: list[tuple[Grid, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         num, den = 0.0, 0.0
         for grid, part in grids:
-            y0, x0, y1, x1 = grid.image_box
-            uy = _overlap(_edges(y0, y1, grid.rows), lat_y) / np.diff(lat_y)[:, None]
-            ux = _overlap(_edges(x0, x1, grid.cols), lat_x) / np.diff(lat_x)[:, None]
+            uy = _overlap(np.asarray(grid.image_y, float), lat_y) / np.diff(lat_y, axis=1)
+            ux = _overlap(np.asarray(grid.image_x, float), lat_x) / np.diff(lat_x, axis=1)
             num = num + _on_lattice(part, grid, uy, ux)
             den = den + _on_lattice(np.ones(grid.size), grid, uy, ux)
         return np.asarray(num), np.asarray(den)
@@ -227,15 +275,14 @@ def stitch_evidence(values: np.ndarray, layout: Layout) -> np.ndarray:
 def cell_boxes(grid: Grid) -> np.ndarray:
     """``[rows*cols, 4]`` integer pixel boxes ``(y0, x0, y1, x1)`` of the cells in the grid's canvas.
 
-    The cell edges are rounded to whole pixels (half up), so the cells partition the rounded
-    canvas box exactly: every pixel belongs to one cell and no pixel to two, also when a grid was
-    resampled and its cells are not whole pixels wide (LLaVA-OneVision).
+    Span ends are rounded to whole pixels (half up), so cells that share an edge share the rounded
+    edge: no pixel belongs to two cells and none between two touching cells is left out, also when
+    a grid was resampled and its cells are not whole pixels wide (LLaVA-OneVision).
     """
-    y0, x0, y1, x1 = grid.canvas_box
-    ys = np.floor(_edges(y0, y1, grid.rows) + 0.5).astype(int)
-    xs = np.floor(_edges(x0, x1, grid.cols) + 0.5).astype(int)
+    ys = np.floor(np.asarray(grid.y_spans, float) + 0.5).astype(int)
+    xs = np.floor(np.asarray(grid.x_spans, float) + 0.5).astype(int)
     r, c = np.divmod(np.arange(grid.size), grid.cols)
-    return np.stack([ys[r], xs[c], ys[r + 1], xs[c + 1]], axis=1)
+    return np.stack([ys[r, 0], xs[c, 0], ys[r, 1], xs[c, 1]], axis=1)
 
 
 def locate_cell(layout: Layout, flat: int) -> tuple[int, int]:

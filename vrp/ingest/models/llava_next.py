@@ -67,14 +67,17 @@ LLAVA_NEXT = FamilySpec(
 class Anyres:
     """Where one image's anyres pixels and tokens lie (all from the processor's and model's own rules).
 
-    ``tile``: the vision tower's square in pixels; ``side``: tokens per tile side; ``tiles``: (nph, npw);
-    ``resized``/``paste``: the image's size inside the padded canvas and its top-left corner there;
-    ``unpadded``: (top, left, rows, cols) of the high-res grid kept after ``unpad_image``, in
-    tile-feature cells; ``grid``: that grid's (rows, cols) as the language model reads it.
+    ``tile``: the vision tower's square in pixels, read by ``side`` x ``side`` patches of ``patch``
+    pixels (``side * patch`` may fall short of ``tile``: SigLIP's 384 px tile is read as 27 x 14 =
+    378 px); ``tiles``: (nph, npw); ``resized``/``paste``: the image's size inside the padded canvas
+    and its top-left corner there; ``unpadded``: (top, left, rows, cols) of the high-res feature grid
+    kept after ``unpad_image``, in tile-feature cells; ``grid``: the high-res grid's (rows, cols) as
+    the language model reads it (fewer when the family resamples it).
     """
 
     original: tuple[int, int]
     tile: int
+    patch: int
     side: int
     tiles: tuple[int, int]
     resized: tuple[int, int]
@@ -82,18 +85,31 @@ class Anyres:
     unpadded: tuple[int, int, int, int]
     grid: tuple[int, int]
 
-    @property
-    def canvas_box(self) -> tuple[float, float, float, float]:
-        """The unpadded high-res grid's box in canvas pixels."""
-        top, left, rows, cols = self.unpadded
-        cell = self.tile / self.side
-        return (top * cell, left * cell, (top + rows) * cell, (left + cols) * cell)
+    def _canvas(self, u: np.ndarray, *, end: bool) -> np.ndarray:
+        """Feature coordinate (in cells along one axis of the stitched tiles) -> canvas pixel."""
+        t = np.ceil(u / self.side) - 1 if end else np.floor(u / self.side)
+        t = np.maximum(t, 0)
+        return t * self.tile + (u - t * self.side) * self.patch
 
-    def to_original(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        """A canvas-pixel box in the original image's pixels (undoing the centred pad and the resize)."""
-        y0, x0, y1, x1 = box
+    def high_res_spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """Canvas-pixel (y, x) spans of the high-res grid's rows and columns, ``[n, 2]`` each.
+
+        Row k of ``grid`` rows covers the unpadded feature rows ``[top + k*s, top + (k+1)*s)`` with
+        s = unpadded rows / grid rows (1 unless the grid was resampled).
+        """
+        top, left, rows, cols = self.unpadded
+        out = []
+        for start, n_in, n_out in ((top, rows, self.grid[0]), (left, cols, self.grid[1])):
+            edges = start + np.arange(n_out + 1) * (n_in / n_out)
+            out.append(
+                np.stack([self._canvas(edges[:-1], end=False), self._canvas(edges[1:], end=True)], axis=1)
+            )
+        return out[0], out[1]
+
+    def to_original(self, y_spans: np.ndarray, x_spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Canvas-pixel spans in the original image's pixels (undoing the centred pad and the resize)."""
         (oh, ow), (rh, rw), (py, px) = self.original, self.resized, self.paste
-        return ((y0 - py) * oh / rh, (x0 - px) * ow / rw, (y1 - py) * oh / rh, (x1 - px) * ow / rw)
+        return (y_spans - py) * oh / rh, (x_spans - px) * ow / rw
 
 
 def anyres_geometry(
@@ -124,7 +140,9 @@ def anyres_geometry(
         new_w = int(round(ow * (cur_h / oh), 7))
         left = (cur_w - new_w) // 2
         cols = cur_w - 2 * left
-    return Anyres((oh, ow), tile, side, (nph, npw), (rh, rw), paste, (top, left, rows, cols), (rows, cols))
+    return Anyres(
+        (oh, ow), tile, patch, side, (nph, npw), (rh, rw), paste, (top, left, rows, cols), (rows, cols)
+    )
 
 
 class LlavaNextAdapter(Adapter):
@@ -175,9 +193,9 @@ class LlavaNextAdapter(Adapter):
             original, config.image_grid_pinpoints, int(vision.image_size), int(vision.patch_size)
         )
 
-    def _high_res_grid(self, geometry: Anyres) -> tuple[int, int]:
+    def _high_res(self, geometry: Anyres) -> Anyres:
         """The high-res grid the language model reads (LLaVA-NeXT: the unpadded grid itself)."""
-        return geometry.grid
+        return geometry
 
     def _base_tokens(self, geometry: Anyres) -> int:
         return geometry.side * geometry.side
@@ -187,18 +205,20 @@ class LlavaNextAdapter(Adapter):
     ) -> tuple[tuple[int, int], tuple[int, int], Layout]:
         self._check_strategy()
         oh, ow = (int(v) for v in batch["image_sizes"][row])
-        geometry = self.anyres((oh, ow))
-        side, tile = geometry.side, geometry.tile
+        geometry = self._high_res(self.anyres((oh, ow)))
+        side, patch, tile = geometry.side, geometry.patch, geometry.tile
         base = self._base_tokens(geometry)
-        full = (0.0, 0.0, float(oh), float(ow))
+        # the global view: the whole image squashed to one tile, read by side x side patches
+        spans = np.stack([np.arange(side) * patch, (np.arange(side) + 1) * patch], axis=1).astype(float)
         glob = Grid(
-            0, side, side, np.arange(side * side), 0, (0.0, 0.0, float(tile), float(tile)), full, True
+            0, side, side, np.arange(side * side), 0, spans, spans, spans * oh / tile, spans * ow / tile, True
         )
-        rows, cols = self._high_res_grid(geometry)
+        rows, cols = geometry.grid
         # row r of the high-res grid: cols cells, then one image_newline token
         positions = base + (np.arange(rows)[:, None] * (cols + 1) + np.arange(cols)[None, :]).ravel()
-        box = geometry.canvas_box
-        high = Grid(1, rows, cols, positions, 1, box, geometry.to_original(box))
+        y_spans, x_spans = geometry.high_res_spans()
+        image_y, image_x = geometry.to_original(y_spans, x_spans)
+        high = Grid(1, rows, cols, positions, 1, y_spans, x_spans, image_y, image_x)
         layout = Layout((glob, high), (oh, ow), (rows, cols), base + rows * (cols + 1))
         cell = (max(1, round(oh / rows)), max(1, round(ow / cols)))
         return (oh, ow), cell, layout
