@@ -1,0 +1,135 @@
+"""LLaVA-OneVision: its anyres grids on the real 0.5B checkpoint's config (meta device), and the tiny one.
+
+Numbers worked by hand from transformers' rules (``select_best_resolution`` over the 36 pinpoints,
+``unpad_image``, the ``anyres_max_9`` shrink); ``encode`` checks them against the image tokens
+the real processor inserted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+
+from vrp.ingest.models.llava_onevision import ImageOnlyLlavaOnevisionProcessor, LlavaOnevisionAdapter
+from vrp.ingest.models.tiny import tiny_tokenizer
+from vrp.metrics.grids import cell_boxes, stitch_attention
+
+PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    return Image.new("RGB", (width, height), (90, 120, 150))
+
+
+@pytest.fixture(scope="module")
+def qwen2_0_5b() -> LlavaOnevisionAdapter:
+    """llava-hf/llava-onevision-qwen2-0.5b-ov-hf's published sizes, on the meta device."""
+    tokenizer = tiny_tokenizer("llava", ["<video>"])  # its own id, not the unknown word's
+    vision = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=152000,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    with torch.device("meta"):
+        model = LlavaOnevisionForConditionalGeneration(config)
+    processor = ImageOnlyLlavaOnevisionProcessor(
+        LlavaOnevisionImageProcessorPil(
+            size={"height": 384, "width": 384},
+            image_grid_pinpoints=PINPOINTS,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        ),
+        tokenizer,
+        num_image_tokens=729,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    return LlavaOnevisionAdapter(
+        model, processor, source="meta", name="meta", revision=None, dtype="float32", device="cpu"
+    )
+
+
+def test_qwen2_0_5b_modules_on_the_meta_device(qwen2_0_5b):
+    adapter = qwen2_0_5b
+    assert (adapter.num_layers, adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads) == (
+        24,
+        896,
+        14,
+        2,
+    )
+    assert type(adapter.final_norm()).__name__ == "Qwen2RMSNorm"
+    assert adapter.unembedding().out_features == 152000
+    assert all(p.is_meta for p in adapter.model.parameters())
+
+
+def test_672x336_is_a_global_view_plus_two_tiles_in_one_27x54_grid(qwen2_0_5b):
+    enc = qwen2_0_5b.encode([_photo(672, 336)], ["Is there a dog?"])
+    layout = enc.layouts[0]
+    # SigLIP 384/14 -> 27x27 = 729 per view; best pinpoint 384x768 = 1x2 tiles, no padding, no shrink
+    assert [(g.rows, g.cols) for g in layout.grids] == [(27, 27), (27, 54)]
+    assert enc.image_pos[0].numel() == 729 + 27 * 55 == 2214
+    assert enc.inputs["pixel_values"].shape == (1, 3, 3, 384, 384)
+    # a tile is read as 27 x 14 = 378 px: the high-res grid's columns jump the 6 unread pixels
+    high = layout.grids[1]
+    assert high.x_spans[26].tolist() == [364, 378] and high.x_spans[27].tolist() == [384, 398]
+
+
+def test_a_large_photo_is_shrunk_past_nine_tiles(qwen2_0_5b):
+    enc = qwen2_0_5b.encode([_photo(2000, 1500)], ["Is there a dog?"])
+    layout = enc.layouts[0]
+    geometry = qwen2_0_5b.anyres((1500, 2000))
+    # best pinpoint 1536x2304 = 4x6 tiles -> 108x162 features, unpadded to 108x144 (9 columns each side);
+    # 108*144 cells > 1.1^2 * 9 * 729, ratio sqrt(15552 / 6561) = 1.540, so 108//1.54 x 144//1.54 = 70 x 93
+    assert geometry.tiles == (4, 6) and geometry.unpadded == (0, 9, 108, 144)
+    assert [(g.rows, g.cols) for g in layout.grids] == [(27, 27), (70, 93)]
+    assert enc.image_pos[0].numel() == 729 + 70 * 94
+    stitched = stitch_attention(np.random.default_rng(0).random(layout.n_tokens), layout)
+    assert stitched.sum() == pytest.approx(1.0) and (stitched > 0).all()
+    # every cell of the shrunk grid has pixels, and the cells never overlap
+    boxes = cell_boxes(layout.grids[1])
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    # the grid covers the photo up to unpad_image's rounding (whole feature cells: 2 px) and the 6 px
+    # the tower never reads at the end of each tile (1530 of the canvas's 1536 rows: 1494 of 1500)
+    y0, x0, y1, x1 = layout.grids[1].image_box
+    assert (y0, x0, y1, x1) == pytest.approx((0, -1.95, 1494.14, 1996.09), abs=0.01)
+
+
+def test_default_strategy_is_refused(qwen2_0_5b):
+    qwen2_0_5b.model.config.vision_feature_select_strategy = "default"
+    try:
+        with pytest.raises(ValueError, match="'full'"):
+            qwen2_0_5b.encode([_photo(64, 64)], ["Is there a dog?"])
+    finally:
+        qwen2_0_5b.model.config.vision_feature_select_strategy = "full"
