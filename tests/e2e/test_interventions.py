@@ -60,10 +60,19 @@ def world(tmp_path_factory):
 def _stored_maps(lake_dir: str, run_id: str, layer: int) -> dict[str, np.ndarray]:
     rows = (
         open_lake(lake_dir)
-        .sql(f"select sample_id, map from attention_maps where run_id = '{run_id}' and layer = {layer}")
+        .sql(
+            f"select sample_id, map from attention_maps where run_id = '{run_id}' and layer = {layer} "
+            "and coalesce(tile, -1) = -1"
+        )
         .fetchall()
     )
     return {sid: np.asarray(m, dtype=np.float64) for sid, m in rows}
+
+
+def _grid_mass(lake_dir: str, run_id: str, sample_id: str) -> float:
+    """The last layer's attention mass on every grid's cells (the stitched row's mass)."""
+    key = {"run_id": run_id, "sample_id": sample_id, "layer": 1, "tile": -1}
+    return open_lake(lake_dir).arrow("attention_maps", filter=key, columns=["mass"]).column("mass")[0].as_py()
 
 
 def _random_image(rng: np.random.Generator, height: int, width: int) -> Image.Image:
@@ -91,6 +100,9 @@ def test_high_mask_greys_exactly_the_top_attended_patches(world, family) -> None
     maps = _stored_maps(world["lake"], run_id, 1)
     sample_id, attention = sorted(maps.items())[0]
     shapes, ranked = plan.maps[sample_id]
+    if len(shapes) > 1:  # several grids: the cells of every grid ranked together by their share
+        assert ranked.sum() == pytest.approx(_grid_mass(world["lake"], run_id, sample_id), rel=1e-5)
+        pytest.skip("several grids per image: the family's own module checks the pixels through its tiling")
     assert shapes == ((4, 4),)  # one grid
     high = mask.rank_cells(ranked, "high", ivbase.n_cells(0.3, attention.size))
     assert len(high) == 5  # 0.3 * 16 = 4.8 -> 5

@@ -141,7 +141,15 @@ def test_capture_batch_signals(adapter) -> None:
         assert sample["p_yes"] == pytest.approx(float(probs[yes_no_ids(adapter)[0]].sum()), abs=1e-6)
         assert sample["top1_prob"] == pytest.approx(float(probs.max()), abs=1e-6)
         assert cap.layers[b][-1]["lens_answer_rank"] == 0
-        assert sample["n_image_tokens"] == len(enc.image_pos[b]) == sample["grid_h"] * sample["grid_w"]
+        layout = enc.layouts[b]  # one grid, or several (a global view and tiles, plus row separators)
+        assert sample["n_image_tokens"] == len(enc.image_pos[b]) == layout.n_tokens
+        assert (sample["grid_h"], sample["grid_w"]) == layout.stitched and sample["n_grids"] == len(
+            layout.grids
+        )
+        if not layout.multi:
+            assert sample["n_image_tokens"] == sample["grid_h"] * sample["grid_w"]
+        for layer_grids in cap.grid_maps[b]:  # multi-grid only: each grid's map sums to 1 on its own
+            assert [m.sum() for m, _mass in layer_grids] == pytest.approx([1.0] * len(layout.grids), abs=1e-5)
         for layer in range(adapter.num_layers):
             assert cap.maps[b][layer].sum() == pytest.approx(1.0, abs=1e-5)
         assert cap.nonfinite[b] is None

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
+from model_util import local_patches
 from PIL import Image
 
 from vrp.ingest.capture import capture_batch
@@ -19,6 +16,7 @@ from vrp.ingest.models.tiny import build_tiny
 from vrp.ingest.run import IngestOptions, run_ingest
 from vrp.lake import open_lake
 from vrp.lake.images import decode, image_hash
+from vrp.metrics.grids import stitch_evidence
 from vrp.tasks import get_task
 from vrp.tasks.base import Label
 from vrp.tasks.yesno import yes_no_ids
@@ -42,6 +40,23 @@ def _images() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (32, 24 + 8 * i, 3), dtype=np.uint8)) for i in range(2)]
 
 
+def _per_cell(cap, enc, b: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the evidence of every grid cell in tile order, those cells' indices among the image tokens).
+
+    One grid: the stored map itself. Several (4.1b): the per-grid maps, and the stored map must be
+    their stitch.
+    """
+    layout = enc.layouts[b]
+    cells = np.concatenate([g.positions for g in layout.grids])
+    if not layout.multi:
+        return cap.evidence[b][layer], cells
+    per_cell = np.concatenate(cap.grid_evidence[b][layer])
+    tokens = np.zeros(layout.n_tokens)
+    tokens[cells] = per_cell
+    np.testing.assert_allclose(cap.evidence[b][layer], stitch_evidence(tokens, layout), atol=1e-6)
+    return per_cell, cells
+
+
 def test_last_layer_evidence_equals_the_models_own_logits(adapter) -> None:
     """At the last layer, evidence at image position p == final logits at p: truth minus their mean."""
     enc = adapter.encode(_images(), QUESTIONS)
@@ -54,14 +69,14 @@ def test_last_layer_evidence_equals_the_models_own_logits(adapter) -> None:
         variants = yes if label == "yes" else no
         at_answer = logits[b, int(enc.answer_pos[b])]
         truth = variants[int(at_answer[variants].argmax())]  # the label's variant the model scores highest
-        at_image = logits[b, enc.image_pos[b]]  # [N, V]
+        got, cells = _per_cell(cap, enc, b, adapter.num_layers - 1)
+        at_image = logits[b, enc.image_pos[b][cells]]  # [cells, V]
         expected = (at_image[:, truth] - at_image.mean(-1)).numpy()
-        got = cap.evidence[b][adapter.num_layers - 1]
-        assert got.shape == (enc.grids[b][0] * enc.grids[b][1],)
+        assert cap.evidence[b][adapter.num_layers - 1].shape == (enc.grids[b][0] * enc.grids[b][1],)
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
         assert np.ptp(got) > 1e-3, "the map must vary over the image for the test to mean anything"
         # earlier layers are the logit lens, not the last layer repeated
-        assert not np.allclose(cap.evidence[b][0], got, atol=1e-3)
+        assert not np.allclose(_per_cell(cap, enc, b, 0)[0], got, atol=1e-3)
 
 
 def test_open_answers_use_the_tasks_teacher_forced_truth_token(adapter) -> None:
@@ -84,9 +99,10 @@ def test_open_answers_use_the_tasks_teacher_forced_truth_token(adapter) -> None:
     truth = adapter.answer_ids(images[0], QUESTIONS[0], "red")[0]  # teacher-forced, independently
     with torch.no_grad():
         logits = adapter.model(**enc.inputs).logits.float()
-    at_image = logits[0, enc.image_pos[0]]
+    got, cells = _per_cell(cap, enc, 0, adapter.num_layers - 1)
+    at_image = logits[0, enc.image_pos[0][cells]]
     expected = (at_image[:, truth] - at_image.mean(-1)).numpy()
-    np.testing.assert_allclose(cap.evidence[0][adapter.num_layers - 1], expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     assert cap.evidence[1] == {}, "no gold answer, no truth token, no map"
     assert cap.nonfinite == [None, None]
 
@@ -97,49 +113,19 @@ def test_evidence_maps_are_optional(adapter) -> None:
     assert cap.evidence == []
 
 
-@contextlib.contextmanager
-def _local_patches(adapter) -> Iterator[None]:
-    """Cut the attention that mixes patches (vision tower, first decoder layer), restoring it on exit.
-
-    A random tiny model spreads one patch's change over the whole image through global attention
-    (the vision tower everywhere, PaliGemma's bidirectional prefix), so where its change lands
-    would say nothing about the grid. With these outputs zeroed, the first layer's residual at an
-    image token depends on its own patch only: the map can then only be right if the adapter's
-    positions and the grid line up.
-    """
-    mixing = re.compile(r"(vision_tower|visual)\..*(out_proj|attn\.proj)$")
-    targets = [m for name, m in adapter.model.named_modules() if mixing.search(name)]
-    targets.append(adapter.attn(0).o_proj)
-    assert len(targets) > 1, "no vision attention found: the module names changed"
-    saved = [
-        (m, m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for m in targets
-    ]
-    try:
-        with torch.no_grad():
-            for module in targets:
-                module.weight.zero_()
-                if module.bias is not None:
-                    module.bias.zero_()
-        yield
-    finally:
-        with torch.no_grad():
-            for module, weight, bias in saved:
-                module.weight.copy_(weight)
-                if bias is not None:
-                    module.bias.copy_(bias)
-
-
 def test_one_bright_patch_lights_its_own_cell(adapter) -> None:
     """A bright cell at (row 1, col 2) changes the evidence most at that cell: no transpose, no shift."""
     base = np.full((32, 32, 3), 20, dtype=np.uint8)
     enc = adapter.encode([Image.fromarray(base)], QUESTIONS[:1])
+    if enc.layouts[0].multi:
+        pytest.skip("several grids per image: each family's own module lights a cell in every grid")
     grid_h, grid_w = enc.grids[0]
     cell = 1 * grid_w + 2
     x0, y0, x1, y1 = adapter.pixel_box_to_original(enc, 0, adapter.patch_box(enc, 0, cell))
     bright = base.copy()
     bright[y0:y1, x0:x1] = 255
     maps = []
-    with _local_patches(adapter):
+    with local_patches(adapter):
         for picture in (base, bright):
             enc = adapter.encode([Image.fromarray(picture)], QUESTIONS[:1])
             cap = capture_batch(adapter, enc, LABELS[:1], max_new_tokens=1, evidence_layers=[0])
@@ -160,6 +146,10 @@ def test_model_view_is_the_processors_picture(adapter) -> None:
     mean = np.asarray(ip.image_mean, dtype=np.float32)
     std = np.asarray(ip.image_std, dtype=np.float32)
     pixel_values = enc.inputs["pixel_values"].numpy()
+    if any(layout.multi for layout in enc.layouts):  # the stitched maps lie on the original image
+        for image, view in zip(images, views, strict=True):
+            assert np.array_equal(view, np.asarray(image.convert("RGB")))
+        return
     offset = 0
     for b, view in enumerate(views):
         grid_h, grid_w = enc.grids[b]

@@ -1,5 +1,9 @@
 """LLaVA-NeXT: its anyres grids on the real checkpoint's config (meta device), and the tiny checkpoint.
 
+The tiny checkpoint's capture, self-consistency, lens and evidence checks run in the parametrised
+modules (test_capture, test_generate, test_evidence, e2e/test_interventions); this one holds what
+only a multi-grid family has: masking through the tiles, a bright patch per grid, the lake rows.
+
 The geometry numbers are worked by hand from transformers' own rules (``select_best_resolution``,
 the processor's aspect-kept resize and centred pad, ``unpad_image``); ``encode`` itself checks them
 against the image tokens the real processor inserted.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_util import changed_pixels, ingest_multi_grid, local_patches, random_image
 from PIL import Image
 from transformers import (
     CLIPVisionConfig,
@@ -20,8 +25,10 @@ from transformers import (
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+from vrp.ingest.capture import capture_batch
+from vrp.ingest.models import load_adapter
 from vrp.ingest.models.llava_next import LlavaNextAdapter, anyres_geometry
-from vrp.ingest.models.tiny import tiny_tokenizer
+from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
 from vrp.metrics.grids import stitch_attention
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -36,7 +43,7 @@ def _photo(width: int, height: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def mistral_7b() -> LlavaNextAdapter:
     """llava-hf/llava-v1.6-mistral-7b-hf's published sizes, on the meta device (nothing allocated)."""
-    tokenizer = tiny_tokenizer("llava")
+    tokenizer = tiny_tokenizer("llava_next")
     vision = CLIPVisionConfig(
         hidden_size=1024,
         intermediate_size=4096,
@@ -158,3 +165,80 @@ def test_full_strategy_is_refused(mistral_7b):
             mistral_7b.encode([_photo(64, 64)], ["Is there a dog?"])
     finally:
         mistral_7b.model.config.vision_feature_select_strategy = "default"
+
+
+# ----- the tiny checkpoint (32 px tiles read by 4 x 4 patches of 8 px; pinpoints 1x2, 2x1, 2x2) -----
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    path = build_tiny("llava_next", tmp_path_factory.mktemp("llava_next"), seed=0, num_layers=2)
+    return path, load_adapter(str(path))
+
+
+def test_masking_greys_exactly_the_chosen_cells_through_the_tiles(tiny):
+    adapter = tiny[1]
+    rng = np.random.default_rng(0)
+    images = [random_image(rng, 32, 64), random_image(rng, 32, 40)]
+    enc = adapter.encode(images, ["Is there a red circle?", "Is there a star?"])
+    # 64 x 32: best 32x64 = 1x2 tiles, nothing padded: a 4x8 high-res grid (flat ids 16..47).
+    # 40 x 32: 1x2 tiles, the image 40 px wide pasted at x = 12; unpad keeps feature columns 1..6.
+    assert [[(g.rows, g.cols) for g in layout.grids] for layout in enc.layouts] == [
+        [(4, 4), (4, 8)],
+        [(4, 4), (4, 6)],
+    ]
+    assert enc.inputs["pixel_values"].shape == (2, 3, 3, 32, 32)  # [B, global + 2 tiles, C, H, W]
+    cells = [[5, 16 + 2 * 8 + 5, 16 + 3 * 8 + 3], [0, 16 + 0, 16 + 1 * 6 + 5]]
+    expected = torch.zeros_like(enc.inputs["pixel_values"], dtype=torch.bool)
+    expected[0, 0, :, 8:16, 8:16] = True  # global (1, 1)
+    expected[0, 2, :, 16:24, 8:16] = True  # high-res (2, 5): feature column 5 = the 2nd tile's column 1
+    expected[0, 1, :, 24:32, 24:32] = True  # high-res (3, 3): the 1st tile's column 3
+    expected[1, 0, :, 0:8, 0:8] = True  # global (0, 0)
+    expected[1, 1, :, 0:8, 8:16] = True  # high-res (0, 0): feature column 1 of the 1st tile
+    expected[1, 2, :, 8:16, 16:24] = True  # high-res (1, 5): feature column 6 = the 2nd tile's column 2
+    assert torch.equal(changed_pixels(adapter, enc, cells), expected)
+
+
+def test_one_bright_patch_lights_its_cell_in_both_grids(tiny):
+    """A bright 8 px block at (row 1, col 2) of a 32 px square changes the layer-0 evidence of global
+    cell (1, 2) and high-res cell (1, 2) only (the square is pasted at x = 16 of the 1x2 canvas, so
+    the block is the 2nd tile's column 0, the unpadded grid's column 2)."""
+    adapter = tiny[1]
+    base = np.full((32, 32, 3), 20, dtype=np.uint8)
+    bright = base.copy()
+    bright[8:16, 16:24] = 255
+    maps = []
+    with local_patches(adapter):
+        for picture in (base, bright):
+            enc = adapter.encode([Image.fromarray(picture)], ["Is there a star?"])
+            cap = capture_batch(adapter, enc, ["yes"], max_new_tokens=1, evidence_layers=[0])
+            maps.append(cap.grid_evidence[0][0])
+    assert [len(m) for m in maps[0]] == [16, 16]
+    for grid in range(2):
+        change = np.abs(maps[1][grid] - maps[0][grid])
+        assert int(np.argmax(change)) == 1 * 4 + 2, change.reshape(4, 4)
+        assert np.delete(change, 6).max() < 1e-4 < change[6]
+
+
+def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):
+    adapter = tiny[1]
+    rng = np.random.default_rng(1)
+    enc = adapter.encode([random_image(rng, 32, 64), random_image(rng, 48, 32)], ["Is there a star?"] * 2)
+    cap = capture_batch(adapter, enc, ["yes", "no"], max_new_tokens=1)
+    for b, layout in enumerate(enc.layouts):
+        for layer in range(adapter.num_layers):
+            grids = cap.grid_maps[b][layer]
+            assert [m.shape for m, _ in grids] == [(g.size,) for g in layout.grids]
+            assert [float(m.sum()) for m, _ in grids] == pytest.approx([1.0, 1.0], abs=1e-5)
+            stitched = cap.maps[b][layer]
+            assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
+            assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()
+            # the grids' masses are the layer's image mass less the newline tokens' share
+            assert sum(mass for _, mass in grids) < cap.layers[b][layer]["image_mass"]
+
+
+def test_vrp_ingest_run_writes_every_grid_and_the_stitched_map(tiny, shapes_workspace):
+    root, data = shapes_workspace("llava-next-ingest", images=2, seed=3)
+    ingest_multi_grid(tiny[0], data, root / "lake", n_grids=2)

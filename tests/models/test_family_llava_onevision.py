@@ -2,7 +2,8 @@
 
 Numbers worked by hand from transformers' rules (``select_best_resolution`` over the 36 pinpoints,
 ``unpad_image``, the ``anyres_max_9`` shrink); ``encode`` checks them against the image tokens
-the real processor inserted.
+the real processor inserted. The tiny checkpoint's capture, self-consistency, lens and evidence
+checks run in the parametrised modules; this one holds what only a multi-grid family has.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_util import changed_pixels, ingest_multi_grid, local_patches, random_image
 from PIL import Image
 from transformers import (
     LlavaOnevisionConfig,
@@ -21,8 +23,10 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
+from vrp.ingest.capture import capture_batch
+from vrp.ingest.models import load_adapter
 from vrp.ingest.models.llava_onevision import ImageOnlyLlavaOnevisionProcessor, LlavaOnevisionAdapter
-from vrp.ingest.models.tiny import tiny_tokenizer
+from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
 from vrp.metrics.grids import cell_boxes, stitch_attention
 
 PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
@@ -35,7 +39,7 @@ def _photo(width: int, height: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def qwen2_0_5b() -> LlavaOnevisionAdapter:
     """llava-hf/llava-onevision-qwen2-0.5b-ov-hf's published sizes, on the meta device."""
-    tokenizer = tiny_tokenizer("llava", ["<video>"])  # its own id, not the unknown word's
+    tokenizer = tiny_tokenizer("llava_onevision")
     vision = SiglipVisionConfig(
         hidden_size=1152,
         intermediate_size=4304,
@@ -133,3 +137,82 @@ def test_default_strategy_is_refused(qwen2_0_5b):
             qwen2_0_5b.encode([_photo(64, 64)], ["Is there a dog?"])
     finally:
         qwen2_0_5b.model.config.vision_feature_select_strategy = "full"
+
+
+# ----- the tiny checkpoint: 36 px tiles read by 4 x 4 patches of 8 px (4 px unread), anyres_max_1 -----
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    path = build_tiny("llava_onevision", tmp_path_factory.mktemp("llava_onevision"), seed=0, num_layers=2)
+    return path, load_adapter(str(path))
+
+
+def test_the_checkpoint_loads_without_a_video_processor(tiny):
+    assert type(tiny[1].processor).__name__ == "ImageOnlyLlavaOnevisionProcessor"
+    assert tiny[1].processor.vision_aspect_ratio == "anyres_max_1"
+    assert tiny[1].prompt("Is there a star?").endswith("<|im_start|>assistant\n")
+
+
+def test_masking_greys_exactly_the_chosen_cells_also_across_a_tile_border(tiny):
+    adapter = tiny[1]
+    rng = np.random.default_rng(0)
+    images = [random_image(rng, 36, 36), random_image(rng, 36, 72)]
+    enc = adapter.encode(images, ["Is there a red circle?", "Is there a star?"])
+    # 36 x 36: 1x2 tiles, pasted at x = 18, unpad keeps feature columns 2..5 (4 of 8): 4x4, no shrink.
+    # 72 x 36: 1x2 tiles, a 4x8 feature grid holding 2 tiles' worth of cells > 1.1^2 * 1 tile, so the
+    # model shrinks it by sqrt(2) to 2x5: a cell spans 2 feature rows and 1.6 feature columns.
+    assert [[(g.rows, g.cols) for g in layout.grids] for layout in enc.layouts] == [
+        [(4, 4), (4, 4)],
+        [(4, 4), (2, 5)],
+    ]
+    cells = [[16 + 1 * 4 + 2, 16 + 3 * 4 + 1], [3, 16 + 0 * 5 + 2]]
+    expected = torch.zeros_like(enc.inputs["pixel_values"], dtype=torch.bool)
+    expected[0, 2, :, 8:16, 0:8] = True  # high-res (1, 2): feature column 4 = the 2nd tile's column 0
+    expected[0, 1, :, 24:32, 24:32] = True  # high-res (3, 1): feature column 3 = the 1st tile's column 3
+    expected[1, 0, :, 0:8, 24:32] = True  # global (0, 3)
+    # shrunk (0, 2): feature rows 0..2, columns 3.2..4.8 = canvas x 25.6..42.4 (the 1st tile's last
+    # read pixels, its 4 unread ones, and the 2nd tile's first 6), rounded to whole pixels
+    expected[1, 1, :, 0:16, 26:36] = True
+    expected[1, 2, :, 0:16, 0:6] = True
+    assert torch.equal(changed_pixels(adapter, enc, cells), expected)
+
+
+def test_one_bright_patch_lights_its_cell_in_both_grids(tiny):
+    """A bright block at original x 18..26, y 8..16 of a 36 px square: on the canvas (pasted at
+    x = 18) it is exactly the 2nd tile's first patch column, high-res cell (1, 2); the global view
+    (the square itself, 8 px cells) sees it straddle cells (1, 2) and (1, 3)."""
+    adapter = tiny[1]
+    base = np.full((36, 36, 3), 20, dtype=np.uint8)
+    bright = base.copy()
+    bright[8:16, 18:26] = 255
+    maps = []
+    with local_patches(adapter):
+        for picture in (base, bright):
+            enc = adapter.encode([Image.fromarray(picture)], ["Is there a star?"])
+            cap = capture_batch(adapter, enc, ["yes"], max_new_tokens=1, evidence_layers=[0])
+            maps.append(cap.grid_evidence[0][0])
+    change = [np.abs(after - before) for before, after in zip(maps[0], maps[1], strict=True)]
+    assert sorted(np.flatnonzero(change[0] > 1e-4).tolist()) == [6, 7]  # global (1, 2) and (1, 3)
+    assert np.flatnonzero(change[1] > 1e-4).tolist() == [6]  # high-res (1, 2)
+
+
+def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):
+    adapter = tiny[1]
+    rng = np.random.default_rng(1)
+    enc = adapter.encode([random_image(rng, 36, 72), random_image(rng, 50, 30)], ["Is there a star?"] * 2)
+    cap = capture_batch(adapter, enc, ["yes", "no"], max_new_tokens=1)
+    for b, layout in enumerate(enc.layouts):
+        for layer in range(adapter.num_layers):
+            grids = cap.grid_maps[b][layer]
+            assert [float(m.sum()) for m, _ in grids] == pytest.approx([1.0, 1.0], abs=1e-5)
+            stitched = cap.maps[b][layer]
+            assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
+            assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()
+
+
+def test_vrp_ingest_run_writes_every_grid_and_the_stitched_map(tiny, shapes_workspace):
+    root, data = shapes_workspace("llava-onevision-ingest", images=2, seed=3)
+    ingest_multi_grid(tiny[0], data, root / "lake", n_grids=2)

@@ -33,6 +33,7 @@ from transformers.image_processing_utils import select_best_resolution
 from vrp.metrics.grids import Grid, Layout, cell_boxes, locate_cell
 
 from .base import Adapter, Encoded, FamilySpec
+from .family import Family, TinyRecipe
 
 if TYPE_CHECKING:
     from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerFast
@@ -280,7 +281,7 @@ TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}USER: "
     "{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}\n{% endfor %}"
+    "{% endfor %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
@@ -341,3 +342,24 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
         vision_feature_select_strategy="default",
     )
     return LlavaNextForConditionalGeneration(config), processor
+
+
+FAMILY = Family(
+    adapter=LlavaNextAdapter,
+    names={
+        "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+        "llava-v1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
+        "llava-v1.6-vicuna-13b": "llava-hf/llava-v1.6-vicuna-13b-hf",
+        "llava-v1.6-34b": "llava-hf/llava-v1.6-34b-hf",
+    },
+    tiny={
+        "llava_next": TinyRecipe(
+            specials=("<unk>", "<s>", "</s>", "<pad>", "<image>"),
+            roles={"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+            build=_tiny,
+            defaults={"image_size": 32, "patch_size": 8},
+            named_specials={"image_token": "<image>"},
+            prepend_bos=True,
+        )
+    },
+)

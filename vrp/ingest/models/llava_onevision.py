@@ -16,14 +16,18 @@ What differs from LLaVA-NeXT (``llava_next.py``), read from transformers'
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import transformers
 from transformers import LlavaOnevisionProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from .base import FamilySpec
+from .family import Family, TinyRecipe
 from .llava_next import Anyres, LlavaNextAdapter
 
 if TYPE_CHECKING:
@@ -118,6 +122,75 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def _geometry_hint(self) -> str:
         return "the processor's image_grid_pinpoints / vision_aspect_ratio and the model config's disagree"
 
+    @classmethod
+    def load_processor(cls, source: str) -> tuple[ProcessorMixin, bool]:
+        """``AutoProcessor``, or the image-only processor when torchvision (for video) is missing.
+
+        Only a failure caused by the missing video processor falls back; any other error propagates.
+        """
+        from .qwen2vl import _read_chat_template, _torchvision_missing
+
+        try:
+            return transformers.AutoProcessor.from_pretrained(source), False
+        except (ImportError, OSError, ValueError, AttributeError) as err:
+            message = str(err).lower()
+            if not (
+                _torchvision_missing()
+                and any(w in message for w in ("video", "torchvision", "_extra_content"))
+            ):
+                raise
+        image_processor = transformers.AutoImageProcessor.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        settings = _processor_settings(source)
+        chat_template = _read_chat_template(source) or getattr(tokenizer, "chat_template", None)
+        processor = ImageOnlyLlavaOnevisionProcessor(
+            image_processor, tokenizer, chat_template=chat_template, **settings
+        )
+        return processor, True
+
+
+def _processor_settings(source: str) -> dict[str, Any]:
+    """The processor's own settings saved beside the checkpoint (token count, strategy, aspect ratio)."""
+    keys = (
+        "num_image_tokens",
+        "vision_feature_select_strategy",
+        "vision_aspect_ratio",
+        "image_token",
+        "video_token",
+    )
+    path = Path(source)
+    if not path.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "processor_config.json")
+        path = Path(cached).parent if isinstance(cached, str) else path
+    config = path / "processor_config.json"
+    data = json.loads(config.read_text()) if config.is_file() else {}
+    return {k: data[k] for k in keys if k in data}
+
+
+def _stock_processor_files(out: Path, processor: Any) -> None:
+    """Make the saved files name the stock processor class and carry a video-processor config.
+
+    The tiny checkpoint is then what a hub checkpoint is: with torchvision ``AutoProcessor`` builds
+    the full processor, without it ``load_processor`` builds the image-only one.
+    """
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = out / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data["processor_class"] = "LlavaOnevisionProcessor"
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    ip = processor.image_processor
+    video = {
+        "video_processor_type": "LlavaOnevisionVideoProcessor",
+        "size": dict(ip.size),
+        "image_mean": list(ip.image_mean),
+        "image_std": list(ip.image_std),
+        "processor_class": "LlavaOnevisionProcessor",
+    }
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
+
 
 #: the tiny checkpoints' chat template: Qwen2's turns, spelt with the word-level vocabulary
 TINY_CHAT_TEMPLATE = (
@@ -188,3 +261,23 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
         vision_aspect_ratio=aspect,
     )
     return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+FAMILY = Family(
+    adapter=LlavaOnevisionAdapter,
+    names={
+        "llava-onevision-qwen2-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        "llava-onevision-qwen2-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    },
+    tiny={
+        "llava_onevision": TinyRecipe(
+            specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<unk>"),
+            roles={"unk_token": "<unk>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+            build=_tiny,
+            # 36 px tiles read by 4 x 8 px patches (4 px unread, as SigLIP leaves 6 of 384), and a grid
+            # shrunk past one tile's worth of cells, so both quirks run in the tests
+            defaults={"image_size": 36, "patch_size": 8, "anyres_max": 1},
+            after_save=_stock_processor_files,
+        )
+    },
+)

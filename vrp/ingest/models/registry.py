@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import gemma3, llava, paligemma, qwen2vl
+from . import gemma3, llava, llava_next, llava_onevision, paligemma, qwen2vl
 from .family import Family, TinyRecipe
 
 __all__ = [
@@ -30,7 +30,14 @@ __all__ = [
     "toy_name",
 ]
 
-FAMILY_LIST: tuple[Family, ...] = (llava.FAMILY, paligemma.FAMILY, qwen2vl.FAMILY, gemma3.FAMILY)
+FAMILY_LIST: tuple[Family, ...] = (
+    llava.FAMILY,
+    paligemma.FAMILY,
+    qwen2vl.FAMILY,
+    gemma3.FAMILY,
+    llava_next.FAMILY,
+    llava_onevision.FAMILY,
+)
 
 TOYS_DIR = Path(__file__).resolve().parents[2] / "toys"
 

@@ -1,0 +1,110 @@
+"""Helpers for tests that run tiny models.
+
+- ``local_patches(adapter)`` zeroes the output projections of the vision tower's attention and of
+  the first decoder layer's attention, so a patch's change stays in its own image token(s): where
+  it lands then says whether an adapter's grid is right.
+- ``random_image``, ``changed_pixels``: what patch masking changed in ``pixel_values``.
+- ``ingest_multi_grid``: ``vrp ingest run`` on a tiny multi-grid checkpoint and its lake rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@contextlib.contextmanager
+def local_patches(adapter) -> Iterator[None]:
+    """Cut the attention that mixes patches (vision tower, first decoder layer), restoring it on exit.
+
+    A random tiny model spreads one patch's change over the whole image through global attention
+    (the vision tower everywhere, PaliGemma's bidirectional prefix), so where its change lands
+    would say nothing about the grid. With these outputs zeroed, the first layer's residual at an
+    image token depends on its own patch only: the map can then only be right if the adapter's
+    positions and the grid line up.
+    """
+    mixing = re.compile(r"(vision_tower|visual)\..*(out_proj|attn\.proj)$")
+    targets = [m for name, m in adapter.model.named_modules() if mixing.search(name)]
+    targets.append(adapter.attn(0).o_proj)
+    assert len(targets) > 1, "no vision attention found: the module names changed"
+    saved = [
+        (m, m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for m in targets
+    ]
+    try:
+        with torch.no_grad():
+            for module in targets:
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for module, weight, bias in saved:
+                module.weight.copy_(weight)
+                if bias is not None:
+                    module.bias.copy_(bias)
+
+
+def random_image(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    """Random pixels with none at RGB 128, so a greyed pixel always differs from the original."""
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[pixels == 128] = 127
+    return Image.fromarray(pixels)
+
+
+def changed_pixels(adapter: Any, enc: Any, cells: list[list[int]]) -> torch.Tensor:
+    """Which entries of ``pixel_values`` masking ``cells`` changes; asserts each changed one is grey."""
+    from vrp.interventions import mask
+
+    masked = mask.mask_cells(adapter, enc, cells)
+    original = enc.inputs["pixel_values"]
+    changed = masked != original
+    grey = mask.grey_value(adapter.processor).to(masked.dtype)
+    shape = [1] * masked.dim()
+    channel = masked.dim() - 3  # [..., C, H, W]
+    shape[channel] = 3
+    assert torch.equal(masked[changed], grey.view(shape).expand_as(masked)[changed])
+    return changed
+
+
+def ingest_multi_grid(model: Path, data: Path, lake_dir: Path, *, n_grids: int) -> None:
+    """``vrp ingest run`` on a tiny multi-grid checkpoint, then the lake's per-grid and stitched rows."""
+    from click.testing import CliRunner
+
+    from vrp.cli import main
+    from vrp.lake import open_lake
+
+    args = ["ingest", "run", "--model", str(model), "--data-dir", str(data), "--limit", "4"]
+    result = CliRunner().invoke(main, [*args, "--batch-size", "2", "--lake", str(lake_dir)])
+    assert result.exit_code == 0, result.output
+    lake = open_lake(lake_dir)
+    samples = lake.arrow("samples").to_pylist()
+    assert len(samples) == 4 and {s["n_grids"] for s in samples} == {n_grids}
+    for table in ("attention_maps", "evidence_maps"):
+        rows = lake.arrow(table).to_pylist()
+        for sample in samples:
+            mine = [r for r in rows if r["sample_id"] == sample["sample_id"]]
+            layers = {r["layer"] for r in mine}
+            assert sorted(r["tile"] for r in mine) == sorted(list(range(-1, n_grids)) * len(layers))
+            for row in mine:
+                assert len(row["map"]) == row["grid_h"] * row["grid_w"]
+                if row["tile"] == -1:  # the stitched map is the samples row's lattice
+                    assert (row["grid_h"], row["grid_w"]) == (sample["grid_h"], sample["grid_w"])
+                if table == "attention_maps":
+                    assert sum(row["map"]) == pytest.approx(1.0, abs=1e-5)
+    maps = lake.arrow("attention_maps").to_pylist()
+    for sample in samples:
+        for layer in {r["layer"] for r in maps}:
+            rows = {
+                r["tile"]: r for r in maps if r["sample_id"] == sample["sample_id"] and r["layer"] == layer
+            }
+            # the stitched row's mass is the grids' mass, the layer's image mass less the newline tokens'
+            assert rows[-1]["mass"] == pytest.approx(sum(rows[t]["mass"] for t in range(n_grids)), rel=1e-5)
