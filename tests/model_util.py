@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,8 @@ def ingest_multi_grid(model: Path, data: Path, lake_dir: Path, *, n_grids: int) 
     from click.testing import CliRunner
 
     from vrp.cli import main
+    from vrp.interventions import plan_mask, run_intervention
+    from vrp.interventions.base import n_cells
     from vrp.lake import open_lake
 
     args = ["ingest", "run", "--model", str(model), "--data-dir", str(data), "--limit", "4"]
@@ -108,3 +111,27 @@ def ingest_multi_grid(model: Path, data: Path, lake_dir: Path, *, n_grids: int) 
             }
             # the stitched row's mass is the grids' mass, the layer's image mass less the newline tokens'
             assert rows[-1]["mass"] == pytest.approx(sum(rows[t]["mass"] for t in range(n_grids)), rel=1e-5)
+
+    # image conditions and patch masking run on the image run unchanged
+    for condition in ("none", "blank"):
+        result = CliRunner().invoke(
+            main, [*args, "--batch-size", "2", "--lake", str(lake_dir), "--image-condition", condition]
+        )
+        assert result.exit_code == 0, result.output
+    (run_id,) = {s["run_id"] for s in samples}
+    plan = plan_mask(open_lake(lake_dir), run_id, ratio=0.3, layer=-1, seed=1)
+    run_intervention(plan, str(lake_dir), echo=lambda _line: None)
+    rows = open_lake(lake_dir).arrow("interventions").to_pylist()
+    assert sorted({r["condition"] for r in rows}) == ["full", "high", "low", "random"] and len(rows) == 16
+    cells = {
+        s["sample_id"]: sum(
+            r["grid_h"] * r["grid_w"]
+            for r in maps
+            if r["sample_id"] == s["sample_id"] and r["layer"] == plan.layer and r["tile"] >= 0
+        )
+        for s in samples
+    }
+    for row in rows:
+        patches = json.loads(row["detail"])["patches"]
+        assert len(patches) == (0 if row["condition"] == "full" else n_cells(0.3, cells[row["sample_id"]]))
+        assert all(0 <= p < cells[row["sample_id"]] for p in patches)
