@@ -39,9 +39,6 @@ if TYPE_CHECKING:
     from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerFast
     from transformers.processing_utils import ProcessorMixin
 
-QUESTION_SLOT = "{question}"
-#: the prompt of a checkpoint without a chat template (the LLaVA-1.5 / vicuna style)
-FALLBACK_TEMPLATE = "USER: {image}\n{question}\nASSISTANT:"
 
 LLAVA_NEXT = FamilySpec(
     family="llava_next",
@@ -57,7 +54,7 @@ LLAVA_NEXT = FamilySpec(
     prompt_template=None,
     answer_separator=" ",
     notes=(
-        "prompt: the checkpoint's chat template (user: image, text), else the LLaVA-1.5 prompt",
+        "prompt: the checkpoint's chat template (user: image, text), or --prompt-template",
         "grids: 0 = global view (S x S), 1 = the unpadded anyres grid with a newline token after each row",
         "needs vision_feature_select_strategy='default' (CLS dropped)",
     ),
@@ -150,41 +147,6 @@ class LlavaNextAdapter(Adapter):
     """LLaVA-NeXT: a global view (grid 0) and the unpadded anyres grid with newline tokens (grid 1)."""
 
     spec = LLAVA_NEXT
-
-    # ----- prompts: the checkpoint's chat template when it has one -----------------------------------
-    def _messages(self, question: str, *, image: bool = True) -> list[dict[str, Any]]:
-        text = {"type": "text", "text": question}
-        return [{"role": "user", "content": [{"type": "image"}, text] if image else [text]}]
-
-    def _chat(self) -> bool:
-        """Whether prompts come from the checkpoint's chat template (no --prompt-template given)."""
-        return self._template is None and bool(getattr(self.processor, "chat_template", None))
-
-    def _own_template(self) -> str:
-        return self._template if self._template is not None else FALLBACK_TEMPLATE
-
-    def prompt_template_record(self) -> str:
-        if self._chat():
-            return self.processor.apply_chat_template(
-                self._messages(QUESTION_SLOT), add_generation_prompt=True, tokenize=False
-            )
-        return self._own_template()
-
-    def prompt(self, question: str) -> str:
-        if self._chat():
-            return self.processor.apply_chat_template(
-                self._messages(question), add_generation_prompt=True, tokenize=False
-            )
-        image_token = getattr(self.processor, "image_token", "<image>")
-        return self._own_template().replace("{image}", image_token).replace("{question}", question)
-
-    def text_prompt(self, question: str) -> str:
-        if self._chat():
-            return self.processor.apply_chat_template(
-                self._messages(question, image=False), add_generation_prompt=True, tokenize=False
-            )
-        template = self._own_template()
-        return template.replace("{image}\n", "").replace("{image}", "").replace("{question}", question)
 
     # ----- geometry ----------------------------------------------------------------------------------
     def anyres(self, original: tuple[int, int]) -> Anyres:
