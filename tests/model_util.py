@@ -131,6 +131,19 @@ def ingest_multi_grid(model: Path, data: Path, lake_dir: Path, *, n_grids: int) 
         )
         for s in samples
     }
+    # the viewer draws the stitched map over the original image
+    from vrp.view import write_view
+    from vrp.view.build import page_key
+
+    write_view(open_lake(lake_dir), lake_dir.parent / "view")
+    for sample in samples:
+        text = (
+            lake_dir.parent / "view" / "data" / "s" / f"{page_key(run_id, sample['sample_id'])}.js"
+        ).read_text()
+        page = json.loads(text.removeprefix("VRP.sample(").removesuffix(");\n"))
+        assert page["grid"] == [sample["grid_h"], sample["grid_w"]]
+        assert len(page["attention"]["layers"]) == len(page["evidence"]["layers"]) > 0
+        assert all(r["cells"] is None for r in page["interventions"]), "flat grid cells are not lattice cells"
     for row in rows:
         patches = json.loads(row["detail"])["patches"]
         assert len(patches) == (0 if row["condition"] == "full" else n_cells(0.3, cells[row["sample_id"]]))

@@ -498,7 +498,7 @@ def capture_batch(
     if ev is not None:
         tokens = ev.maps(truth_ids.tolist())  # per sample: layer -> [n_image_tokens]
         result.evidence = [
-            {layer: _on_layout(values, layout, stitch_evidence) for layer, values in maps.items()}
+            {layer: _whole_image_evidence(values, layout) for layer, values in maps.items()}
             for maps, layout in zip(tokens, result.layouts, strict=True)
         ]
         result.grid_evidence = [
@@ -517,11 +517,11 @@ def capture_batch(
     return result
 
 
-def _on_layout(values: np.ndarray, layout: Layout | None, stitch: Callable[..., np.ndarray]) -> np.ndarray:
-    """Per-image-token values as one float32 map over the whole image (unchanged for one grid)."""
+def _whole_image_evidence(values: np.ndarray, layout: Layout | None) -> np.ndarray:
+    """Per-image-token evidence as one float32 map over the whole image (unchanged for one grid)."""
     if layout is None or not layout.multi:
         return values
-    return stitch(values, layout).astype(np.float32)
+    return stitch_evidence(values, layout).astype(np.float32)
 
 
 def _row_layout(enc: Encoded, b: int) -> Layout | None:

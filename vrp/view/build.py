@@ -313,6 +313,10 @@ def write_view(
             'see `vrp query "select run_id, model, kind, n_done from runs"`'
         )
     rows = _rows(selected, SAMPLE_COLUMNS)
+    grids = (
+        selected.column("n_grids").to_pylist() if "n_grids" in selected.column_names else [None] * len(rows)
+    )
+    several_grids = {(r["run_id"], r["sample_id"]): (n or 1) > 1 for r, n in zip(rows, grids, strict=True)}
     runs = sorted({r["run_id"] for r in rows})
     ids = sorted({r["sample_id"] for r in rows})
 
@@ -401,6 +405,9 @@ def write_view(
         )
         for r in table.to_pylist():
             n_interventions += 1
+            # a multi-grid image's masked cells lie in its grids, not on the stitched lattice drawn here
+            # (docs/ARCHITECTURE.md section 4.1b), so only a single-grid image's patches are outlined
+            multi = several_grids.get((r["base_run_id"], r["sample_id"]), False)
             interventions[(r["base_run_id"], r["sample_id"])].append(
                 {
                     "kind": r["kind"],
@@ -411,7 +418,7 @@ def write_view(
                     "correct": r["correct"],
                     "yes_no_margin": _finite(r["yes_no_margin"]),
                     "p_yes": _finite(r["p_yes"]),
-                    "cells": _cells(r["detail"]),
+                    "cells": None if multi else _cells(r["detail"]),
                 }
             )
 
