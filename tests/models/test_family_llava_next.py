@@ -34,6 +34,12 @@ from vrp.metrics.grids import stitch_attention
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+#: the checkpoint's prompt format, [INST] <image>\n question [/INST] (geometry does not depend on it)
+MISTRAL_PROMPT = (
+    "{% for message in messages %}[INST] {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{{ '\\n' }}{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %} [/INST]{% endfor %}"
+)
 
 
 def _photo(width: int, height: int) -> Image.Image:
@@ -83,6 +89,7 @@ def mistral_7b() -> LlavaNextAdapter:
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
+        chat_template=MISTRAL_PROMPT,
     )
     return LlavaNextAdapter(
         model, processor, source="meta", name="meta", revision=None, dtype="float32", device="cpu"

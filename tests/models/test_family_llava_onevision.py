@@ -25,7 +25,11 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from vrp.ingest.capture import capture_batch
 from vrp.ingest.models import load_adapter
-from vrp.ingest.models.llava_onevision import ImageOnlyLlavaOnevisionProcessor, LlavaOnevisionAdapter
+from vrp.ingest.models.llava_onevision import (
+    TINY_CHAT_TEMPLATE,
+    ImageOnlyLlavaOnevisionProcessor,
+    LlavaOnevisionAdapter,
+)
 from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
 from vrp.metrics.grids import cell_boxes, stitch_attention
 
@@ -79,6 +83,7 @@ def qwen2_0_5b() -> LlavaOnevisionAdapter:
         num_image_tokens=729,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
+        chat_template=TINY_CHAT_TEMPLATE,  # the checkpoints' Qwen2 turns
     )
     return LlavaOnevisionAdapter(
         model, processor, source="meta", name="meta", revision=None, dtype="float32", device="cpu"

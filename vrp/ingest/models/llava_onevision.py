@@ -127,6 +127,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """``AutoProcessor``, or the image-only processor when torchvision (for video) is missing.
 
         Only a failure caused by the missing video processor falls back; any other error propagates.
+        Without torchvision, transformers 5.24 fails while checking the video processor's class with
+        an AttributeError naming ``VIDEO_PROCESSOR_MAPPING._extra_content``, hence that word too.
         """
         from .qwen2vl import _read_chat_template, _torchvision_missing
 
