@@ -173,7 +173,19 @@ def grid_values(values: np.ndarray, layout: Layout) -> list[np.ndarray]:
     values = np.asarray(values)
     if values.shape[-1] != layout.n_tokens:
         raise ValueError(f"{values.shape[-1]} values for a layout of {layout.n_tokens} image tokens")
-    return [values[..., np.asarray(g.positions)] for g in layout.grids]
+    return [_select(values, np.asarray(g.positions)) for g in layout.grids]
+
+
+def _select(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``values[..., positions]`` in C order; all tokens in order returns ``values`` itself.
+
+    Fancy indexing on the last axis can hand back a differently strided array, and numpy then sums
+    it in another order: a one-grid family's maps would move in the last bit. In C order, and
+    untouched for one grid, they are bit-identical to the maps before grids existed.
+    """
+    if positions.size == values.shape[-1] and np.array_equal(positions, np.arange(positions.size)):
+        return values
+    return np.ascontiguousarray(values[..., positions])
 
 
 def grid_maps(raw: np.ndarray, layout: Layout) -> tuple[list[np.ndarray], np.ndarray]:
