@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import gemma3, idefics3, llava, llava_next, llava_onevision, paligemma, qwen2vl
+from . import gemma3, idefics3, internvl, llava, llava_next, llava_onevision, paligemma, qwen2vl
 from .family import Family, TinyRecipe
 
 __all__ = [
@@ -38,6 +38,7 @@ FAMILY_LIST: tuple[Family, ...] = (
     llava_next.FAMILY,
     llava_onevision.FAMILY,
     idefics3.FAMILY,
+    internvl.FAMILY,
 )
 
 TOYS_DIR = Path(__file__).resolve().parents[2] / "toys"
