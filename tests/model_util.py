@@ -32,7 +32,9 @@ def local_patches(adapter) -> Iterator[None]:
     image token depends on its own patch only: the map can then only be right if the adapter's
     positions and the grid line up.
     """
-    mixing = re.compile(r"(vision_tower|visual)\..*(out_proj|attn\.proj)$")
+    mixing = re.compile(
+        r"(vision_tower|visual|vision_model)\..*(out_proj|attn\.proj|attention\.projection_layer)$"
+    )
     targets = [m for name, m in adapter.model.named_modules() if mixing.search(name)]
     targets.append(adapter.attn(0).o_proj)
     assert len(targets) > 1, "no vision attention found: the module names changed"

@@ -81,12 +81,16 @@ def test_shared_prefill_logits_equal_fresh_forward(adapter) -> None:
 
 
 def _repeat_pixels(adapter, pixel_rows, enc, k):
-    """Pixels for the K-times repeated batch (Qwen2-VL flattens patches of all images into one tensor)."""
+    """Pixels for the K-times repeated batch (Qwen2-VL's patches and InternVL's tiles of all images are
+    one tensor)."""
     out = {}
     for name, value in pixel_rows.items():
         if "image_grid_thw" in enc.inputs:
             per_image = enc.inputs["image_grid_thw"].prod(-1).tolist()
             chunks = torch.split(value, per_image)
+            out[name] = torch.cat([chunk for chunk in chunks for _ in range(k)])
+        elif value.shape[0] != len(enc.layouts):  # InternVL: every image's tiles, one tensor per grid
+            chunks = torch.split(value, [len(layout.grids) for layout in enc.layouts])
             out[name] = torch.cat([chunk for chunk in chunks for _ in range(k)])
         else:
             out[name] = value.repeat_interleave(k, dim=0)
