@@ -363,7 +363,7 @@ _SPECIALS = (
     "<image>",
     "<fake_token_around_image>",
     "<global-img>",
-    *(f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)),
+    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),  # the processor's 6 x 6
 )
 _ROLES = {
     "unk_token": "<unk>",

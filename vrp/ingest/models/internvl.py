@@ -67,7 +67,7 @@ INTERNVL = FamilySpec(
         "chat template: user content [image, text], add_generation_prompt=True",
         "grids: 0 = thumbnail (side x side), 1..n = the dynamic tiles row-major; side = tile / patch * ratio",
         "tiles are contiguous <IMG_CONTEXT> runs between <img> and </img>, the thumbnail's last",
-        "crop_to_patches=False or max_patches=1 shows one squashed view: a single grid",
+        "max_patches=1 shows one squashed view: a single grid (the processor forces crop_to_patches)",
         "needs vision_feature_select_strategy='default' (CLS dropped)",
     ),
 )
@@ -116,14 +116,29 @@ class InternVLAdapter(Adapter):
         patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
         return round(self.tile_size() // patch * float(self.model.config.downsample_ratio))
 
+    def _image_kwargs(self) -> dict[str, Any]:
+        """The image processor's settings as the processor calls it: ``InternVLProcessor`` forces
+        ``crop_to_patches=True`` whatever the image processor's own attribute says."""
+        ip = self.processor.image_processor
+        merged = self.processor._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs)[
+            "images_kwargs"
+        ]
+        return {
+            key: merged.get(key, getattr(ip, key))
+            for key in ("crop_to_patches", "min_patches", "max_patches")
+        }
+
     def tiles(self, original: tuple[int, int]) -> tuple[int, int]:
         """(rows, cols) of tiles the processor cuts an (h, w) image into; (1, 1) = one view, no thumbnail."""
-        ip = self.processor.image_processor
-        if not (ip.crop_to_patches and ip.max_patches > 1):
+        kwargs = self._image_kwargs()
+        if not (kwargs["crop_to_patches"] and kwargs["max_patches"] > 1):
             return 1, 1
-        size = dict(ip.size)
+        size = dict(self.processor.image_processor.size)
         cols, rows = get_optimal_tiled_canvas(
-            tuple(original), (int(size["height"]), int(size["width"])), ip.min_patches, ip.max_patches
+            tuple(original),
+            (int(size["height"]), int(size["width"])),
+            int(kwargs["min_patches"]),
+            int(kwargs["max_patches"]),
         )
         return int(rows), int(cols)
 
@@ -205,7 +220,11 @@ class InternVLAdapter(Adapter):
                 views.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
                 continue
             out = self.processor.image_processor(
-                images=[image], do_rescale=False, do_normalize=False, return_tensors="np"
+                images=[image],
+                do_rescale=False,
+                do_normalize=False,
+                return_tensors="np",
+                **self._image_kwargs(),
             )
             pixels = np.asarray(out["pixel_values"][0], dtype=np.float32)
             views.append(np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0))
@@ -296,7 +315,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
         raise ValueError(f"image_size / patch_size = {size // patch} must be even (downsample_ratio 0.5)")
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": size, "width": size},
-        crop_to_patches=bool(opts["crop_to_patches"]),
+        crop_to_patches=True,
         min_patches=1,
         max_patches=opts["max_patches"],
         image_mean=opts["image_mean"],
@@ -361,7 +380,7 @@ FAMILY = Family(
             build=_tiny,
             # 32 px tiles read by 8x8 patches of 4 px, pixel-shuffled 2x2: 4x4 tokens of 8 px per tile;
             # up to 4 tiles plus the thumbnail
-            defaults={"image_size": 32, "patch_size": 4, "max_patches": 4, "crop_to_patches": 1},
+            defaults={"image_size": 32, "patch_size": 4, "max_patches": 4},
             named_specials={
                 "start_image_token": "<img>",
                 "end_image_token": "</img>",
