@@ -48,8 +48,6 @@ from .family import Family, TinyRecipe
 if TYPE_CHECKING:
     from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerFast
 
-QUESTION_SLOT = "{question}"
-
 IDEFICS3 = FamilySpec(
     family="idefics3",
     model_types=("idefics3", "smolvlm"),
@@ -77,32 +75,6 @@ class Idefics3Adapter(Adapter):
     """Idefics3 / SmolVLM: a global view and ``rows x cols`` pixel-shuffled tiles per image."""
 
     spec = IDEFICS3
-
-    # ----- prompts: the checkpoint's chat template -------------------------------------------------------
-    def _messages(self, question: str, *, image: bool = True) -> list[dict[str, Any]]:
-        text = {"type": "text", "text": question}
-        return [{"role": "user", "content": [{"type": "image"}, text] if image else [text]}]
-
-    def prompt_template_record(self) -> str:
-        if self._template is not None:
-            return self._template
-        return self.processor.apply_chat_template(
-            self._messages(QUESTION_SLOT), add_generation_prompt=True, tokenize=False
-        )
-
-    def prompt(self, question: str) -> str:
-        if self._template is not None:
-            return super().prompt(question)
-        return self.processor.apply_chat_template(
-            self._messages(question), add_generation_prompt=True, tokenize=False
-        )
-
-    def text_prompt(self, question: str) -> str:
-        if self._template is not None:
-            return super().text_prompt(question)
-        return self.processor.apply_chat_template(
-            self._messages(question, image=False), add_generation_prompt=True, tokenize=False
-        )
 
     def _batch_images(self, images: Sequence[Image.Image]) -> list[Any]:
         """One list per prompt: ``SmolVLMProcessor`` reads a flat list as several images of one prompt."""

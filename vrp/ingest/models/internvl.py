@@ -49,8 +49,6 @@ from .family import Family, TinyRecipe
 if TYPE_CHECKING:
     from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerFast
 
-QUESTION_SLOT = "{question}"
-
 INTERNVL = FamilySpec(
     family="internvl",
     model_types=("internvl",),
@@ -77,32 +75,6 @@ class InternVLAdapter(Adapter):
     """InternVL: a thumbnail and ``rows x cols`` pixel-shuffled dynamic tiles per image."""
 
     spec = INTERNVL
-
-    # ----- prompts: the checkpoint's chat template -------------------------------------------------------
-    def _messages(self, question: str, *, image: bool = True) -> list[dict[str, Any]]:
-        text = {"type": "text", "text": question}
-        return [{"role": "user", "content": [{"type": "image"}, text] if image else [text]}]
-
-    def prompt_template_record(self) -> str:
-        if self._template is not None:
-            return self._template
-        return self.processor.apply_chat_template(
-            self._messages(QUESTION_SLOT), add_generation_prompt=True, tokenize=False
-        )
-
-    def prompt(self, question: str) -> str:
-        if self._template is not None:
-            return super().prompt(question)
-        return self.processor.apply_chat_template(
-            self._messages(question), add_generation_prompt=True, tokenize=False
-        )
-
-    def text_prompt(self, question: str) -> str:
-        if self._template is not None:
-            return super().text_prompt(question)
-        return self.processor.apply_chat_template(
-            self._messages(question, image=False), add_generation_prompt=True, tokenize=False
-        )
 
     # ----- geometry -----------------------------------------------------------------------------------
     def tile_size(self) -> int:
