@@ -434,10 +434,15 @@ def _final_norm_scale(adapter: Adapter, h_last: torch.Tensor) -> torch.Tensor:
 
 def logit_lens(adapter: Adapter, resid: torch.Tensor) -> torch.Tensor:
     """Layer-wise logits: h_l -> the model's final norm -> unembedding. resid [L, B, d] -> [L, B, V]."""
+    return lens_logits(adapter, resid).float()
+
+
+def lens_logits(adapter: Adapter, resid: torch.Tensor) -> torch.Tensor:
+    """:func:`logit_lens` in the model's dtype: [L, B, V] float32 copies of it are made a layer at a time."""
     param = next(adapter.unembedding().parameters())
     with torch.no_grad():
         normed = adapter.final_norm()(resid.to(param.dtype))
-        return adapter.unembedding()(normed).float()
+        return adapter.unembedding()(normed)
 
 
 def capture_batch(
@@ -550,7 +555,7 @@ def _summarise(
     mlp_out = torch.stack([traced["mlp_out"][i] for i in range(n_layers)])
     attn_out = torch.stack([traced["attn_out"][i] for i in range(n_layers)])
     first_logits = out.logits[0].float()  # [B, V] the model's own next-token logits at the answer position
-    lens = logit_lens(adapter, resid)  # [L, B, V]
+    lens = lens_logits(adapter, resid)  # [L, B, V] in the model's dtype
 
     stats = {**task.token_stats(adapter, first_logits), **first_token_stats(first_logits)}
     new_tokens = out.sequences[:, prompt_len:]
@@ -566,20 +571,26 @@ def _summarise(
     attn_contrib = ((attn_out * scale[None]) * w_truth[None]).sum(-1)  # [L, B]
     mlp_contrib = ((mlp_out * scale[None]) * w_truth[None]).sum(-1)
 
-    lens_stats = [
-        {**task.lens_stats(adapter, lens[layer]), **first_token_stats(lens[layer])}
-        for layer in range(n_layers)
-    ]
+    # One layer at a time in float32: the [L, B, V] float32 lens and its copies are what made the
+    # capture's memory grow with the vocabulary (Gemma 3's 262k tokens x 34 layers).
     batch = torch.arange(first_logits.shape[0], device=lens.device)
     truth_ids = truth_ids.to(lens.device)
-    truth_logit = lens[:, batch, truth_ids]  # [L, B]
-    others = lens.clone()
-    others[:, batch, truth_ids] = float("-inf")
-    truth_margin = truth_logit - others.max(-1).values
-    truth_rank = (lens > truth_logit[..., None]).sum(-1)  # [L, B], 0 = the lens's top token
+    lens_stats, margins, truth_ranks, answer_ranks = [], [], [], []
+    for layer in range(n_layers):
+        logits = lens[layer].float()  # [B, V]
+        lens_stats.append({**task.lens_stats(adapter, logits), **first_token_stats(logits)})
+        truth_logit = logits[batch, truth_ids]  # [B]
+        others = logits.clone()
+        others[batch, truth_ids] = float("-inf")
+        margins.append(truth_logit - others.max(-1).values)
+        truth_ranks.append((logits > truth_logit[:, None]).sum(-1))  # 0 = the lens's top token
+        answer_ranks.append((logits > logits[batch, first_token][:, None]).sum(-1))
+    truth_margin, truth_rank, answer_rank = (
+        torch.stack(margins),
+        torch.stack(truth_ranks),
+        torch.stack(answer_ranks),
+    )
     first = first_token_truth(first_logits, truth_ids)
-    answer_logit = lens[:, batch, first_token]
-    answer_rank = (lens > answer_logit[..., None]).sum(-1)  # [L, B]
     # One copy to the host per tensor (tolist, cpu; no-ops on CPU), not one device sync per number:
     # python numbers per layer and sample, and every layer's answer rows as [B, L, H, S] float32.
     per_layer = {
@@ -742,8 +753,14 @@ def _answer_logprob(
 ) -> np.ndarray:
     """Mean log-probability of the greedy answer's tokens, stopping at the first end token."""
     end_ids = end_token_ids(adapter)
-    logps = torch.stack([torch.log_softmax(step.float(), -1) for step in step_logits], dim=1)  # [B, N, V]
-    chosen = logps.gather(-1, new_tokens[:, : logps.shape[1], None]).squeeze(-1)  # [B, N]
+    # step by step: one [B, V] log-softmax at a time, never all steps' [B, N, V] at once
+    chosen = torch.stack(
+        [
+            torch.log_softmax(step.float(), -1).gather(-1, new_tokens[:, i, None]).squeeze(-1)
+            for i, step in enumerate(step_logits)
+        ],
+        dim=1,
+    )  # [B, N]
     values = []
     for b in range(new_tokens.shape[0]):
         tokens = new_tokens[b].tolist()
