@@ -29,8 +29,12 @@ def normalise_map(values: np.ndarray) -> np.ndarray:
     """Renormalise non-negative attention mass to sum to 1 (a zero map stays uniform, never NaN)."""
     values = np.asarray(values, dtype=np.float64)
     total = values.sum(axis=-1, keepdims=True)
-    uniform = np.full_like(values, 1.0 / values.shape[-1])
-    return np.where(total > 0, values / np.where(total > 0, total, 1.0), uniform)
+    positive = total > 0
+    if positive.all():  # the common case: one division, no uniform array to build
+        return values / total
+    out = values / np.where(positive, total, 1.0)
+    np.copyto(out, 1.0 / values.shape[-1], where=~positive)
+    return out
 
 
 def spatial_entropy(attention_map: np.ndarray) -> float:
