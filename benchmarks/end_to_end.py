@@ -173,14 +173,21 @@ def round_robin(
     """Seconds and 1-minute load averages per variant, `repeats` rounds after one warm-up round."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     loads: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():
+    for name, fn in variants.items():
+        start = time.perf_counter()
         fn()
-    for _ in range(repeats):
+        print(f"warm-up {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    for round_ in range(repeats):
         for name, fn in variants.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
             loads[name].append(os.getloadavg()[0])
+            print(
+                f"round {round_ + 1} {name}: {times[name][-1]:.1f} s, load {loads[name][-1]:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
     return times, loads
 
 
