@@ -12,6 +12,9 @@ against the image tokens the real processor inserted.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +26,7 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 
 from vrp.ingest.capture import capture_batch
 from vrp.ingest.models import load_adapter
-from vrp.ingest.models.internvl import ImageOnlyInternVLProcessor, InternVLAdapter
+from vrp.ingest.models.internvl import ImageOnlyInternVLProcessor, InternVLAdapter, _torchvision_missing
 from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
 from vrp.metrics.grids import stitch_attention
 
@@ -180,6 +183,21 @@ def test_the_tiny_checkpoint_loads_the_image_only_processor_without_torchvision(
     adapter = tiny[1]
     assert type(adapter.model).__name__ == "InternVLForConditionalGeneration"
     assert adapter.settings["image_only_processor"] == (type(adapter.processor) is ImageOnlyInternVLProcessor)
+
+
+def test_the_image_only_processor_reads_a_legacy_chat_template_json(tiny, tmp_path):
+    """Hub checkpoints may keep the processor's template in chat_template.json, which the tokenizer
+    does not read: the fallback processor must still render the checkpoint's own prompt."""
+    if not _torchvision_missing():
+        pytest.skip("torchvision is installed: AutoProcessor builds the full processor")
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny[0], legacy)
+    template = (legacy / "chat_template.jinja").read_text()
+    (legacy / "chat_template.jinja").unlink()
+    (legacy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    processor, image_only = InternVLAdapter.load_processor(str(legacy))
+    assert image_only and processor.chat_template == template
+    assert load_adapter(str(legacy)).prompt("Is there a star?") == tiny[1].prompt("Is there a star?")
 
 
 def test_masking_greys_exactly_the_chosen_cells_through_the_flat_tiles(tiny):

@@ -8,6 +8,9 @@ This module checks what differs: the image-only processor fallback, the per-prom
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +52,21 @@ def test_without_num2words_or_torchvision_the_image_only_processor_is_built(tiny
         pytest.skip("num2words and torchvision are installed: AutoProcessor builds the full processor")
     assert type(adapter.processor) is ImageOnlySmolVLMProcessor
     assert adapter.settings["image_only_processor"] is True
+
+
+def test_the_image_only_processor_reads_a_legacy_chat_template_json(tiny, tmp_path):
+    """Hub checkpoints may keep the processor's template in chat_template.json, which the tokenizer
+    does not read: the fallback processor must still render the checkpoint's own prompt."""
+    if not _video_extras_missing():
+        pytest.skip("num2words and torchvision are installed: AutoProcessor builds the full processor")
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny[0], legacy)
+    template = (legacy / "chat_template.jinja").read_text()
+    (legacy / "chat_template.jinja").unlink()
+    (legacy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    processor, image_only = Idefics3Adapter.load_processor(str(legacy))
+    assert image_only and processor.chat_template == template
+    assert load_adapter(str(legacy)).prompt("Is there a star?") == tiny[1].prompt("Is there a star?")
 
 
 def test_a_batch_of_images_is_one_image_per_prompt_with_idefics3s_layout(tiny, tiny_idefics3):

@@ -180,6 +180,8 @@ class Idefics3Adapter(Adapter):
                 _video_extras_missing() and any(w in message for w in ("num2words", "video", "torchvision"))
             ):
                 raise
+        from .qwen2vl import _read_chat_template  # the processor's template file, .jinja or legacy .json
+
         image_processor = transformers.AutoImageProcessor.from_pretrained(source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         config = transformers.AutoConfig.from_pretrained(source)
@@ -190,7 +192,7 @@ class Idefics3Adapter(Adapter):
                 image_processor,
                 tokenizer,
                 image_seq_len=seq_len,
-                chat_template=getattr(tokenizer, "chat_template", None),
+                chat_template=_read_chat_template(source) or getattr(tokenizer, "chat_template", None),
             ),
             True,
         )

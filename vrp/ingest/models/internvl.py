@@ -214,6 +214,8 @@ class InternVLAdapter(Adapter):
             message = str(err).lower()
             if not (_torchvision_missing() and ("video" in message or "torchvision" in message)):
                 raise
+        from .qwen2vl import _read_chat_template  # the processor's template file, .jinja or legacy .json
+
         image_processor = transformers.AutoImageProcessor.from_pretrained(source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         config = transformers.AutoConfig.from_pretrained(source)
@@ -222,7 +224,7 @@ class InternVLAdapter(Adapter):
                 image_processor,
                 tokenizer,
                 image_seq_length=int(config.image_seq_length),
-                chat_template=getattr(tokenizer, "chat_template", None),
+                chat_template=_read_chat_template(source) or getattr(tokenizer, "chat_template", None),
             ),
             True,
         )
