@@ -149,7 +149,7 @@ def test_capture_batch_signals(adapter) -> None:
         if not layout.multi:
             assert sample["n_image_tokens"] == sample["grid_h"] * sample["grid_w"]
         for layer_grids in cap.grid_maps[b]:  # multi-grid only: each grid's map sums to 1 on its own
-            assert [m.sum() for m, _mass in layer_grids] == pytest.approx([1.0] * len(layout.grids), abs=1e-5)
+            assert [g.map.sum() for g in layer_grids] == pytest.approx([1.0] * len(layout.grids), abs=1e-5)
         for layer in range(adapter.num_layers):
             assert cap.maps[b][layer].sum() == pytest.approx(1.0, abs=1e-5)
         assert cap.nonfinite[b] is None

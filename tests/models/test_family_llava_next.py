@@ -29,6 +29,7 @@ from vrp.ingest.capture import capture_batch
 from vrp.ingest.models import load_adapter
 from vrp.ingest.models.llava_next import LlavaNextAdapter, anyres_geometry
 from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
+from vrp.metrics.attention import cluster_count, spatial_entropy
 from vrp.metrics.grids import stitch_attention
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -237,13 +238,17 @@ def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):
     for b, layout in enumerate(enc.layouts):
         for layer in range(adapter.num_layers):
             grids = cap.grid_maps[b][layer]
-            assert [m.shape for m, _ in grids] == [(g.size,) for g in layout.grids]
-            assert [float(m.sum()) for m, _ in grids] == pytest.approx([1.0, 1.0], abs=1e-5)
+            assert [g.map.shape for g in grids] == [(g.size,) for g in layout.grids]
+            assert [float(g.map.sum()) for g in grids] == pytest.approx([1.0, 1.0], abs=1e-5)
+            for grid, values in zip(layout.grids, grids, strict=True):  # per-map definitions, one by one
+                assert values.entropy == pytest.approx(spatial_entropy(values.map), abs=1e-6)
+                assert values.entropy_norm == pytest.approx(values.entropy / np.log(grid.size))
+                assert values.clusters == cluster_count(values.map.reshape(grid.rows, grid.cols))
             stitched = cap.maps[b][layer]
             assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
             assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()
             # the grids' masses are the layer's image mass less the newline tokens' share
-            assert sum(mass for _, mass in grids) < cap.layers[b][layer]["image_mass"]
+            assert sum(g.mass for g in grids) < cap.layers[b][layer]["image_mass"]
 
 
 def test_vrp_ingest_run_writes_every_grid_and_the_stitched_map(tiny, shapes_workspace):

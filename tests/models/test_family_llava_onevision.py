@@ -212,7 +212,7 @@ def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):
     for b, layout in enumerate(enc.layouts):
         for layer in range(adapter.num_layers):
             grids = cap.grid_maps[b][layer]
-            assert [float(m.sum()) for m, _ in grids] == pytest.approx([1.0, 1.0], abs=1e-5)
+            assert [float(g.map.sum()) for g in grids] == pytest.approx([1.0, 1.0], abs=1e-5)
             stitched = cap.maps[b][layer]
             assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
             assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()

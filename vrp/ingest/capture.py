@@ -362,6 +362,17 @@ class EvidenceMaps(ForwardHooks):
         return out
 
 
+@dataclass(frozen=True)
+class GridMap:
+    """One grid's attention map at one layer and its summaries: an ``attention_maps`` row (4.1b)."""
+
+    map: np.ndarray  # [rows * cols] float32, renormalised to sum to 1
+    mass: float  # the grid's raw head-mean mass, on the scale of image_mass
+    entropy: float
+    entropy_norm: float | None
+    clusters: int
+
+
 @dataclass
 class BatchCapture:
     """Everything one batch produced, as plain numpy / python values per sample."""
@@ -381,8 +392,8 @@ class BatchCapture:
     evidence: list[dict[int, np.ndarray]] = field(default_factory=list)
     # per sample: its grids (one for single-grid families; docs/ARCHITECTURE.md section 4.1b)
     layouts: list[Layout | None] = field(default_factory=list)
-    # multi-grid samples only, per sample, per layer: each grid's map (sums to 1) and raw mass
-    grid_maps: list[list[list[tuple[np.ndarray, float]]]] = field(default_factory=list)
+    # multi-grid samples only, per sample, per layer: each grid's map and its summaries
+    grid_maps: list[list[list[GridMap]]] = field(default_factory=list)
     # multi-grid samples only, per sample: layer -> each grid's float32 evidence
     grid_evidence: list[dict[int, list[np.ndarray]]] = field(default_factory=list)
 
@@ -705,8 +716,8 @@ class _MapSummary:
     head_mass: list[list[float]]  # [L][H]
     head_entropy: list[list[float]]  # [L][H]
     head_entropy_norm: list[list[float | None]]  # [L][H]
-    # several grids only, per layer: each grid's map (sums to 1) and raw mass (4.1b); else empty
-    grids: list[list[tuple[np.ndarray, float]]]
+    # several grids only, per layer: each grid's map and summaries (4.1b); else empty
+    grids: list[list[GridMap]]
 
 
 def _attention_summary(image: np.ndarray, layout: Layout) -> _MapSummary:
@@ -723,13 +734,22 @@ def _attention_summary(image: np.ndarray, layout: Layout) -> _MapSummary:
     head_maps = stitch_attention(image, layout)  # [L, H, cells]
     mean_raw = image.mean(1)  # [L, N]
     layer_maps = stitch_attention(mean_raw, layout)
-    per_grid: list[list[tuple[np.ndarray, float]]] = []
+    per_grid: list[list[GridMap]] = [[] for _ in range(n_layers)] if layout.multi else []
     if layout.multi:
         tiles, masses = grid_maps(mean_raw, layout)  # per grid [L, cells], masses [L, n_grids]
-        per_grid = [
-            [(tile[layer].astype(np.float32), float(masses[layer, g])) for g, tile in enumerate(tiles)]
-            for layer in range(n_layers)
-        ]
+        for g, (grid, tile) in enumerate(zip(layout.grids, tiles, strict=True)):
+            tile_entropy = spatial_entropies(tile)
+            tile_clusters = cluster_counts(tile.reshape(n_layers, grid.rows, grid.cols)).tolist()
+            for layer in range(n_layers):
+                per_grid[layer].append(
+                    GridMap(
+                        map=tile[layer].astype(np.float32),
+                        mass=float(masses[layer, g]),
+                        entropy=float(tile_entropy[layer]),
+                        entropy_norm=normalised_entropy(float(tile_entropy[layer]), grid.size),
+                        clusters=int(tile_clusters[layer]),
+                    )
+                )
     entropy = spatial_entropies(layer_maps)
     head_entropy = spatial_entropies(head_maps)
     log_cells = np.log(n_cells) if n_cells >= 2 else None  # normalised_entropy: None for one cell

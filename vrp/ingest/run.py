@@ -25,7 +25,6 @@ from vrp.ingest.models.base import LayerRangeError, resolve_layer
 from vrp.ingest.prompts import apply_template, question_template
 from vrp.lake.identity import make_run_id
 from vrp.lake.images import image_hash, image_row
-from vrp.metrics.attention import cluster_count, normalised_entropy, spatial_entropy
 from vrp.runs.loop import BatchOutcome, run_loop
 from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
 
@@ -727,25 +726,24 @@ def attention_map_rows(cap: BatchCapture, b: int, layers: Sequence[int]) -> list
                 "grid_w": grid_w,
                 "map": cap.maps[b][layer],
                 # several grids: the cells' mass, without the row separators' share of image_mass
-                "mass": sum(mass for _m, mass in grids) if grids else summary["image_mass"],
+                "mass": sum(g.mass for g in grids) if grids else summary["image_mass"],
                 **{k: summary[k] for k in ("spatial_entropy", "spatial_entropy_norm", "cluster_count")},
             }
         )
-        for grid, (values, mass) in zip(layout.grids if grids else (), grids, strict=True):
-            entropy = spatial_entropy(values)
-            rows.append(
-                {
-                    "layer": layer,
-                    "tile": grid.tile,
-                    "grid_h": grid.rows,
-                    "grid_w": grid.cols,
-                    "map": values,
-                    "mass": mass,
-                    "spatial_entropy": entropy,
-                    "spatial_entropy_norm": normalised_entropy(entropy, values.size),
-                    "cluster_count": cluster_count(values.reshape(grid.rows, grid.cols)),
-                }
-            )
+        rows.extend(
+            {
+                "layer": layer,
+                "tile": grid.tile,
+                "grid_h": grid.rows,
+                "grid_w": grid.cols,
+                "map": values.map,
+                "mass": values.mass,
+                "spatial_entropy": values.entropy,
+                "spatial_entropy_norm": values.entropy_norm,
+                "cluster_count": values.clusters,
+            }
+            for grid, values in zip(layout.grids if grids else (), grids, strict=True)
+        )
     return rows
 
 
