@@ -245,15 +245,13 @@ def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):
     for b, layout in enumerate(enc.layouts):
         for layer in range(adapter.num_layers):
             grids = cap.grid_maps[b][layer]
-            assert [m.shape for m, _ in grids] == [(g.size,) for g in layout.grids]
-            assert [float(m.sum()) for m, _ in grids] == pytest.approx([1.0] * len(grids), abs=1e-5)
+            assert [g.map.shape for g in grids] == [(g.size,) for g in layout.grids]
+            assert [float(g.map.sum()) for g in grids] == pytest.approx([1.0] * len(grids), abs=1e-5)
             stitched = cap.maps[b][layer]
             assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
             assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()
             # no separator tokens: the grids hold the layer's whole image mass
-            assert sum(mass for _, mass in grids) == pytest.approx(
-                cap.layers[b][layer]["image_mass"], rel=1e-5
-            )
+            assert sum(g.mass for g in grids) == pytest.approx(cap.layers[b][layer]["image_mass"], rel=1e-5)
 
 
 def test_without_image_splitting_one_grid_is_the_squashed_picture(tiny):

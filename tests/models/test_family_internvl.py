@@ -250,13 +250,11 @@ def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):
         assert layout.multi
         for layer in range(adapter.num_layers):
             grids = cap.grid_maps[b][layer]
-            assert [float(m.sum()) for m, _ in grids] == pytest.approx([1.0] * len(grids), abs=1e-5)
+            assert [float(g.map.sum()) for g in grids] == pytest.approx([1.0] * len(grids), abs=1e-5)
             stitched = cap.maps[b][layer]
             assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
             assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()
-            assert sum(mass for _, mass in grids) == pytest.approx(
-                cap.layers[b][layer]["image_mass"], rel=1e-5
-            )
+            assert sum(g.mass for g in grids) == pytest.approx(cap.layers[b][layer]["image_mass"], rel=1e-5)
 
 
 def test_vrp_ingest_run_writes_every_grid_and_the_stitched_map(tiny, shapes_workspace):
