@@ -213,6 +213,26 @@ def test_masking_greys_exactly_the_chosen_cells_through_the_tiles(tiny):
     assert torch.equal(changed_pixels(adapter, enc, cells), expected)
 
 
+def test_a_wholly_masked_tile_still_reaches_the_model(tiny):
+    """Idefics3 drops tiles whose every value is 0.0 as batch padding; VRP's grey is RGB 128, which
+    normalises to 0.0039 here, so a tile greyed cell by cell stays a tile and the token count holds."""
+    from vrp.interventions import mask
+
+    adapter = tiny[1]
+    enc = adapter.encode([random_image(np.random.default_rng(5), 64, 64)], ["Is there a star?"])
+    masked = mask.mask_cells(adapter, enc, [list(range(16, 32))])  # every cell of tile (0, 0)
+    assert (masked[0, 0] != 0).all() and torch.equal(
+        masked[0, 0], masked[0, 0, :, :1, :1].expand_as(masked[0, 0])
+    )
+    with torch.no_grad():
+        logits = adapter.model(**{**enc.inputs, "pixel_values": masked}).logits
+        plain = adapter.model(**enc.inputs).logits
+    assert logits.shape == plain.shape and not torch.equal(logits, plain)
+    # a grey that normalises to exactly 0.0 would make the tile padding: refused with a clear message
+    with pytest.raises(ValueError, match="every value is 0.0"):
+        mask.mask_cells(adapter, enc, [list(range(16, 32))], value=torch.zeros(3))
+
+
 def test_one_bright_block_lights_its_cells_in_its_tile_and_the_global_view(tiny):
     """A 64 px image is cut into four 32 px tiles unresized; a bright 16 px block at y 16..32,
     x 32..48 is cells (2..3, 0..1) of tile (0, 1) and, squashed to the 32 px global view, cell (1, 2)."""

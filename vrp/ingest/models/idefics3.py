@@ -140,7 +140,8 @@ class Idefics3Adapter(Adapter):
     ) -> torch.Tensor:
         """Grey the chosen cells (flat ids over every grid) in ``pixel_values`` [B, tiles, C, H, W], in place.
 
-        A grid's canvas is exactly one tile tensor: grid ``view`` k is ``pixels[row, k]``.
+        A grid's canvas is exactly one tile tensor: grid ``view`` k is ``pixels[row, k]``. A tile left
+        all 0.0 is refused: the model would take it for padding and lose its tokens' features.
         """
         if pixels.dim() != 5:
             raise ValueError(f"expected pixel_values [batch, tiles, C, H, W], got {tuple(pixels.shape)}")
@@ -151,6 +152,11 @@ class Idefics3Adapter(Adapter):
                 index, cell = locate_cell(layout, int(flat))
                 y0, x0, y1, x1 = (int(v) for v in boxes[index][cell])
                 pixels[row, layout.grids[index].view, :, y0:y1, x0:x1] = grey[:, None, None]
+            if (pixels[row, : len(layout.grids)] == 0).flatten(1).all(dim=1).any():
+                raise ValueError(
+                    f"row {row}: masking left a tile whose every value is 0.0, which the model drops as "
+                    "batch padding; mask with a grey that does not normalise to exactly 0"
+                )
         return pixels
 
     def model_views(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
