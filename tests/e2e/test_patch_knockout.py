@@ -28,7 +28,8 @@ from vrp.interventions.knockout import plan_knockout
 from vrp.interventions.scoring import answer_batch
 from vrp.lake import open_lake
 
-FAMILIES = ("llava", "paligemma", "qwen2vl")
+# the study's three families and one family that sees an image as several grids (and its subclass)
+FAMILIES = ("llava", "paligemma", "qwen2vl", "llava_next", "llava_onevision")
 LAYERS = 3
 QUIET = {"echo": lambda _line: None, "progress": False}
 
