@@ -110,8 +110,8 @@ def run_demo(
     lake: str,
     out: str,
     *,
-    questions: int = 200,
-    vqa_questions: int = 200,
+    questions: int = 100,
+    vqa_questions: int = 150,
     k: int = 10,
     models: Sequence[str] = TOYS,
     data_dir: str | None = None,
@@ -283,11 +283,11 @@ def _headline_section(markdown: str) -> str:
 @lake_option
 @click.option("--out", default="vrp-report", show_default=True, help="Report folder.")
 @click.option(
-    "--questions", default=200, show_default=True, type=click.IntRange(min=2), help="Questions per split."
+    "--questions", default=100, show_default=True, type=click.IntRange(min=2), help="Questions per split."
 )
 @click.option(
     "--vqa-questions",
-    default=200,
+    default=150,
     show_default=True,
     type=click.IntRange(min=0),
     help="shapes-VQA open questions per toy (0: the yes/no half only).",
