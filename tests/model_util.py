@@ -5,6 +5,8 @@
   it lands then says whether an adapter's grid is right.
 - ``random_image``, ``changed_pixels``: what patch masking changed in ``pixel_values``.
 - ``ingest_multi_grid``: ``vrp ingest run`` on a tiny multi-grid checkpoint and its lake rows.
+- ``tiny_checkpoint``, ``photo``, ``assert_meta_modules``, ``assert_strategy_refused``,
+  ``bright_block_change``: the fixtures and checks every family test module repeats.
 """
 
 from __future__ import annotations
@@ -20,6 +22,65 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """A flat-coloured picture: its size alone drives an adapter's geometry."""
+    return Image.new("RGB", (width, height), (90, 120, 150))
+
+
+def tiny_checkpoint(tmp_path_factory: Any, family: str) -> tuple[Path, Any]:
+    """A seeded 2-layer random-init checkpoint of ``family`` and its loaded adapter (one thread)."""
+    from vrp.ingest.models import load_adapter
+    from vrp.ingest.models.tiny import build_tiny
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    path = build_tiny(family, tmp_path_factory.mktemp(family), seed=0, num_layers=2)
+    return path, load_adapter(str(path))
+
+
+def assert_meta_modules(
+    adapter: Any, *, layers: int, hidden: int, heads: int, kv_heads: int, norm: str, vocab: int
+) -> None:
+    """The adapter finds a real checkpoint's decoder shape and modules, all on the meta device."""
+    assert (adapter.num_layers, adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads) == (
+        layers,
+        hidden,
+        heads,
+        kv_heads,
+    )
+    assert len(adapter.decoder_layers()) == layers
+    assert type(adapter.final_norm()).__name__ == norm
+    assert adapter.unembedding().out_features == vocab
+    assert all(p.is_meta for p in adapter.model.parameters())
+
+
+def assert_strategy_refused(adapter: Any, strategy: str, supported: str) -> None:
+    """``encode`` refuses a checkpoint set to the unsupported feature strategy, naming the supported one."""
+    adapter.model.config.vision_feature_select_strategy = strategy
+    try:
+        with pytest.raises(ValueError, match=f"'{supported}'"):
+            adapter.encode([photo(64, 64)], ["Is there a dog?"])
+    finally:
+        adapter.model.config.vision_feature_select_strategy = supported
+
+
+def bright_block_change(adapter: Any, size: int, rows: slice, cols: slice) -> list[np.ndarray]:
+    """Per grid, how much a bright block at ``rows, cols`` of a dark ``size`` px square changes the
+    layer-0 evidence (patch mixing cut by ``local_patches``): the block's cells must carry it all."""
+    from vrp.ingest.capture import capture_batch
+
+    base = np.full((size, size, 3), 20, dtype=np.uint8)
+    bright = base.copy()
+    bright[rows, cols] = 255
+    maps = []
+    with local_patches(adapter):
+        for picture in (base, bright):
+            enc = adapter.encode([Image.fromarray(picture)], ["Is there a star?"])
+            cap = capture_batch(adapter, enc, ["yes"], max_new_tokens=1, evidence_layers=[0])
+            maps.append(cap.grid_evidence[0][0])
+    return [np.abs(after - before) for before, after in zip(maps[0], maps[1], strict=True)]
 
 
 @contextlib.contextmanager

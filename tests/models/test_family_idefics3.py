@@ -15,21 +15,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_util import changed_pixels, ingest_multi_grid, local_patches, random_image
-from PIL import Image
+from model_util import (
+    assert_meta_modules,
+    bright_block_change,
+    changed_pixels,
+    ingest_multi_grid,
+    photo,
+    random_image,
+    tiny_checkpoint,
+)
 from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
 from vrp.ingest.capture import capture_batch
-from vrp.ingest.models import load_adapter
 from vrp.ingest.models.idefics3 import Idefics3Adapter
-from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
+from vrp.ingest.models.tiny import tiny_tokenizer
 from vrp.metrics.grids import stitch_attention
-
-
-def _photo(width: int, height: int) -> Image.Image:
-    return Image.new("RGB", (width, height), (90, 120, 150))
 
 
 def _meta_adapter(vision: dict, text: dict, scale: int, tile: int, longest: int) -> Idefics3Adapter:
@@ -109,21 +111,13 @@ def idefics3_8b() -> Idefics3Adapter:
 
 
 def test_smolvlm_256m_modules_on_the_meta_device(smolvlm_256m):
-    adapter = smolvlm_256m
-    assert (adapter.num_layers, adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads) == (
-        30,
-        576,
-        9,
-        3,
+    assert_meta_modules(
+        smolvlm_256m, layers=30, hidden=576, heads=9, kv_heads=3, norm="LlamaRMSNorm", vocab=49280
     )
-    assert len(adapter.decoder_layers()) == 30
-    assert type(adapter.final_norm()).__name__ == "LlamaRMSNorm"
-    assert adapter.unembedding().out_features == 49280
-    assert all(p.is_meta for p in adapter.model.parameters())
 
 
 def test_smolvlm_256m_reads_a_640x480_photo_as_3x4_tiles_of_64_tokens_and_a_global_view(smolvlm_256m):
-    enc = smolvlm_256m.encode([_photo(640, 480)], ["Is there a dog?"])
+    enc = smolvlm_256m.encode([photo(640, 480)], ["Is there a dog?"])
     layout = enc.layouts[0]
     # longest edge to 2048: 2048 x int(2048 / (4/3)) = 1536, already whole 512 px tiles: 3 rows x 4 cols;
     # each tile 512/16 = 32 patches a side, pixel-shuffled by 4: 8 x 8 = 64 tokens; + the global view
@@ -149,7 +143,7 @@ def test_without_image_splitting_smolvlm_256m_sees_one_8x8_grid(smolvlm_256m):
     ip = smolvlm_256m.processor.image_processor
     ip.do_image_splitting = False
     try:
-        enc = smolvlm_256m.encode([_photo(640, 480)], ["Is there a dog?"])
+        enc = smolvlm_256m.encode([photo(640, 480)], ["Is there a dog?"])
     finally:
         ip.do_image_splitting = True
     layout = enc.layouts[0]
@@ -158,7 +152,7 @@ def test_without_image_splitting_smolvlm_256m_sees_one_8x8_grid(smolvlm_256m):
 
 
 def test_idefics3_8b_reads_a_640x480_photo_as_3x4_tiles_of_169_tokens(idefics3_8b):
-    enc = idefics3_8b.encode([_photo(640, 480)], ["Is there a dog?"])
+    enc = idefics3_8b.encode([photo(640, 480)], ["Is there a dog?"])
     layout = enc.layouts[0]
     # longest edge to 1456: 1456 x 1092, whole 364 px tiles: 3 x 4; 364/14 = 26 patches, shuffled by 2: 13x13
     assert enc.inputs["pixel_values"].shape == (1, 13, 3, 364, 364)
@@ -177,7 +171,7 @@ def test_tile_counts_match_the_processor_for_many_shapes(smolvlm_256m):
 
 
 def test_a_stitched_map_covers_the_image(smolvlm_256m):
-    enc = smolvlm_256m.encode([_photo(640, 480)], ["Is there a dog?"])
+    enc = smolvlm_256m.encode([photo(640, 480)], ["Is there a dog?"])
     layout = enc.layouts[0]
     stitched = stitch_attention(np.random.default_rng(0).random(layout.n_tokens), layout)
     assert stitched.shape == (24 * 32,) and stitched.sum() == pytest.approx(1.0)
@@ -189,10 +183,7 @@ def test_a_stitched_map_covers_the_image(smolvlm_256m):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    path = build_tiny("idefics3", tmp_path_factory.mktemp("idefics3"), seed=0, num_layers=2)
-    return path, load_adapter(str(path))
+    return tiny_checkpoint(tmp_path_factory, "idefics3")
 
 
 def test_masking_greys_exactly_the_chosen_cells_through_the_tiles(tiny):
@@ -236,18 +227,8 @@ def test_a_wholly_masked_tile_still_reaches_the_model(tiny):
 def test_one_bright_block_lights_its_cells_in_its_tile_and_the_global_view(tiny):
     """A 64 px image is cut into four 32 px tiles unresized; a bright 16 px block at y 16..32,
     x 32..48 is cells (2..3, 0..1) of tile (0, 1) and, squashed to the 32 px global view, cell (1, 2)."""
-    adapter = tiny[1]
-    base = np.full((64, 64, 3), 20, dtype=np.uint8)
-    bright = base.copy()
-    bright[16:32, 32:48] = 255
-    maps = []
-    with local_patches(adapter):
-        for picture in (base, bright):
-            enc = adapter.encode([Image.fromarray(picture)], ["Is there a star?"])
-            cap = capture_batch(adapter, enc, ["yes"], max_new_tokens=1, evidence_layers=[0])
-            maps.append(cap.grid_evidence[0][0])
-    assert [len(m) for m in maps[0]] == [16] * 5
-    change = [np.abs(after - before) for before, after in zip(maps[0], maps[1], strict=True)]
+    change = bright_block_change(tiny[1], 64, slice(16, 32), slice(32, 48))
+    assert [len(c) for c in change] == [16] * 5
     lit = [2 * 4 + 0, 2 * 4 + 1, 3 * 4 + 0, 3 * 4 + 1]
     assert (change[2][lit] > 1e-4).all() and np.delete(change[2], lit).max() < 1e-4  # VRP grid 2 = tile 1
     for grid in (1, 3, 4):  # the other tiles do not see the block

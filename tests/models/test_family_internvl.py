@@ -18,8 +18,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from model_util import changed_pixels, ingest_multi_grid, local_patches, random_image
-from PIL import Image
+from model_util import (
+    assert_meta_modules,
+    assert_strategy_refused,
+    bright_block_change,
+    changed_pixels,
+    ingest_multi_grid,
+    photo,
+    random_image,
+    tiny_checkpoint,
+)
 from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
@@ -27,15 +35,11 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 from vrp.ingest.capture import capture_batch
 from vrp.ingest.models import load_adapter
 from vrp.ingest.models.internvl import ImageOnlyInternVLProcessor, InternVLAdapter, _torchvision_missing
-from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
+from vrp.ingest.models.tiny import tiny_tokenizer
 from vrp.metrics.grids import stitch_attention
 
 CLIP_MEAN = [0.485, 0.456, 0.406]
 CLIP_STD = [0.229, 0.224, 0.225]
-
-
-def _photo(width: int, height: int) -> Image.Image:
-    return Image.new("RGB", (width, height), (90, 120, 150))
 
 
 @pytest.fixture(scope="module")
@@ -92,21 +96,13 @@ def internvl3_1b() -> InternVLAdapter:
 
 
 def test_internvl3_1b_modules_on_the_meta_device(internvl3_1b):
-    adapter = internvl3_1b
-    assert (adapter.num_layers, adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads) == (
-        24,
-        896,
-        14,
-        2,
+    assert_meta_modules(
+        internvl3_1b, layers=24, hidden=896, heads=14, kv_heads=2, norm="Qwen2RMSNorm", vocab=151674
     )
-    assert len(adapter.decoder_layers()) == 24
-    assert type(adapter.final_norm()).__name__ == "Qwen2RMSNorm"
-    assert adapter.unembedding().out_features == 151674
-    assert all(p.is_meta for p in adapter.model.parameters())
 
 
 def test_a_640x480_photo_is_4x3_tiles_of_256_tokens_and_a_thumbnail(internvl3_1b):
-    enc = internvl3_1b.encode([_photo(640, 480)], ["Is there a dog?"])
+    enc = internvl3_1b.encode([photo(640, 480)], ["Is there a dog?"])
     layout = enc.layouts[0]
     # aspect 4:3 is exactly the 4 x 3 arrangement (12 tiles, the maximum); each 448 px tile is
     # 32 x 32 patches of 14 px, pixel-shuffled to 16 x 16 = 256 tokens; the thumbnail comes last
@@ -127,7 +123,7 @@ def test_a_640x480_photo_is_4x3_tiles_of_256_tokens_and_a_thumbnail(internvl3_1b
 
 
 def test_a_square_photo_is_one_tile_without_a_thumbnail(internvl3_1b):
-    enc = internvl3_1b.encode([_photo(448, 448)], ["Is there a dog?"])
+    enc = internvl3_1b.encode([photo(448, 448)], ["Is there a dog?"])
     # aspect 1: the 1x1 arrangement wins (2x2 ties but would cover more than twice the image's area)
     assert not enc.layouts[0].multi and enc.grids[0] == (16, 16) and enc.image_pos[0].numel() == 256
     assert enc.image_sizes[0] == (448, 448) and enc.cell_sizes[0] == (28, 28)
@@ -137,7 +133,7 @@ def test_max_patches_1_turns_the_tiles_off(internvl3_1b):
     ip = internvl3_1b.processor.image_processor
     ip.max_patches = 1
     try:
-        enc = internvl3_1b.encode([_photo(640, 480)], ["Is there a dog?"])
+        enc = internvl3_1b.encode([photo(640, 480)], ["Is there a dog?"])
     finally:
         ip.max_patches = 12
     assert not enc.layouts[0].multi and enc.image_pos[0].numel() == 256
@@ -152,7 +148,7 @@ def test_tile_counts_match_the_processor_for_many_shapes(internvl3_1b):
 
 
 def test_a_stitched_map_covers_the_image(internvl3_1b):
-    enc = internvl3_1b.encode([_photo(640, 480)], ["Is there a dog?"])
+    enc = internvl3_1b.encode([photo(640, 480)], ["Is there a dog?"])
     layout = enc.layouts[0]
     stitched = stitch_attention(np.random.default_rng(0).random(layout.n_tokens), layout)
     assert stitched.shape == (48 * 64,) and stitched.sum() == pytest.approx(1.0)
@@ -160,12 +156,7 @@ def test_a_stitched_map_covers_the_image(internvl3_1b):
 
 
 def test_full_strategy_is_refused(internvl3_1b):
-    internvl3_1b.model.config.vision_feature_select_strategy = "full"
-    try:
-        with pytest.raises(ValueError, match="'default'"):
-            internvl3_1b.encode([_photo(64, 64)], ["Is there a dog?"])
-    finally:
-        internvl3_1b.model.config.vision_feature_select_strategy = "default"
+    assert_strategy_refused(internvl3_1b, "full", "default")
 
 
 # ----- the tiny checkpoint (32 px tiles, 8x8 patches of 4 px shuffled 2x2: 4x4 cells of 8 px) -----
@@ -173,10 +164,7 @@ def test_full_strategy_is_refused(internvl3_1b):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    path = build_tiny("internvl", tmp_path_factory.mktemp("internvl"), seed=0, num_layers=2)
-    return path, load_adapter(str(path))
+    return tiny_checkpoint(tmp_path_factory, "internvl")
 
 
 def test_the_tiny_checkpoint_loads_the_image_only_processor_without_torchvision(tiny):
@@ -220,18 +208,8 @@ def test_masking_greys_exactly_the_chosen_cells_through_the_flat_tiles(tiny):
 def test_one_bright_block_lights_its_cells_in_its_tile_and_the_thumbnail(tiny):
     """A 64 px image is cut into four 32 px tiles unresized; a bright 16 px block at y 16..32,
     x 32..48 is cells (2..3, 0..1) of tile (0, 1) and, squashed to the 32 px thumbnail, cell (1, 2)."""
-    adapter = tiny[1]
-    base = np.full((64, 64, 3), 20, dtype=np.uint8)
-    bright = base.copy()
-    bright[16:32, 32:48] = 255
-    maps = []
-    with local_patches(adapter):
-        for picture in (base, bright):
-            enc = adapter.encode([Image.fromarray(picture)], ["Is there a star?"])
-            cap = capture_batch(adapter, enc, ["yes"], max_new_tokens=1, evidence_layers=[0])
-            maps.append(cap.grid_evidence[0][0])
-    assert [len(m) for m in maps[0]] == [16] * 5
-    change = [np.abs(after - before) for before, after in zip(maps[0], maps[1], strict=True)]
+    change = bright_block_change(tiny[1], 64, slice(16, 32), slice(32, 48))
+    assert [len(c) for c in change] == [16] * 5
     lit = [2 * 4 + 0, 2 * 4 + 1, 3 * 4 + 0, 3 * 4 + 1]
     assert (change[2][lit] > 1e-4).all() and np.delete(change[2], lit).max() < 1e-4  # VRP grid 2 = tile 1
     for grid in (1, 3, 4):

@@ -14,8 +14,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_util import changed_pixels, ingest_multi_grid, local_patches, random_image
-from PIL import Image
+from model_util import (
+    assert_meta_modules,
+    assert_strategy_refused,
+    bright_block_change,
+    changed_pixels,
+    ingest_multi_grid,
+    photo,
+    random_image,
+    tiny_checkpoint,
+)
 from transformers import (
     CLIPVisionConfig,
     LlavaNextConfig,
@@ -26,9 +34,8 @@ from transformers import (
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from vrp.ingest.capture import capture_batch
-from vrp.ingest.models import load_adapter
 from vrp.ingest.models.llava_next import LlavaNextAdapter, anyres_geometry
-from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
+from vrp.ingest.models.tiny import tiny_tokenizer
 from vrp.metrics.attention import cluster_count, spatial_entropy
 from vrp.metrics.grids import stitch_attention
 
@@ -41,10 +48,6 @@ MISTRAL_PROMPT = (
     "{% if part['type'] == 'image' %}<image>{{ '\\n' }}{% else %}{{ part['text'] }}{% endif %}"
     "{% endfor %} [/INST]{% endfor %}"
 )
-
-
-def _photo(width: int, height: int) -> Image.Image:
-    return Image.new("RGB", (width, height), (90, 120, 150))
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +101,13 @@ def mistral_7b() -> LlavaNextAdapter:
 
 
 def test_mistral_7b_modules_on_the_meta_device(mistral_7b):
-    adapter = mistral_7b
-    assert (adapter.num_layers, adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads) == (
-        32,
-        4096,
-        32,
-        8,
+    assert_meta_modules(
+        mistral_7b, layers=32, hidden=4096, heads=32, kv_heads=8, norm="MistralRMSNorm", vocab=32064
     )
-    assert len(adapter.decoder_layers()) == 32
-    assert type(adapter.final_norm()).__name__ == "MistralRMSNorm"
-    assert adapter.unembedding().out_features == 32064
-    assert all(p.is_meta for p in adapter.model.parameters())
 
 
 def test_672x336_is_a_global_view_plus_two_tiles_stitched_into_one_24x48_grid(mistral_7b):
-    enc = mistral_7b.encode([_photo(672, 336)], ["Is there a dog?"])
+    enc = mistral_7b.encode([photo(672, 336)], ["Is there a dog?"])
     layout = enc.layouts[0]
     # global view: 336/14 = 24 -> 24x24 = 576 tokens; best resolution 336x672 = 1x2 tiles, no padding,
     # so the high-res grid is 24 x 48 with a newline token after each of its 24 rows: 24*49 = 1176
@@ -130,7 +125,7 @@ def test_672x336_is_a_global_view_plus_two_tiles_stitched_into_one_24x48_grid(mi
 
 
 def test_a_640x480_photo_gets_2x2_tiles_unpadded_to_36_rows(mistral_7b):
-    enc = mistral_7b.encode([_photo(640, 480)], ["Is there a dog?"])
+    enc = mistral_7b.encode([photo(640, 480)], ["Is there a dog?"])
     layout = enc.layouts[0]
     geometry = mistral_7b.anyres((480, 640))
     # best resolution 672x672 (2x2 tiles); resized to 504x672 and padded 84 px above and below;
@@ -157,7 +152,7 @@ def test_anyres_geometry_matches_the_processor_token_count_for_many_shapes(mistr
 
 
 def test_a_stitched_map_covers_the_image(mistral_7b):
-    enc = mistral_7b.encode([_photo(640, 480)], ["Is there a dog?"])
+    enc = mistral_7b.encode([photo(640, 480)], ["Is there a dog?"])
     layout = enc.layouts[0]
     raw = np.random.default_rng(0).random(layout.n_tokens)
     stitched = stitch_attention(raw, layout)
@@ -167,12 +162,7 @@ def test_a_stitched_map_covers_the_image(mistral_7b):
 
 
 def test_full_strategy_is_refused(mistral_7b):
-    mistral_7b.model.config.vision_feature_select_strategy = "full"
-    try:
-        with pytest.raises(ValueError, match="'default'"):
-            mistral_7b.encode([_photo(64, 64)], ["Is there a dog?"])
-    finally:
-        mistral_7b.model.config.vision_feature_select_strategy = "default"
+    assert_strategy_refused(mistral_7b, "full", "default")
 
 
 # ----- the tiny checkpoint (32 px tiles read by 4 x 4 patches of 8 px; pinpoints 1x2, 2x1, 2x2) -----
@@ -180,10 +170,7 @@ def test_full_strategy_is_refused(mistral_7b):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    path = build_tiny("llava_next", tmp_path_factory.mktemp("llava_next"), seed=0, num_layers=2)
-    return path, load_adapter(str(path))
+    return tiny_checkpoint(tmp_path_factory, "llava_next")
 
 
 def test_masking_greys_exactly_the_chosen_cells_through_the_tiles(tiny):
@@ -213,21 +200,11 @@ def test_one_bright_patch_lights_its_cell_in_both_grids(tiny):
     """A bright 8 px block at (row 1, col 2) of a 32 px square changes the layer-0 evidence of global
     cell (1, 2) and high-res cell (1, 2) only (the square is pasted at x = 16 of the 1x2 canvas, so
     the block is the 2nd tile's column 0, the unpadded grid's column 2)."""
-    adapter = tiny[1]
-    base = np.full((32, 32, 3), 20, dtype=np.uint8)
-    bright = base.copy()
-    bright[8:16, 16:24] = 255
-    maps = []
-    with local_patches(adapter):
-        for picture in (base, bright):
-            enc = adapter.encode([Image.fromarray(picture)], ["Is there a star?"])
-            cap = capture_batch(adapter, enc, ["yes"], max_new_tokens=1, evidence_layers=[0])
-            maps.append(cap.grid_evidence[0][0])
-    assert [len(m) for m in maps[0]] == [16, 16]
-    for grid in range(2):
-        change = np.abs(maps[1][grid] - maps[0][grid])
-        assert int(np.argmax(change)) == 1 * 4 + 2, change.reshape(4, 4)
-        assert np.delete(change, 6).max() < 1e-4 < change[6]
+    change = bright_block_change(tiny[1], 32, slice(8, 16), slice(16, 24))
+    assert [len(c) for c in change] == [16, 16]
+    for grid in change:
+        assert int(np.argmax(grid)) == 1 * 4 + 2, grid.reshape(4, 4)
+        assert np.delete(grid, 6).max() < 1e-4 < grid[6]
 
 
 def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):

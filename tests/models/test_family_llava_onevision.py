@@ -11,8 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_util import changed_pixels, ingest_multi_grid, local_patches, random_image
-from PIL import Image
+from model_util import (
+    assert_meta_modules,
+    assert_strategy_refused,
+    bright_block_change,
+    changed_pixels,
+    ingest_multi_grid,
+    photo,
+    random_image,
+    tiny_checkpoint,
+)
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -24,20 +32,15 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 
 from vrp.ingest.capture import capture_batch
-from vrp.ingest.models import load_adapter
 from vrp.ingest.models.llava_onevision import (
     TINY_CHAT_TEMPLATE,
     ImageOnlyLlavaOnevisionProcessor,
     LlavaOnevisionAdapter,
 )
-from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
+from vrp.ingest.models.tiny import tiny_tokenizer
 from vrp.metrics.grids import cell_boxes, stitch_attention
 
 PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
-
-
-def _photo(width: int, height: int) -> Image.Image:
-    return Image.new("RGB", (width, height), (90, 120, 150))
 
 
 @pytest.fixture(scope="module")
@@ -91,20 +94,13 @@ def qwen2_0_5b() -> LlavaOnevisionAdapter:
 
 
 def test_qwen2_0_5b_modules_on_the_meta_device(qwen2_0_5b):
-    adapter = qwen2_0_5b
-    assert (adapter.num_layers, adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads) == (
-        24,
-        896,
-        14,
-        2,
+    assert_meta_modules(
+        qwen2_0_5b, layers=24, hidden=896, heads=14, kv_heads=2, norm="Qwen2RMSNorm", vocab=152000
     )
-    assert type(adapter.final_norm()).__name__ == "Qwen2RMSNorm"
-    assert adapter.unembedding().out_features == 152000
-    assert all(p.is_meta for p in adapter.model.parameters())
 
 
 def test_672x336_is_a_global_view_plus_two_tiles_in_one_27x54_grid(qwen2_0_5b):
-    enc = qwen2_0_5b.encode([_photo(672, 336)], ["Is there a dog?"])
+    enc = qwen2_0_5b.encode([photo(672, 336)], ["Is there a dog?"])
     layout = enc.layouts[0]
     # SigLIP 384/14 -> 27x27 = 729 per view; best pinpoint 384x768 = 1x2 tiles, no padding, no shrink
     assert [(g.rows, g.cols) for g in layout.grids] == [(27, 27), (27, 54)]
@@ -116,7 +112,7 @@ def test_672x336_is_a_global_view_plus_two_tiles_in_one_27x54_grid(qwen2_0_5b):
 
 
 def test_a_large_photo_is_shrunk_past_nine_tiles(qwen2_0_5b):
-    enc = qwen2_0_5b.encode([_photo(2000, 1500)], ["Is there a dog?"])
+    enc = qwen2_0_5b.encode([photo(2000, 1500)], ["Is there a dog?"])
     layout = enc.layouts[0]
     geometry = qwen2_0_5b.anyres((1500, 2000))
     # best pinpoint 1536x2304 = 4x6 tiles -> 108x162 features, unpadded to 108x144 (9 columns each side);
@@ -136,12 +132,7 @@ def test_a_large_photo_is_shrunk_past_nine_tiles(qwen2_0_5b):
 
 
 def test_default_strategy_is_refused(qwen2_0_5b):
-    qwen2_0_5b.model.config.vision_feature_select_strategy = "default"
-    try:
-        with pytest.raises(ValueError, match="'full'"):
-            qwen2_0_5b.encode([_photo(64, 64)], ["Is there a dog?"])
-    finally:
-        qwen2_0_5b.model.config.vision_feature_select_strategy = "full"
+    assert_strategy_refused(qwen2_0_5b, "default", "full")
 
 
 # ----- the tiny checkpoint: 36 px tiles read by 4 x 4 patches of 8 px (4 px unread), anyres_max_1 -----
@@ -149,10 +140,7 @@ def test_default_strategy_is_refused(qwen2_0_5b):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    path = build_tiny("llava_onevision", tmp_path_factory.mktemp("llava_onevision"), seed=0, num_layers=2)
-    return path, load_adapter(str(path))
+    return tiny_checkpoint(tmp_path_factory, "llava_onevision")
 
 
 def test_the_checkpoint_loads_without_a_video_processor(tiny):
@@ -189,17 +177,7 @@ def test_one_bright_patch_lights_its_cell_in_both_grids(tiny):
     """A bright block at original x 18..26, y 8..16 of a 36 px square: on the canvas (pasted at
     x = 18) it is exactly the 2nd tile's first patch column, high-res cell (1, 2); the global view
     (the square itself, 8 px cells) sees it straddle cells (1, 2) and (1, 3)."""
-    adapter = tiny[1]
-    base = np.full((36, 36, 3), 20, dtype=np.uint8)
-    bright = base.copy()
-    bright[8:16, 18:26] = 255
-    maps = []
-    with local_patches(adapter):
-        for picture in (base, bright):
-            enc = adapter.encode([Image.fromarray(picture)], ["Is there a star?"])
-            cap = capture_batch(adapter, enc, ["yes"], max_new_tokens=1, evidence_layers=[0])
-            maps.append(cap.grid_evidence[0][0])
-    change = [np.abs(after - before) for before, after in zip(maps[0], maps[1], strict=True)]
+    change = bright_block_change(tiny[1], 36, slice(8, 16), slice(18, 26))
     assert sorted(np.flatnonzero(change[0] > 1e-4).tolist()) == [6, 7]  # global (1, 2) and (1, 3)
     assert np.flatnonzero(change[1] > 1e-4).tolist() == [6]  # high-res (1, 2)
 

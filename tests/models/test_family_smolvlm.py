@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from model_util import changed_pixels, ingest_multi_grid, random_image
+from model_util import changed_pixels, ingest_multi_grid, random_image, tiny_checkpoint
 from PIL import Image
 from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
@@ -27,10 +27,7 @@ from vrp.ingest.models.tiny import build_tiny, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    path = build_tiny("smolvlm", tmp_path_factory.mktemp("smolvlm"), seed=0, num_layers=2)
-    return path, load_adapter(str(path))
+    return tiny_checkpoint(tmp_path_factory, "smolvlm")
 
 
 @pytest.fixture(scope="module")
