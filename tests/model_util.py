@@ -5,7 +5,7 @@
   it lands then says whether an adapter's grid is right.
 - ``random_image``, ``changed_pixels``: what patch masking changed in ``pixel_values``.
 - ``ingest_multi_grid``: ``vrp ingest run`` on a tiny multi-grid checkpoint and its lake rows.
-- ``tiny_checkpoint``, ``photo``, ``assert_meta_modules``, ``assert_strategy_refused``,
+- ``tiny_checkpoint``, ``photo``, ``meta_wrap``, ``assert_meta_modules``, ``assert_strategy_refused``,
   ``bright_block_change``: the fixtures and checks every family test module repeats.
 """
 
@@ -38,6 +38,20 @@ def tiny_checkpoint(tmp_path_factory: Any, family: str) -> tuple[Path, Any]:
     torch.set_num_threads(1)
     path = build_tiny(family, tmp_path_factory.mktemp(family), seed=0, num_layers=2)
     return path, load_adapter(str(path))
+
+
+def meta_wrap(adapter_cls: Any, model: Any, processor: Any, **settings: Any) -> Any:
+    """An adapter over a model built on the meta device from a real checkpoint's published sizes."""
+    return adapter_cls(
+        model,
+        processor,
+        source="meta",
+        name="meta",
+        revision=None,
+        dtype="float32",
+        device="cpu",
+        **settings,
+    )
 
 
 def assert_meta_modules(

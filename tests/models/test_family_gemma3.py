@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from model_util import meta_wrap
 from PIL import Image
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -150,9 +151,7 @@ def test_gemma_3_4b_it_geometry_on_the_meta_device() -> None:
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image_soft_token>")
     with torch.device("meta"):
         model = Gemma3ForConditionalGeneration(config)
-    adapter = Gemma3Adapter(
-        model, processor, source="meta", name="meta", revision=None, dtype="float32", device="cpu"
-    )
+    adapter = meta_wrap(Gemma3Adapter, model, processor)
     assert (adapter.num_layers, adapter.hidden_size, adapter.num_kv_heads, adapter.head_dim) == (
         34,
         2560,

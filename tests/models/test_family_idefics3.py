@@ -20,6 +20,7 @@ from model_util import (
     bright_block_change,
     changed_pixels,
     ingest_multi_grid,
+    meta_wrap,
     photo,
     random_image,
     tiny_checkpoint,
@@ -54,14 +55,10 @@ def _meta_adapter(vision: dict, text: dict, scale: int, tile: int, longest: int)
         tokenizer,
         image_seq_len=(tile // vision["patch_size"] // scale) ** 2,
     )
-    return Idefics3Adapter(
+    return meta_wrap(
+        Idefics3Adapter,
         model,
         processor,
-        source="meta",
-        name="meta",
-        revision=None,
-        dtype="float32",
-        device="cpu",
         prompt_template="User:{image}{question}<end_of_utterance>\nAssistant:",
     )
 

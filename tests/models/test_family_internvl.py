@@ -24,6 +24,7 @@ from model_util import (
     bright_block_change,
     changed_pixels,
     ingest_multi_grid,
+    meta_wrap,
     photo,
     random_image,
     tiny_checkpoint,
@@ -83,14 +84,10 @@ def internvl3_1b() -> InternVLAdapter:
         image_std=CLIP_STD,
     )
     processor = ImageOnlyInternVLProcessor(image_processor, tokenizer, image_seq_length=256)
-    return InternVLAdapter(
+    return meta_wrap(
+        InternVLAdapter,
         model,
         processor,
-        source="meta",
-        name="meta",
-        revision=None,
-        dtype="float32",
-        device="cpu",
         prompt_template="<|im_start|>user\n{image}\n{question}<|im_end|>\n<|im_start|>assistant\n",
     )
 

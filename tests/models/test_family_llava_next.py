@@ -20,6 +20,7 @@ from model_util import (
     bright_block_change,
     changed_pixels,
     ingest_multi_grid,
+    meta_wrap,
     photo,
     random_image,
     tiny_checkpoint,
@@ -95,9 +96,7 @@ def mistral_7b() -> LlavaNextAdapter:
         num_additional_image_tokens=1,
         chat_template=MISTRAL_PROMPT,
     )
-    return LlavaNextAdapter(
-        model, processor, source="meta", name="meta", revision=None, dtype="float32", device="cpu"
-    )
+    return meta_wrap(LlavaNextAdapter, model, processor)
 
 
 def test_mistral_7b_modules_on_the_meta_device(mistral_7b):

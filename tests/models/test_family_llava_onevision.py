@@ -17,6 +17,7 @@ from model_util import (
     bright_block_change,
     changed_pixels,
     ingest_multi_grid,
+    meta_wrap,
     photo,
     random_image,
     tiny_checkpoint,
@@ -88,9 +89,7 @@ def qwen2_0_5b() -> LlavaOnevisionAdapter:
         vision_aspect_ratio="anyres_max_9",
         chat_template=TINY_CHAT_TEMPLATE,  # the checkpoints' Qwen2 turns
     )
-    return LlavaOnevisionAdapter(
-        model, processor, source="meta", name="meta", revision=None, dtype="float32", device="cpu"
-    )
+    return meta_wrap(LlavaOnevisionAdapter, model, processor)
 
 
 def test_qwen2_0_5b_modules_on_the_meta_device(qwen2_0_5b):

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from model_util import changed_pixels, ingest_multi_grid, random_image, tiny_checkpoint
+from model_util import changed_pixels, ingest_multi_grid, meta_wrap, random_image, tiny_checkpoint
 from PIL import Image
 from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
@@ -126,14 +126,10 @@ def test_smolvlm2_256m_sizes_on_the_meta_device():
         tokenizer,
         image_seq_len=64,
     )
-    adapter = Idefics3Adapter(
+    adapter = meta_wrap(
+        Idefics3Adapter,
         model,
         processor,
-        source="meta",
-        name="meta",
-        revision=None,
-        dtype="float32",
-        device="cpu",
         prompt_template="User:{image}{question}<end_of_utterance>\nAssistant:",
     )
     enc = adapter.encode([Image.new("RGB", (1024, 512), (10, 20, 30))], ["Is there a dog?"])

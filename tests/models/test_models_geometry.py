@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from model_util import meta_wrap
 from PIL import Image
 from transformers import (
     CLIPVisionConfig,
@@ -43,10 +44,6 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 @pytest.fixture(autouse=True)
 def _single_thread():
     torch.set_num_threads(1)
-
-
-def _wrap(cls, model, processor):
-    return cls(model, processor, source="meta", name="meta", revision=None, dtype="float32", device="cpu")
 
 
 def _check_modules(adapter, norm_class: str, vocab: int) -> None:
@@ -100,7 +97,7 @@ def test_llava_1_5_7b_geometry():
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    adapter = _wrap(LlavaAdapter, model, processor)
+    adapter = meta_wrap(LlavaAdapter, model, processor)
     assert model.config.vision_feature_layer == -2
     assert model.config.vision_feature_select_strategy == "default"  # CLS dropped
     assert (adapter.num_layers, adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads) == (
@@ -156,7 +153,7 @@ def test_paligemma_3b_224_geometry():
     )
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(config)
-    adapter = _wrap(PaliGemmaAdapter, model, processor)
+    adapter = meta_wrap(PaliGemmaAdapter, model, processor)
     assert (adapter.num_layers, adapter.hidden_size, adapter.num_kv_heads, adapter.head_dim) == (
         18,
         2048,
@@ -221,7 +218,7 @@ def _qwen2vl_7b(min_pixels: int, max_pixels: int) -> Qwen2VLAdapter:
     )
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config)
-    return _wrap(Qwen2VLAdapter, model, processor)
+    return meta_wrap(Qwen2VLAdapter, model, processor)
 
 
 def _smart_resize(h: int, w: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
