@@ -6,7 +6,8 @@
 - ``random_image``, ``changed_pixels``: what patch masking changed in ``pixel_values``.
 - ``ingest_multi_grid``: ``vrp ingest run`` on a tiny multi-grid checkpoint and its lake rows.
 - ``tiny_checkpoint``, ``photo``, ``meta_wrap``, ``assert_meta_modules``, ``assert_strategy_refused``,
-  ``bright_block_change``: the fixtures and checks every family test module repeats.
+  ``assert_legacy_chat_template_read``, ``bright_block_change``: the fixtures and checks every family
+  test module repeats.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,21 @@ def meta_wrap(adapter_cls: Any, model: Any, processor: Any, **settings: Any) -> 
         device="cpu",
         **settings,
     )
+
+
+def assert_legacy_chat_template_read(adapter_cls: Any, tiny: tuple[Path, Any], tmp_path: Path) -> None:
+    """Hub checkpoints may keep the processor's template in chat_template.json, which the tokenizer
+    does not read: the image-only fallback processor must still render the checkpoint's own prompt."""
+    from vrp.ingest.models import load_adapter
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny[0], legacy)
+    template = (legacy / "chat_template.jinja").read_text()
+    (legacy / "chat_template.jinja").unlink()
+    (legacy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    processor, image_only = adapter_cls.load_processor(str(legacy))
+    assert image_only and processor.chat_template == template
+    assert load_adapter(str(legacy)).prompt("Is there a star?") == tiny[1].prompt("Is there a star?")
 
 
 def assert_meta_modules(

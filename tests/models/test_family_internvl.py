@@ -12,13 +12,11 @@ against the image tokens the real processor inserted.
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
 from model_util import (
+    assert_legacy_chat_template_read,
     assert_meta_modules,
     assert_strategy_refused,
     bright_block_change,
@@ -34,7 +32,6 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
 from vrp.ingest.capture import capture_batch
-from vrp.ingest.models import load_adapter
 from vrp.ingest.models.internvl import ImageOnlyInternVLProcessor, InternVLAdapter, _torchvision_missing
 from vrp.ingest.models.tiny import tiny_tokenizer
 from vrp.metrics.grids import stitch_attention
@@ -175,14 +172,7 @@ def test_the_image_only_processor_reads_a_legacy_chat_template_json(tiny, tmp_pa
     does not read: the fallback processor must still render the checkpoint's own prompt."""
     if not _torchvision_missing():
         pytest.skip("torchvision is installed: AutoProcessor builds the full processor")
-    legacy = tmp_path / "legacy"
-    shutil.copytree(tiny[0], legacy)
-    template = (legacy / "chat_template.jinja").read_text()
-    (legacy / "chat_template.jinja").unlink()
-    (legacy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    processor, image_only = InternVLAdapter.load_processor(str(legacy))
-    assert image_only and processor.chat_template == template
-    assert load_adapter(str(legacy)).prompt("Is there a star?") == tiny[1].prompt("Is there a star?")
+    assert_legacy_chat_template_read(InternVLAdapter, tiny, tmp_path)
 
 
 def test_masking_greys_exactly_the_chosen_cells_through_the_flat_tiles(tiny):

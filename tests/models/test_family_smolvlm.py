@@ -8,13 +8,17 @@ This module checks what differs: the image-only processor fallback, the per-prom
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
-from model_util import changed_pixels, ingest_multi_grid, meta_wrap, random_image, tiny_checkpoint
+from model_util import (
+    assert_legacy_chat_template_read,
+    changed_pixels,
+    ingest_multi_grid,
+    meta_wrap,
+    random_image,
+    tiny_checkpoint,
+)
 from PIL import Image
 from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
@@ -56,14 +60,7 @@ def test_the_image_only_processor_reads_a_legacy_chat_template_json(tiny, tmp_pa
     does not read: the fallback processor must still render the checkpoint's own prompt."""
     if not _video_extras_missing():
         pytest.skip("num2words and torchvision are installed: AutoProcessor builds the full processor")
-    legacy = tmp_path / "legacy"
-    shutil.copytree(tiny[0], legacy)
-    template = (legacy / "chat_template.jinja").read_text()
-    (legacy / "chat_template.jinja").unlink()
-    (legacy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    processor, image_only = Idefics3Adapter.load_processor(str(legacy))
-    assert image_only and processor.chat_template == template
-    assert load_adapter(str(legacy)).prompt("Is there a star?") == tiny[1].prompt("Is there a star?")
+    assert_legacy_chat_template_read(Idefics3Adapter, tiny, tmp_path)
 
 
 def test_a_batch_of_images_is_one_image_per_prompt_with_idefics3s_layout(tiny, tiny_idefics3):
