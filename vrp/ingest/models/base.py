@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vrp.metrics.grids import Layout
+from vrp.metrics.grids import Grid, Layout
 
 if TYPE_CHECKING:
     from transformers import BatchFeature
@@ -111,6 +111,35 @@ class Encoded:
     # per row: every patch grid of the image (global view first) and its stitched lattice, which is
     # also ``grids[row]``; one grid for single-grid families (docs/ARCHITECTURE.md section 4.1b)
     layouts: list[Layout] = field(default_factory=list)
+
+
+def tiled_layout(
+    rows: int, cols: int, side: int, tile: int, original_size: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int], Layout]:
+    """A picture cut into ``rows x cols`` equal tiles, each resized to ``tile`` px and read as
+    ``side x side`` cells, plus the whole picture squashed into one more tile (grid 0, its tokens
+    after the tiles'): Idefics3's and InternVL's layout, shared so the two cannot drift apart.
+
+    Returns the row's image size, the approximate cell size in original pixels and the layout;
+    grid ``1 + k`` is tile ``k`` row-major, its box the tile's share of the original picture.
+    """
+    height, width = original_size
+    per_tile = side * side
+    canvas = (0.0, 0.0, float(tile), float(tile))
+    whole = (0.0, 0.0, float(height), float(width))
+    n_tiles = rows * cols
+    grids = [
+        Grid.uniform(
+            0, side, side, np.arange(per_tile) + n_tiles * per_tile, n_tiles, canvas, whole, is_global=True
+        )
+    ]
+    for k in range(n_tiles):
+        r, c = divmod(k, cols)
+        box = (r * height / rows, c * width / cols, (r + 1) * height / rows, (c + 1) * width / cols)
+        grids.append(Grid.uniform(1 + k, side, side, np.arange(per_tile) + k * per_tile, k, canvas, box))
+    layout = Layout(tuple(grids), (height, width), (rows * side, cols * side), (n_tiles + 1) * per_tile)
+    approx = (max(1, round(height / (rows * side))), max(1, round(width / (cols * side))))
+    return (height, width), approx, layout
 
 
 def _resolve(model: torch.nn.Module, path: str) -> torch.nn.Module:

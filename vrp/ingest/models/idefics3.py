@@ -42,7 +42,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from vrp.metrics.grids import Grid, Layout, cell_boxes, locate_cell
 
-from .base import Adapter, Encoded, FamilySpec
+from .base import Adapter, Encoded, FamilySpec, tiled_layout
 from .family import Family, TinyRecipe
 
 if TYPE_CHECKING:
@@ -106,27 +106,13 @@ class Idefics3Adapter(Adapter):
             )
         cell = tile // side
         rows, cols = self.splits(original_size)
-        height, width = original_size
-        per_tile = side * side
-        canvas = (0.0, 0.0, float(tile), float(tile))
-        whole = (0.0, 0.0, float(height), float(width))
-        n_tiles = rows * cols
-        glob = Grid.uniform(
-            0, side, side, np.arange(per_tile) + n_tiles * per_tile, n_tiles, canvas, whole, is_global=True
-        )
-        if n_tiles == 0:  # one view: the squashed image is the only grid (tile pixels, tile cells)
-            return (tile, tile), (cell, cell), Layout((glob,), (height, width), (side, side), per_tile)
-        grids = [glob]
-        for k in range(n_tiles):
-            r, c = divmod(k, cols)
-            box = (r * height / rows, c * width / cols, (r + 1) * height / rows, (c + 1) * width / cols)
-            grids.append(Grid.uniform(1 + k, side, side, np.arange(per_tile) + k * per_tile, k, canvas, box))
-        layout = Layout(tuple(grids), (height, width), (rows * side, cols * side), (n_tiles + 1) * per_tile)
-        return (
-            (height, width),
-            (max(1, round(height / (rows * side))), max(1, round(width / (cols * side)))),
-            layout,
-        )
+        if rows * cols == 0:  # one view: the squashed image is the only grid (tile pixels, tile cells)
+            height, width = original_size
+            canvas = (0.0, 0.0, float(tile), float(tile))
+            whole = (0.0, 0.0, float(height), float(width))
+            glob = Grid.uniform(0, side, side, np.arange(side * side), 0, canvas, whole, is_global=True)
+            return (tile, tile), (cell, cell), Layout((glob,), (height, width), (side, side), side * side)
+        return tiled_layout(rows, cols, side, tile, original_size)
 
     def _geometry_hint(self) -> str:
         return (

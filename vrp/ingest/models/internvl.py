@@ -43,7 +43,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from vrp.metrics.grids import Grid, Layout, cell_boxes, locate_cell
 
-from .base import Adapter, Encoded, FamilySpec
+from .base import Adapter, Encoded, FamilySpec, tiled_layout
 from .family import Family, TinyRecipe
 
 if TYPE_CHECKING:
@@ -126,25 +126,13 @@ class InternVLAdapter(Adapter):
             )
         cell = tile // side
         rows, cols = self.tiles(original_size)
-        height, width = original_size
-        per_tile = side * side
-        canvas = (0.0, 0.0, float(tile), float(tile))
-        whole = (0.0, 0.0, float(height), float(width))
-        n_tiles = rows * cols
-        if n_tiles == 1:  # one view: the squashed image is the only grid (tile pixels, tile cells)
-            grid = Grid.uniform(0, side, side, np.arange(per_tile), 0, canvas, whole)
-            return (tile, tile), (cell, cell), Layout((grid,), (height, width), (side, side), per_tile)
-        thumb = Grid.uniform(
-            0, side, side, np.arange(per_tile) + n_tiles * per_tile, n_tiles, canvas, whole, is_global=True
-        )
-        grids = [thumb]
-        for k in range(n_tiles):
-            r, c = divmod(k, cols)
-            box = (r * height / rows, c * width / cols, (r + 1) * height / rows, (c + 1) * width / cols)
-            grids.append(Grid.uniform(1 + k, side, side, np.arange(per_tile) + k * per_tile, k, canvas, box))
-        layout = Layout(tuple(grids), (height, width), (rows * side, cols * side), (n_tiles + 1) * per_tile)
-        approx = (max(1, round(height / (rows * side))), max(1, round(width / (cols * side))))
-        return (height, width), approx, layout
+        if rows * cols == 1:  # one view: the squashed image is the only grid (tile pixels, tile cells)
+            height, width = original_size
+            canvas = (0.0, 0.0, float(tile), float(tile))
+            whole = (0.0, 0.0, float(height), float(width))
+            grid = Grid.uniform(0, side, side, np.arange(side * side), 0, canvas, whole)
+            return (tile, tile), (cell, cell), Layout((grid,), (height, width), (side, side), side * side)
+        return tiled_layout(rows, cols, side, tile, original_size)  # the thumbnail is grid 0
 
     def _check_strategy(self) -> None:
         strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
