@@ -22,7 +22,7 @@ cells plus its row separators), otherwise ``encode`` raises instead of mislabell
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vrp.metrics.grids import Grid, Layout
+from vrp.metrics.grids import Grid, Layout, cell_boxes, locate_cell
 
 if TYPE_CHECKING:
     from transformers import BatchFeature
@@ -140,6 +140,18 @@ def tiled_layout(
     layout = Layout(tuple(grids), (height, width), (rows * side, cols * side), (n_tiles + 1) * per_tile)
     approx = (max(1, round(height / (rows * side))), max(1, round(width / (cols * side))))
     return (height, width), approx, layout
+
+
+def chosen_cell_boxes(
+    layout: Layout, chosen: Sequence[int]
+) -> Iterator[tuple[int, tuple[int, int, int, int]]]:
+    """Each chosen cell (a flat id over the layout's grids) as its grid's index and its whole-pixel box
+    ``(y0, x0, y1, x1)`` in that grid's view: the pixels a multi-grid family's masking greys."""
+    boxes = [cell_boxes(g) for g in layout.grids]
+    for flat in chosen:
+        index, cell = locate_cell(layout, int(flat))
+        y0, x0, y1, x1 = (int(v) for v in boxes[index][cell])
+        yield index, (y0, x0, y1, x1)
 
 
 def _resolve(model: torch.nn.Module, path: str) -> torch.nn.Module:

@@ -40,9 +40,9 @@ import transformers
 from PIL import Image
 from transformers.processing_utils import ProcessorMixin
 
-from vrp.metrics.grids import Grid, Layout, cell_boxes, locate_cell
+from vrp.metrics.grids import Grid, Layout
 
-from .base import Adapter, Encoded, FamilySpec, tiled_layout
+from .base import Adapter, Encoded, FamilySpec, chosen_cell_boxes, tiled_layout
 from .family import Family, TinyRecipe
 
 if TYPE_CHECKING:
@@ -133,10 +133,7 @@ class Idefics3Adapter(Adapter):
             raise ValueError(f"expected pixel_values [batch, tiles, C, H, W], got {tuple(pixels.shape)}")
         for row, chosen in enumerate(cells):
             layout = enc.layouts[row]
-            boxes = [cell_boxes(g) for g in layout.grids]
-            for flat in chosen:
-                index, cell = locate_cell(layout, int(flat))
-                y0, x0, y1, x1 = (int(v) for v in boxes[index][cell])
+            for index, (y0, x0, y1, x1) in chosen_cell_boxes(layout, chosen):
                 pixels[row, layout.grids[index].view, :, y0:y1, x0:x1] = grey[:, None, None]
             if (pixels[row, : len(layout.grids)] == 0).flatten(1).all(dim=1).any():
                 raise ValueError(

@@ -41,9 +41,9 @@ from PIL import Image
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 from transformers.processing_utils import ProcessorMixin
 
-from vrp.metrics.grids import Grid, Layout, cell_boxes, locate_cell
+from vrp.metrics.grids import Grid, Layout
 
-from .base import Adapter, Encoded, FamilySpec, tiled_layout
+from .base import Adapter, Encoded, FamilySpec, chosen_cell_boxes, tiled_layout
 from .family import Family, TinyRecipe
 
 if TYPE_CHECKING:
@@ -164,10 +164,7 @@ class InternVLAdapter(Adapter):
             raise ValueError(f"{pixels.shape[0]} tiles in pixel_values, the batch's grids need {offsets[-1]}")
         for row, chosen in enumerate(cells):
             layout = enc.layouts[row]
-            boxes = [cell_boxes(g) for g in layout.grids]
-            for flat in chosen:
-                index, cell = locate_cell(layout, int(flat))
-                y0, x0, y1, x1 = (int(v) for v in boxes[index][cell])
+            for index, (y0, x0, y1, x1) in chosen_cell_boxes(layout, chosen):
                 pixels[int(offsets[row]) + layout.grids[index].view, :, y0:y1, x0:x1] = grey[:, None, None]
         return pixels
 

@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 from transformers.image_processing_utils import select_best_resolution
 
-from vrp.metrics.grids import Grid, Layout, cell_boxes, locate_cell
+from vrp.metrics.grids import Grid, Layout
 
-from .base import Adapter, Encoded, FamilySpec
+from .base import Adapter, Encoded, FamilySpec, chosen_cell_boxes
 from .family import Family, TinyRecipe
 
 if TYPE_CHECKING:
@@ -214,10 +214,7 @@ class LlavaNextAdapter(Adapter):
             layout = enc.layouts[row]
             geometry = self.anyres(enc.original_sizes[row])
             tile, npw = geometry.tile, geometry.tiles[1]
-            boxes = [cell_boxes(g) for g in layout.grids]
-            for flat in chosen:
-                index, cell = locate_cell(layout, int(flat))
-                y0, x0, y1, x1 = (int(v) for v in boxes[index][cell])
+            for index, (y0, x0, y1, x1) in chosen_cell_boxes(layout, chosen):
                 if index == 0:
                     pixels[row, 0, :, y0:y1, x0:x1] = grey[:, None, None]
                     continue
