@@ -6,8 +6,8 @@
 - ``random_image``, ``changed_pixels``: what patch masking changed in ``pixel_values``.
 - ``ingest_multi_grid``: ``vrp ingest run`` on a tiny multi-grid checkpoint and its lake rows.
 - ``tiny_checkpoint``, ``photo``, ``meta_wrap``, ``assert_meta_modules``, ``assert_strategy_refused``,
-  ``assert_legacy_chat_template_read``, ``bright_block_change``: the fixtures and checks every family
-  test module repeats.
+  ``assert_legacy_chat_template_read``, ``bright_block_change``, ``assert_grid_and_stitched_maps``: the
+  fixtures and checks every family test module repeats.
 """
 
 from __future__ import annotations
@@ -112,6 +112,18 @@ def bright_block_change(adapter: Any, size: int, rows: slice, cols: slice) -> li
             cap = capture_batch(adapter, enc, ["yes"], max_new_tokens=1, evidence_layers=[0])
             maps.append(cap.grid_evidence[0][0])
     return [np.abs(after - before) for before, after in zip(maps[0], maps[1], strict=True)]
+
+
+def assert_grid_and_stitched_maps(cap: Any, layout: Any, b: int, layer: int) -> list:
+    """Row ``b``'s ``layer`` in a capture: one map per grid of its layout, each summing to 1, and a
+    stitched map over the lattice that sums to 1 with every cell positive. Returns the grid maps."""
+    grids = cap.grid_maps[b][layer]
+    assert [g.map.shape for g in grids] == [(g.size,) for g in layout.grids]
+    assert [float(g.map.sum()) for g in grids] == pytest.approx([1.0] * len(grids), abs=1e-5)
+    stitched = cap.maps[b][layer]
+    assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
+    assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()
+    return grids
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from model_util import (
+    assert_grid_and_stitched_maps,
     assert_meta_modules,
     bright_block_change,
     changed_pixels,
@@ -242,12 +243,7 @@ def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):
     cap = capture_batch(adapter, enc, ["yes", "no"], max_new_tokens=1)
     for b, layout in enumerate(enc.layouts):
         for layer in range(adapter.num_layers):
-            grids = cap.grid_maps[b][layer]
-            assert [g.map.shape for g in grids] == [(g.size,) for g in layout.grids]
-            assert [float(g.map.sum()) for g in grids] == pytest.approx([1.0] * len(grids), abs=1e-5)
-            stitched = cap.maps[b][layer]
-            assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
-            assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()
+            grids = assert_grid_and_stitched_maps(cap, layout, b, layer)
             # no separator tokens: the grids hold the layer's whole image mass
             assert sum(g.mass for g in grids) == pytest.approx(cap.layers[b][layer]["image_mass"], rel=1e-5)
 

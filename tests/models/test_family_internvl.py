@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from model_util import (
+    assert_grid_and_stitched_maps,
     assert_legacy_chat_template_read,
     assert_meta_modules,
     assert_strategy_refused,
@@ -214,11 +215,7 @@ def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):
     for b, layout in enumerate(enc.layouts):
         assert layout.multi
         for layer in range(adapter.num_layers):
-            grids = cap.grid_maps[b][layer]
-            assert [float(g.map.sum()) for g in grids] == pytest.approx([1.0] * len(grids), abs=1e-5)
-            stitched = cap.maps[b][layer]
-            assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
-            assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()
+            grids = assert_grid_and_stitched_maps(cap, layout, b, layer)
             assert sum(g.mass for g in grids) == pytest.approx(cap.layers[b][layer]["image_mass"], rel=1e-5)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from model_util import (
+    assert_grid_and_stitched_maps,
     assert_meta_modules,
     assert_strategy_refused,
     bright_block_change,
@@ -213,16 +214,12 @@ def test_capture_keeps_each_grid_and_a_stitched_map_over_the_image(tiny):
     cap = capture_batch(adapter, enc, ["yes", "no"], max_new_tokens=1)
     for b, layout in enumerate(enc.layouts):
         for layer in range(adapter.num_layers):
-            grids = cap.grid_maps[b][layer]
-            assert [g.map.shape for g in grids] == [(g.size,) for g in layout.grids]
-            assert [float(g.map.sum()) for g in grids] == pytest.approx([1.0, 1.0], abs=1e-5)
+            grids = assert_grid_and_stitched_maps(cap, layout, b, layer)
+            assert len(grids) == 2
             for grid, values in zip(layout.grids, grids, strict=True):  # per-map definitions, one by one
                 assert values.entropy == pytest.approx(spatial_entropy(values.map), abs=1e-6)
                 assert values.entropy_norm == pytest.approx(values.entropy / np.log(grid.size))
                 assert values.clusters == cluster_count(values.map.reshape(grid.rows, grid.cols))
-            stitched = cap.maps[b][layer]
-            assert stitched.shape == (layout.stitched[0] * layout.stitched[1],)
-            assert stitched.sum() == pytest.approx(1.0, abs=1e-5) and (stitched > 0).all()
             # the grids' masses are the layer's image mass less the newline tokens' share
             assert sum(g.mass for g in grids) < cap.layers[b][layer]["image_mass"]
 
