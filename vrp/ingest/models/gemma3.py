@@ -128,7 +128,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, SiglipVisionConfig
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    from .tiny import require_patch_multiple, text_kwargs
+    from .tiny import require_patch_multiple, text_kwargs, vision_kwargs
 
     require_patch_multiple(opts)
     size, patch, grid = opts["image_size"], opts["patch_size"], opts["grid"]
@@ -155,15 +155,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
         "layer_types": ["sliding_attention", "full_attention"] * (opts["num_layers"] // 2)
         + ["sliding_attention"] * (opts["num_layers"] % 2),
     }
-    vision = SiglipVisionConfig(
-        hidden_size=opts["vision_hidden_size"],
-        intermediate_size=2 * opts["vision_hidden_size"],
-        num_hidden_layers=opts["vision_layers"],
-        num_attention_heads=opts["vision_heads"],
-        image_size=size,
-        patch_size=patch,
-        vision_use_head=False,
-    )
+    vision = SiglipVisionConfig(**vision_kwargs(opts), vision_use_head=False)
     ids = tokenizer.convert_tokens_to_ids
     config = Gemma3Config(
         text_config=text,

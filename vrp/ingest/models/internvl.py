@@ -266,7 +266,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-    from .tiny import require_patch_multiple, text_kwargs
+    from .tiny import require_patch_multiple, text_kwargs, vision_kwargs
 
     require_patch_multiple(opts)
     size, patch = opts["image_size"], opts["patch_size"]
@@ -284,14 +284,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
     processor = ImageOnlyInternVLProcessor(
         image_processor, tokenizer, image_seq_length=seq_len, chat_template=TINY_CHAT_TEMPLATE
     )
-    vision = InternVLVisionConfig(
-        hidden_size=opts["vision_hidden_size"],
-        intermediate_size=2 * opts["vision_hidden_size"],
-        num_hidden_layers=opts["vision_layers"],
-        num_attention_heads=opts["vision_heads"],
-        image_size=size,
-        patch_size=patch,
-    )
+    vision = InternVLVisionConfig(**vision_kwargs(opts))
     config = InternVLConfig(
         vision_config=vision,
         text_config=Qwen2Config(**text_kwargs(tokenizer, opts)),

@@ -62,7 +62,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from .tiny import require_patch_multiple, text_kwargs
+    from .tiny import require_patch_multiple, text_kwargs, vision_kwargs
 
     require_patch_multiple(opts)
     size, patch = opts["image_size"], opts["patch_size"]
@@ -80,15 +80,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
         num_additional_image_tokens=1,
         image_token="<image>",
     )
-    vision = CLIPVisionConfig(
-        hidden_size=opts["vision_hidden_size"],
-        intermediate_size=2 * opts["vision_hidden_size"],
-        num_hidden_layers=opts["vision_layers"],
-        num_attention_heads=opts["vision_heads"],
-        image_size=size,
-        patch_size=patch,
-        projection_dim=opts["vision_hidden_size"],
-    )
+    vision = CLIPVisionConfig(**vision_kwargs(opts), projection_dim=opts["vision_hidden_size"])
     text = LlamaConfig(**text_kwargs(tokenizer, opts))
     config = LlavaConfig(
         vision_config=vision,

@@ -261,7 +261,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
     )
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from .tiny import require_patch_multiple, text_kwargs
+    from .tiny import require_patch_multiple, text_kwargs, vision_kwargs
 
     require_patch_multiple(opts)
     size, patch = opts["image_size"], opts["patch_size"]
@@ -282,15 +282,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
         image_token="<image>",
         chat_template=TINY_CHAT_TEMPLATE,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=opts["vision_hidden_size"],
-        intermediate_size=2 * opts["vision_hidden_size"],
-        num_hidden_layers=opts["vision_layers"],
-        num_attention_heads=opts["vision_heads"],
-        image_size=size,
-        patch_size=patch,
-        projection_dim=opts["vision_hidden_size"],
-    )
+    vision = CLIPVisionConfig(**vision_kwargs(opts), projection_dim=opts["vision_hidden_size"])
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=LlamaConfig(**text_kwargs(tokenizer, opts)),

@@ -221,7 +221,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
     )
 
     from .llava_next import tiny_pinpoints
-    from .tiny import text_kwargs
+    from .tiny import text_kwargs, vision_kwargs
 
     size, patch = opts["image_size"], opts["patch_size"]
     pinpoints = tiny_pinpoints(size)
@@ -241,15 +241,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
         chat_template=TINY_CHAT_TEMPLATE,
         vision_aspect_ratio=aspect,
     )
-    vision = SiglipVisionConfig(
-        hidden_size=opts["vision_hidden_size"],
-        intermediate_size=2 * opts["vision_hidden_size"],
-        num_hidden_layers=opts["vision_layers"],
-        num_attention_heads=opts["vision_heads"],
-        image_size=size,
-        patch_size=patch,
-        vision_use_head=False,
-    )
+    vision = SiglipVisionConfig(**vision_kwargs(opts), vision_use_head=False)
     text = text_kwargs(tokenizer, opts)
     text["bos_token_id"] = None
     config = LlavaOnevisionConfig(

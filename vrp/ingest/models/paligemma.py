@@ -74,7 +74,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
     )
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from .tiny import require_patch_multiple, text_kwargs
+    from .tiny import require_patch_multiple, text_kwargs, vision_kwargs
 
     require_patch_multiple(opts)
     size, patch = opts["image_size"], opts["patch_size"]
@@ -83,15 +83,7 @@ def _tiny(tokenizer: PreTrainedTokenizerFast, opts: dict[str, Any]) -> tuple[Pre
     )
     image_processor.image_seq_length = (size // patch) ** 2
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    vision = SiglipVisionConfig(
-        hidden_size=opts["vision_hidden_size"],
-        intermediate_size=2 * opts["vision_hidden_size"],
-        num_hidden_layers=opts["vision_layers"],
-        num_attention_heads=opts["vision_heads"],
-        image_size=size,
-        patch_size=patch,
-        vision_use_head=False,
-    )
+    vision = SiglipVisionConfig(**vision_kwargs(opts), vision_use_head=False)
     text_args = text_kwargs(processor.tokenizer, opts)
     text_args["head_dim"] = opts["hidden_size"] // opts["num_heads"]
     text = GemmaConfig(**text_args)

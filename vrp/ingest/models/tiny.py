@@ -167,6 +167,18 @@ def text_kwargs(tokenizer: Any, opts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def vision_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
+    """Vision-tower config arguments the ViT-style tiny builders share (CLIP, SigLIP, InternViT)."""
+    return {
+        "hidden_size": opts["vision_hidden_size"],
+        "intermediate_size": 2 * opts["vision_hidden_size"],
+        "num_hidden_layers": opts["vision_layers"],
+        "num_attention_heads": opts["vision_heads"],
+        "image_size": opts["image_size"],
+        "patch_size": opts["patch_size"],
+    }
+
+
 def require_patch_multiple(opts: dict[str, Any]) -> None:
     """Refuse an image size the fixed-resolution builders cannot tile with whole patches."""
     if opts["image_size"] % opts["patch_size"]:
