@@ -181,6 +181,11 @@ def run_demo(
             for line in summary.lines():
                 echo(line)
             base_runs[f"{model} shapes-vqa"] = summary.run_id
+        # an open answer's truth token is read in its image's context, so `none` is for yes/no only
+        with clock.stage("conditions", f"ingest {model} on shapes-VQA with image condition blank"):
+            summary = run_ingest(replace(options, image_condition="blank"), lake, echo=echo, progress=show)
+            for line in summary.lines():
+                echo(line)
 
     with clock.stage("probes", "probes per layer (5-fold CV grouped by image), stored for the interventions"):
         lake_handle = open_lake(lake)

@@ -38,14 +38,17 @@ def test_demo_runs_end_to_end(tmp_path) -> None:
     expected.update({(name, "open"): VQA_QUESTIONS for name in TOYS})
     assert per_run == expected
     generations = lake.sql("select count(*) from generations").fetchall()[0][0]
-    assert generations == (3 + 5) * 3 * QUESTIONS * K + 3 * VQA_QUESTIONS * K
-    conditions = lake.sql("select model, kind from runs where kind in ('blank', 'none')").fetchall()
+    assert generations == (3 + 5) * 3 * QUESTIONS * K + (3 + 3) * VQA_QUESTIONS * K
+    conditions = lake.sql("select model, dataset, kind from runs where kind in ('blank', 'none')").fetchall()
     assert sorted(conditions) == [
-        ("toy-llava", "blank"),
-        ("toy-llava", "none"),
-        ("toy-paligemma", "blank"),
-        ("toy-qwen2vl", "blank"),
-        ("toy-qwen2vl", "none"),
+        ("toy-llava", "shapes-pope", "blank"),
+        ("toy-llava", "shapes-pope", "none"),
+        ("toy-llava", "shapes-vqa", "blank"),
+        ("toy-paligemma", "shapes-pope", "blank"),
+        ("toy-paligemma", "shapes-vqa", "blank"),
+        ("toy-qwen2vl", "shapes-pope", "blank"),
+        ("toy-qwen2vl", "shapes-pope", "none"),
+        ("toy-qwen2vl", "shapes-vqa", "blank"),
     ]
     kinds = {row[0] for row in lake.sql("select distinct kind from interventions").fetchall()}
     assert kinds == {"mask", "ablate", "destroy", "patch", "knockout"}
