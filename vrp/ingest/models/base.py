@@ -22,7 +22,7 @@ cells plus its row separators), otherwise ``encode`` raises instead of mislabell
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -152,6 +152,27 @@ def chosen_cell_boxes(
         index, cell = locate_cell(layout, int(flat))
         y0, x0, y1, x1 = (int(v) for v in boxes[index][cell])
         yield index, (y0, x0, y1, x1)
+
+
+def auto_processor_or_none(
+    source: str,
+    *,
+    errors: tuple[type[Exception], ...],
+    missing: Callable[[], bool],
+    words: tuple[str, ...],
+) -> ProcessorMixin | None:
+    """``AutoProcessor.from_pretrained(source)``, or None when it failed only because an optional
+    package its video side needs is absent (one of ``errors``, naming one of ``words``, while
+    ``missing()``): the family then builds its image-only processor. Any other error propagates."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(source)
+    except errors as err:
+        message = str(err).lower()
+        if not (missing() and any(w in message for w in words)):
+            raise
+    return None
 
 
 def _resolve(model: torch.nn.Module, path: str) -> torch.nn.Module:

@@ -42,7 +42,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from vrp.metrics.grids import Grid, Layout
 
-from .base import Adapter, Encoded, FamilySpec, chosen_cell_boxes, tiled_layout
+from .base import Adapter, Encoded, FamilySpec, auto_processor_or_none, chosen_cell_boxes, tiled_layout
 from .family import Family, TinyRecipe
 
 if TYPE_CHECKING:
@@ -161,14 +161,14 @@ class Idefics3Adapter(Adapter):
     def load_processor(cls, source: str) -> tuple[ProcessorMixin, bool]:
         """``AutoProcessor``; for SmolVLM(2) without num2words or torchvision (its video side), the
         image-only processor. Any other error propagates."""
-        try:
-            return transformers.AutoProcessor.from_pretrained(source), False
-        except (ImportError, OSError, ValueError) as err:
-            message = str(err).lower()
-            if not (
-                _video_extras_missing() and any(w in message for w in ("num2words", "video", "torchvision"))
-            ):
-                raise
+        processor = auto_processor_or_none(
+            source,
+            errors=(ImportError, OSError, ValueError),
+            missing=_video_extras_missing,
+            words=("num2words", "video", "torchvision"),
+        )
+        if processor is not None:
+            return processor, False
         from .qwen2vl import _read_chat_template  # the processor's template file, .jinja or legacy .json
 
         image_processor = transformers.AutoImageProcessor.from_pretrained(source)

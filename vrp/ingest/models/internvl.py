@@ -43,7 +43,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from vrp.metrics.grids import Grid, Layout
 
-from .base import Adapter, Encoded, FamilySpec, chosen_cell_boxes, tiled_layout
+from .base import Adapter, Encoded, FamilySpec, auto_processor_or_none, chosen_cell_boxes, tiled_layout
 from .family import Family, TinyRecipe
 
 if TYPE_CHECKING:
@@ -193,12 +193,14 @@ class InternVLAdapter(Adapter):
 
         Only a failure caused by the missing video processor falls back; any other error propagates.
         """
-        try:
-            return transformers.AutoProcessor.from_pretrained(source), False
-        except (ImportError, OSError, ValueError, AttributeError) as err:
-            message = str(err).lower()
-            if not (_torchvision_missing() and ("video" in message or "torchvision" in message)):
-                raise
+        processor = auto_processor_or_none(
+            source,
+            errors=(ImportError, OSError, ValueError, AttributeError),
+            missing=_torchvision_missing,
+            words=("video", "torchvision"),
+        )
+        if processor is not None:
+            return processor, False
         from .qwen2vl import _read_chat_template  # the processor's template file, .jinja or legacy .json
 
         image_processor = transformers.AutoImageProcessor.from_pretrained(source)

@@ -26,7 +26,7 @@ import transformers
 from transformers import LlavaOnevisionProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .base import FamilySpec
+from .base import FamilySpec, auto_processor_or_none
 from .family import Family, TinyRecipe
 from .llava_next import Anyres, LlavaNextAdapter
 
@@ -132,15 +132,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """
         from .qwen2vl import _read_chat_template, _torchvision_missing
 
-        try:
-            return transformers.AutoProcessor.from_pretrained(source), False
-        except (ImportError, OSError, ValueError, AttributeError) as err:
-            message = str(err).lower()
-            if not (
-                _torchvision_missing()
-                and any(w in message for w in ("video", "torchvision", "_extra_content"))
-            ):
-                raise
+        processor = auto_processor_or_none(
+            source,
+            errors=(ImportError, OSError, ValueError, AttributeError),
+            missing=_torchvision_missing,
+            words=("video", "torchvision", "_extra_content"),
+        )
+        if processor is not None:
+            return processor, False
         image_processor = transformers.AutoImageProcessor.from_pretrained(source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         settings = _processor_settings(source)

@@ -26,7 +26,7 @@ import transformers
 from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerFast, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .base import Adapter, Encoded, FamilySpec
+from .base import Adapter, Encoded, FamilySpec, auto_processor_or_none
 from .family import Family, TinyRecipe, ToyRecipe
 
 QWEN2VL = FamilySpec(
@@ -154,12 +154,14 @@ class Qwen2VLAdapter(Adapter):
 
         Only a failure caused by the missing video processor falls back; any other error propagates.
         """
-        try:
-            return transformers.AutoProcessor.from_pretrained(source), False
-        except (ImportError, OSError, ValueError) as err:
-            message = str(err).lower()
-            if not (_torchvision_missing() and ("video" in message or "torchvision" in message)):
-                raise
+        processor = auto_processor_or_none(
+            source,
+            errors=(ImportError, OSError, ValueError),
+            missing=_torchvision_missing,
+            words=("video", "torchvision"),
+        )
+        if processor is not None:
+            return processor, False
         image_processor = transformers.AutoImageProcessor.from_pretrained(source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         chat_template = _read_chat_template(source) or getattr(tokenizer, "chat_template", None)
