@@ -8,6 +8,7 @@ the lake root, so ``vrp.lake.writer`` does not import the reader.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,17 @@ def test_metrics_import_scipy_only_when_a_cluster_count_runs() -> None:
         "import numpy as np; from vrp.metrics.attention import cluster_count; cluster_count(np.eye(4))"
     )
     assert "scipy.ndimage" in loaded and "sklearn" not in loaded
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_lets_idle_torch_threads_sleep_unless_told_otherwise(preset, expected) -> None:
+    """Set before torch loads (the command imports no torch at startup), and never over the user's."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import os, sys, vrp.cli; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    assert out.stdout.split() == [expected, "False"]
 
 
 def _imported_modules(module: ModuleType) -> set[str]:

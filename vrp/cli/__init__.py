@@ -8,8 +8,16 @@ Each room owns its commands in its own module (``vrp/lake/commands.py``,
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
+
+# Torch's CPU threads spin between operations by default. On a machine where anything else runs, a
+# spinning thread holds a core the other thread of the same operation is waiting for: a toy model's
+# forward pass took 9x its quiet time beside one other two-thread process, and 4.5x with threads
+# that sleep when idle, which cost 15% on a quiet machine (docs/ARCHITECTURE.md, "Threads").
+# Set before torch loads (no command imports it at startup); a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # (module, attribute) of each top-level command; imported lazily so `vrp --help` stays fast
 # and `vrp query` never imports torch.
