@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -122,7 +122,9 @@ def run_demo(
 
     ``questions`` is per shapes-POPE split, ``vqa_questions`` the shapes-VQA total (0: yes/no only).
     """
-    from vrp.analysis.report import write_report
+    from tqdm import tqdm
+
+    from vrp.analysis.report import REPORT_PARTS, write_report
     from vrp.analysis.store import fit_and_store_probes
     from vrp.ingest.run import IngestOptions, run_ingest
     from vrp.interventions import (
@@ -229,10 +231,16 @@ def run_demo(
                         echo(line)
 
     view = Path(out) / "view"
-    with clock.stage("view", f"viewer: a page per sample in {view}"):
-        echo(write_view(open_lake(lake), view).line())
+    with (
+        clock.stage("view", f"viewer: a page per sample in {view}"),
+        tqdm(desc="view", unit="sample", disable=not show) as bar,
+    ):
+        echo(write_view(open_lake(lake), view, progress=lambda rows: _counted(rows, bar)).line())
     with clock.stage("report", "report"):
-        outcome = write_report(lake, out, force=True, n_boot=n_boot, view=view)
+        with tqdm(total=len(REPORT_PARTS), desc="report", unit="part", disable=not show) as bar:
+            outcome = write_report(
+                lake, out, force=True, n_boot=n_boot, view=view, step=lambda part: _advance(bar, part)
+            )
         echo(outcome.message)
         headline = (outcome.path / "report.md").read_text(encoding="utf-8")
         echo(_headline_section(headline))
@@ -250,6 +258,19 @@ def demo_conditions(model: str) -> list[str]:
     except ConditionError:
         return ["blank"]
     return ["blank", "none"]
+
+
+def _counted(rows: Iterable, bar: Any) -> Iterator:
+    """Rows passed through, one tick of ``bar`` each (the view's pages)."""
+    for row in rows:
+        yield row
+        bar.update()
+
+
+def _advance(bar: Any, part: str) -> None:
+    """One report part done: the bar names it and moves on."""
+    bar.set_postfix_str(part)
+    bar.update()
 
 
 def _layer_bar(desc: str) -> Callable[[Iterable], Iterable]:

@@ -192,3 +192,13 @@ def test_analysis_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_report_says_each_part_as_it_is_done(lake_dir, tmp_path) -> None:
+    """The demo's progress bar for the report counts these calls against ``REPORT_PARTS``."""
+    from vrp.analysis.report import REPORT_PARTS, write_report
+
+    parts: list[str] = []
+    outcome = write_report(str(lake_dir), tmp_path / "rep", n_boot=int(N_BOOT), step=parts.append)
+    assert outcome.path.joinpath("report.html").is_file()
+    assert parts == list(REPORT_PARTS)

@@ -644,6 +644,10 @@ def confident_wrong_table(lake: Lake, view_href: Callable[[str, str], str | None
     return table
 
 
+#: What :func:`render` reports to its ``step`` hook, in order.
+REPORT_PARTS = ("correlations", "margins", "interventions", "attribution", "figures", "tables", "pages")
+
+
 def render(
     lake: Lake,
     out: Path,
@@ -653,12 +657,16 @@ def render(
     seed: int = stats.SEED,
     type_map: Mapping[str, str] | None = None,
     view_href: Callable[[str, str], str | None] | None = None,
+    step: Callable[[str], None] | None = None,
 ) -> None:
     """Write report.md, report.html and figures/ for the lake into ``out`` (created).
 
     Each task gets its own section: the POPE table for yes/no runs, the VQA tables for open ones.
     ``view_href(run_id, sample_id)``: where a sample's `vrp view` page is, relative to ``out``.
+    ``step(part)`` is called as each of :data:`REPORT_PARTS` is done (a progress bar's hook: the
+    bootstraps take most of a minute on a large lake).
     """
+    done = step or (lambda part: None)
     runs = (
         sorted(lake.arrow("runs").to_pylist(), key=lambda r: (r["model"], r["run_id"]))
         if lake.has_table("runs")
@@ -667,11 +675,15 @@ def render(
     if not any(r.get("base_run_id") is None for r in runs):
         raise ValueError("the lake has no capture runs yet: run `vrp ingest run` first")
     h = compute.headline(lake, n_boot=n_boot, seed=seed)
+    done("correlations")
     mm = compute.model_margins(lake)
+    done("margins")
     by = "type_tag" if type_map is not None else "question_type"
     effects = deltas_from_lake(lake, by=by, type_map=type_map, n_boot=n_boot, seed=seed)
+    done("interventions")
     tasks = {t for (t,) in lake.sql("SELECT DISTINCT coalesce(task, 'yesno') FROM samples").fetchall()}
     found = attribution.attributions(lake, n_boot=n_boot, seed=seed)
+    done("attribution")
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -687,6 +699,7 @@ def render(
         destruction_curve_figure(effects, figdir / "destruction_curve.png")
         figures.append(("destruction_curve.png", "Destruction sweep"))
     figures += _causal_figures(lake, figdir)
+    done("figures")
     tables = [headline_table(h, n_boot)]
     if h.fusions:
         tables.append(fusion_table(h.fusions))
@@ -707,6 +720,7 @@ def render(
     if wrong is not None:
         tables.append(wrong)
     tables += [detail_table(h), provenance_table(runs)]
+    done("tables")
     title = "VRP report"
     stamp = f"{TIMESTAMP_PREFIX}{generated} from {lake.root}."
     md = [f"# {title}", "", stamp, ""]
@@ -740,6 +754,7 @@ def render(
         f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     (out / "report.html").write_text(page, encoding="utf-8")
+    done("pages")
 
 
 def _view_links(view: Path, report_dir: Path) -> Callable[[str, str], str | None]:
@@ -767,6 +782,7 @@ def write_report(
     now: datetime | None = None,
     type_map: Mapping[str, str] | None = None,
     view: str | Path | None = None,
+    step: Callable[[str], None] | None = None,
 ) -> Outcome:
     """Render into ``out_root/<UTC time>/`` and point ``out_root/latest`` at it, unless nothing changed.
 
@@ -808,6 +824,7 @@ def write_report(
             seed=seed,
             type_map=type_map,
             view_href=None if view is None else _view_links(Path(view), target),
+            step=step,
         )
         (tmp / "versions.json").write_text(
             json.dumps({"lake": lake.root, "versions": versions}, indent=1, sort_keys=True) + "\n",
