@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,10 +58,10 @@ def prepare_vqa_data(data_dir: Path, questions: int) -> Path:
     from vrp.ingest.datasets import generate_shapes_vqa, load_dataset
     from vrp.ingest.datasets.shapes_vqa import is_shapes_vqa_dir
 
-    images = -(-questions // QUESTIONS_PER_IMAGE)
-    if not is_shapes_vqa_dir(data_dir) or len(load_dataset("shapes-vqa", data_dir=data_dir)[0]) < questions:
-        generate_shapes_vqa(data_dir, images=images, seed=DEMO_SEED)
-    found = len(load_dataset("shapes-vqa", data_dir=data_dir)[0])
+    found = len(load_dataset("shapes-vqa", data_dir=data_dir)[0]) if is_shapes_vqa_dir(data_dir) else 0
+    if found < questions:
+        generate_shapes_vqa(data_dir, images=-(-questions // QUESTIONS_PER_IMAGE), seed=DEMO_SEED)
+        found = len(load_dataset("shapes-vqa", data_dir=data_dir)[0])
     if found < questions:
         raise click.ClickException(f"shapes-VQA gave only {found} questions for {questions} asked")
     return data_dir
@@ -231,11 +232,10 @@ def run_demo(
                         echo(line)
 
     view = Path(out) / "view"
-    with (
-        clock.stage("view", f"viewer: a page per sample in {view}"),
-        tqdm(desc="view", unit="sample", disable=not show) as bar,
-    ):
-        echo(write_view(open_lake(lake), view, progress=lambda rows: _counted(rows, bar)).line())
+    with clock.stage("view", f"viewer: a page per sample in {view}"):
+        bar = partial(tqdm, desc="view", unit="sample", disable=not show)
+        pages = write_view(open_lake(lake), view, progress=bar)
+        echo(pages.line())
     with clock.stage("report", "report"):
         with tqdm(total=len(REPORT_PARTS), desc="report", unit="part", disable=not show) as bar:
             outcome = write_report(
@@ -258,13 +258,6 @@ def demo_conditions(model: str) -> list[str]:
     except ConditionError:
         return ["blank"]
     return ["blank", "none"]
-
-
-def _counted(rows: Iterable, bar: Any) -> Iterator:
-    """Rows passed through, one tick of ``bar`` each (the view's pages)."""
-    for row in rows:
-        yield row
-        bar.update()
 
 
 def _advance(bar: Any, part: str) -> None:
