@@ -214,3 +214,47 @@ def test_no_evidence_skips_the_table(tmp_path) -> None:
     lake = open_lake(lake_dir)
     assert lake.sql("select count(*) from samples").fetchall()[0][0] == 4
     assert lake.sql("select count(*) from evidence_maps").fetchall()[0][0] == 0
+
+
+def test_a_batch_decodes_and_views_each_picture_once(tmp_path, monkeypatch) -> None:
+    """Questions about one picture share one decode, one model view and one PNG; the rows stay exact."""
+    import vrp.ingest.datasets as datasets
+    from vrp.ingest.datasets import Sample
+    from vrp.ingest.run import _batch_loader, _picture_rows
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(paths[-1])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a picture")
+
+    def sample(i: int, path) -> Sample:
+        return Sample(f"s{i}", "pope", "random", str(i), path.name, "Is a cat?", "cat", "yes", str(path))
+
+    decoded: list[str] = []
+    real_load = datasets.load_image
+    monkeypatch.setattr(datasets, "load_image", lambda s: decoded.append(s.image_path) or real_load(s))
+    load = _batch_loader()
+    batch = [sample(0, paths[0]), sample(1, paths[0]), sample(2, paths[1]), sample(3, paths[0])]
+    images = [load(s) for s in batch]
+    assert decoded == [str(paths[0]), str(paths[1])]
+    assert images[0] is images[1] is images[3] and images[2] is not images[0]
+    for _ in range(2):  # an unreadable picture fails for every question about it, not only the first
+        with pytest.raises(datasets.SampleLoadError):
+            load(sample(4, broken))
+
+    model = build_tiny("llava", tmp_path / "tiny", seed=0, num_layers=2)
+    adapter = load_adapter(str(model))
+    shown: list[int] = []
+    real_views = adapter.model_views
+    monkeypatch.setattr(adapter, "model_views", lambda pics: shown.append(len(pics)) or real_views(pics))
+    twin = Image.open(paths[0]).convert("RGB")  # another object with picture 0's pixels
+    rows = _picture_rows(adapter, [*images, twin])
+    assert shown == [3]  # picture 0, picture 1 and the twin; never a question's repeat
+    assert rows[0] is rows[1] is rows[3] is rows[4]  # the twin shares the encoding by its hash
+    for image, row in zip([*images, twin], rows, strict=True):
+        view = real_views([image])[0]  # one picture at a time, as before this change
+        assert row["image_hash"] == image_hash(view)
+        np.testing.assert_array_equal(decode(row["data"]), view)

@@ -29,6 +29,8 @@ from vrp.runs.loop import BatchOutcome, run_loop
 from vrp.tasks import DEFAULT_CORRECT_RULE, Task, TaskError, get_task
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from vrp.ingest.datasets import Sample, SampleError
     from vrp.ingest.models.base import Adapter
     from vrp.lake import Lake
@@ -542,10 +544,9 @@ def _process_batch(
     A condition run replaces each image by its condition's (or drops it for ``none``) and adds
     each sample's first-token KL against its image run.
     """
-    from vrp.ingest.datasets import load_image
-
     failures: list[dict[str, Any]] = []
     images, ready = [], []
+    load_image = _batch_loader()
     for sample in batch:
         try:
             if condition is None:
@@ -565,11 +566,7 @@ def _process_batch(
         else adapter.encode(images, questions)
     )
     # the picture the model saw (none in a text-only condition)
-    pictures = (
-        [None] * len(ready)
-        if condition and condition.text_only
-        else _picture_rows(adapter.model_views(images))
-    )
+    pictures = [None] * len(ready) if condition and condition.text_only else _picture_rows(adapter, images)
     k = options.self_consistency
     cap = capture_batch(
         adapter,
@@ -615,20 +612,50 @@ def _process_batch(
     return rows, failures
 
 
-def _picture_rows(views: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-    """One ``images`` row per view, each distinct picture PNG-encoded once.
+def _batch_loader() -> Callable[[Sample], Image.Image]:
+    """``load_image`` for one batch that reads and decodes each picture file once.
 
     POPE asks six questions about each picture, one after the other, so a batch holds each picture
-    several times; the PNG encoding is most of what storing a picture costs.
+    several times. The questions of one picture get the same decoded object (nothing downstream
+    changes a picture in place), which also lets :func:`_picture_rows` know them apart for free.
+    Failures are not remembered: each question about an unreadable picture fails on its own.
     """
+    from vrp.ingest.datasets import load_image
+
+    loaded: dict[object, Image.Image] = {}
+
+    def load(sample: Sample) -> Image.Image:
+        key = sample.image_path if sample.image_path is not None else sample.image_bytes
+        if key is None:
+            return load_image(sample)  # raises the sample's own error
+        if key not in loaded:
+            loaded[key] = load_image(sample)
+        return loaded[key]
+
+    return load
+
+
+def _picture_rows(adapter: Adapter, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+    """One ``images`` row per image: each picture object's model view made once, each view PNG-encoded once.
+
+    The model's view (the processor's resize and crop) and its PNG are most of what storing a
+    picture costs; :func:`_batch_loader` hands every question about one picture the same object.
+    Two objects with the same pixels (a condition's grey image) share one encoding by their hash.
+    """
+    first: dict[int, int] = {}  # id(picture object) -> index among the distinct objects
+    distinct: list[Image.Image] = []
+    for image in images:
+        if id(image) not in first:
+            first[id(image)] = len(distinct)
+            distinct.append(image)
     encoded: dict[str, dict[str, Any]] = {}
     rows = []
-    for view in views:
+    for view in adapter.model_views(distinct):
         digest = image_hash(view)
         if digest not in encoded:
             encoded[digest] = image_row(view)
         rows.append(encoded[digest])
-    return rows
+    return [rows[first[id(image)]] for image in images]
 
 
 def _sample_rows(
