@@ -10,13 +10,26 @@ tokens on a 24x24 grid) and batch sizes 1 and 8, three variants run side by side
 
 Time: the three variants run round-robin in one process (sdpa, vrp, eager, sdpa, ...), so a
 change in the load of a shared machine hits all alike; each ratio is the median of the per-round
-ratios, with its min-max spread, and the load average is printed. Memory is measured in a fresh
-process per variant, on its first call: peak RSS during that call (the kernel's peak mark is
-reset after the model is loaded) minus the RSS before it (on a GPU,
-torch.cuda.max_memory_allocated). Prints a table with the ratios (b)/(a), (c)/(a) and the
-extra-memory ratio ((c)-(a)) / ((b)-(a)), where an extra below 1 MiB counts as 1 MiB.
+ratios, with its min-max spread, and the load average is printed.
+
+Memory: a fresh process per variant, after the model is loaded and the inputs are encoded, with
+no warm-up call. Two numbers per variant, both the variant's extra peak over what was live when
+its call began:
+  alloc  the allocator's count of live tensor bytes, peak during the call minus its value at the
+         start. On a GPU this is torch.cuda.max_memory_allocated - memory_allocated; on the CPU it
+         is the same quantity read from torch.profiler (profile_memory=True), which hears every
+         allocation and free of torch's CPU allocator with the allocator's running total
+         (AllocatorPeak). It is exact to the byte; it does not see memory that bypasses torch's
+         allocator (BLAS and oneDNN scratch, numpy arrays, Python objects).
+  rss    on the CPU only, the first call's peak RSS (the kernel's peak mark reset after loading)
+         minus the RSS before it: everything the process touched, but only to within ~100 MiB,
+         since the heap reuses pages freed earlier. The allocator number is measured on a second
+         call in the same process, so the profiler's own records never reach the RSS.
+The ratios are the issue's "extra peak memory over the bare forward": (c)-(a) against (b)-(a), an
+extra below 1 MiB counting as 1 MiB.
 
 Usage:  python benchmarks/capture.py [--families llava,paligemma,qwen2vl] [--batches 1,8] [--repeats 7]
+        python benchmarks/capture.py --no-timing --sites 8   (memory only; where VRP's extra lives)
 """
 
 from __future__ import annotations
@@ -30,7 +43,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,29 +120,133 @@ def _load(path: str, family: str, batch: int):
     return adapter, _inputs(adapter, family, batch), device
 
 
-def memory(path: str, family: str, variant: str, batch: int) -> dict[str, float | str]:
-    """Extra peak memory (MiB) of one variant's first call, in this (fresh) process."""
+def memory(path: str, family: str, variant: str, batch: int, sites: int = 0) -> dict[str, Any]:
+    """Extra peak memory (MiB) of one variant's call in this (fresh) process: allocator and RSS.
+
+    ``sites``: how many of the allocation sites live at the allocator's peak to report (0: none).
+    """
     import torch
 
     adapter, enc, device = _load(path, family, batch)
     run = _runner(adapter, enc, variant)
+    live: list[tuple[str, int]] = []
     with torch.no_grad():
-        # On the first call: once a run has grown the heap, the allocator reuses the freed pages
-        # and later runs no longer raise the peak RSS.
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            alloc, rss = (torch.cuda.max_memory_allocated() - base) / 2**20, None
         else:
+            # RSS on the first call: once a run has grown the heap, the allocator reuses the freed
+            # pages and later runs no longer raise the peak RSS.
             base = _rss_mib()
             _reset_peak_rss()
-        run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+            run()
+            rss = max(_peak_rss_mib() - base, 0.0)
+            with AllocatorPeak(sites=sites > 0) as peak:
+                run()
+            alloc, live = peak.extra_bytes / 2**20, peak.live_at_peak[:sites]
+    return {
+        "alloc_mib": alloc,
+        "rss_mib": rss,
+        "device": device,
+        "sites": [[site, size / 2**20] for site, size in live],
+    }
+
+
+class AllocatorPeak:
+    """Peak of torch's CPU allocator inside the block, over what was live when it began.
+
+    Usage::
+
+        with AllocatorPeak() as peak:
+            model(**inputs)
+        peak.extra_bytes  # like torch.cuda.max_memory_allocated() - memory_allocated() on a GPU
+
+    Peak RSS cannot tell two variants apart when they differ by less than the pages the heap
+    happens to reuse (~100 MiB here); the allocator's own count can. With ``profile_memory=True``
+    the profiler records every allocation and free of torch's CPU allocator together with the
+    allocator's running total of live bytes (``total_allocated``); the peak of that total minus
+    its value before the block's first allocation is the block's extra peak, to the byte. Only
+    blocks allocated inside the profiled block are counted, so freeing an older tensor does not
+    lower the count (the result is then an upper bound). Memory that bypasses torch's allocator
+    (BLAS or oneDNN scratch, numpy arrays, Python objects) is not seen.
+
+    ``sites=True`` also records Python stacks (slower) and fills ``live_at_peak``: the bytes still
+    live at the peak, summed per allocation site (innermost frame outside torch, and the aten op),
+    largest first; they add up to ``extra_bytes``.
+    """
+
+    def __init__(self, *, sites: bool = False) -> None:
+        self.sites = sites
+        self.extra_bytes = 0
+        self.live_at_peak: list[tuple[str, int]] = []
+        self._profile: Any = None
+
+    def __enter__(self) -> AllocatorPeak:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=self.sites)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._profile.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        tree = self._profile.profiler.kineto_results.experimental_event_tree()
+        events = sorted(_cpu_allocations(tree), key=lambda e: e.start_time_ns)
+        if not events:
+            return
+        totals = [e.extra_fields.total_allocated for e in events]
+        base = totals[0] - events[0].extra_fields.alloc_size
+        at = int(np.argmax(totals))
+        self.extra_bytes = max(totals[at] - base, 0)
+        if self.sites:
+            self.live_at_peak = _live_sites(events[: at + 1])
+
+
+def _cpu_allocations(roots: list[Any]) -> Iterator[Any]:
+    """Every CPU allocation and free event under the profiler's event tree (frees: negative size)."""
+    stack = list(roots)
+    while stack:
+        event = stack.pop()
+        fields = event.extra_fields
+        if hasattr(fields, "total_allocated") and str(fields.device) == "cpu":
+            yield event
+        stack.extend(event.children)
+
+
+def _live_sites(events: list[Any]) -> list[tuple[str, int]]:
+    """Bytes live after the last of ``events`` (in time order), summed per allocation site."""
+    live: dict[int, tuple[int, str]] = {}
+    for event in events:
+        fields = event.extra_fields
+        if fields.alloc_size > 0:
+            live[fields.ptr] = (fields.alloc_size, _site(event))
         else:
-            extra = _peak_rss_mib() - base
-    return {"extra_mib": max(extra, 0.0), "device": device}
+            live.pop(fields.ptr, None)
+    sizes: dict[str, int] = {}
+    for size, site in live.values():
+        sizes[site] = sizes.get(site, 0) + size
+    return sorted(sizes.items(), key=lambda item: -item[1])
+
+
+def _site(event: Any) -> str:
+    """Where an allocation happened: the innermost Python frame outside torch, and its aten op."""
+    from torch._C._profiler import _EventType
+
+    op = frame = None
+    parent = event.parent
+    while parent is not None and frame is None:
+        if parent.tag == _EventType.TorchOp:
+            op = parent.name  # the outermost op under the frame, e.g. aten::repeat_interleave
+        elif parent.tag == _EventType.PyCall and not parent.name.startswith(("torch/", "nn.Module:")):
+            frame = parent.name
+        parent = parent.parent
+    return f"{frame or '?'} {op or ''}".strip()
 
 
 def timing(path: str, family: str, batch: int, repeats: int) -> dict[str, list[float]]:
@@ -179,17 +298,21 @@ def main() -> None:
     )
     parser.add_argument("--families", default="llava,paligemma,qwen2vl")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="round-robin timing rounds")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", nargs=4, metavar=("PATH", "FAMILY", "VARIANT", "BATCH"))
+    parser.add_argument("--no-timing", action="store_true", help="measure memory only")
+    parser.add_argument(
+        "--sites", type=int, default=0, help="print the N largest allocation sites live at VRP's peak"
+    )
+    parser.add_argument("--child", nargs=5, metavar=("PATH", "FAMILY", "VARIANT", "BATCH", "SITES"))
     parser.add_argument("--timing", nargs=4, metavar=("PATH", "FAMILY", "BATCH", "REPEATS"))
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     if args.child:
-        path, family, variant, batch = args.child
-        print(json.dumps(memory(path, family, variant, int(batch))))
+        path, family, variant, batch, sites = args.child
+        print(json.dumps(memory(path, family, variant, int(batch), int(sites))))
         return
     if args.timing:
         path, family, batch, repeats = args.timing
@@ -201,38 +324,68 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    print(f"{args.repeats} round-robin rounds per (family, batch), {args.threads} threads")
+    timed = "no timing" if args.no_timing else f"{args.repeats} round-robin rounds per (family, batch)"
+    print(f"{timed}, {args.threads} threads; memory: extra peak MiB of one call, fresh process per variant")
     print(
         f"{'family':10} {'batch':>5} {'variant':8} {'median s':>9} {'min s':>7} {'max s':>7} "
-        f"{'extra MiB':>10}  x sdpa: median of rounds (min-max)"
+        f"{'alloc MiB':>10} {'rss MiB':>8}  x sdpa: median of rounds (min-max)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
             path = build(family, Path(tmp))
             for batch in (int(b) for b in args.batches.split(",")):
                 # a fresh process per variant for memory, so the peak is that variant's alone
-                mem = {v: child("--child", str(path), family, v, str(batch)) for v in VARIANTS}
-                times = child("--timing", str(path), family, str(batch), str(args.repeats))
-                ratio = {
-                    v: sorted(a / b for a, b in zip(times[v], times["sdpa"], strict=True)) for v in VARIANTS
-                }
-                for v in VARIANTS:
-                    t = times[v]
-                    med = statistics.median(t)
-                    print(
-                        f"{family:10} {batch:5d} {v:8} {med:9.3f} {min(t):7.3f} {max(t):7.3f} "
-                        f"{mem[v]['extra_mib']:10.1f}  x{statistics.median(ratio[v]):.2f} "
-                        f"({ratio[v][0]:.2f}-{ratio[v][-1]:.2f})"
+                mem = {
+                    v: child(
+                        "--child", str(path), family, v, str(batch), str(args.sites if v == "vrp" else 0)
                     )
-                vrp_extra = mem["vrp"]["extra_mib"] - mem["sdpa"]["extra_mib"]
-                eager_extra = mem["eager"]["extra_mib"] - mem["sdpa"]["extra_mib"]
-                load = ", ".join(f"{x:.1f}" for x in times["load"])
-                print(
-                    f"{family:10} {batch:5d} summary vrp/sdpa x{statistics.median(ratio['vrp']):.2f} "
-                    f"eager/sdpa x{statistics.median(ratio['eager']):.2f}  extra memory eager/vrp "
-                    f"x{eager_extra / max(vrp_extra, 1.0):.1f} (device {mem['sdpa']['device']}; "
-                    f"load average {load})"
-                )
+                    for v in VARIANTS
+                }
+                times = None
+                if not args.no_timing:
+                    times = child("--timing", str(path), family, str(batch), str(args.repeats))
+                _print_block(family, batch, mem, times)
+
+
+def _print_block(family: str, batch: int, mem: dict[str, dict], times: dict[str, list[float]] | None) -> None:
+    """One (family, batch): a row per variant, then the ratios and where VRP's extra memory lives."""
+    ratio = {}
+    if times is not None:
+        ratio = {v: sorted(a / b for a, b in zip(times[v], times["sdpa"], strict=True)) for v in VARIANTS}
+    for v in VARIANTS:
+        rss = mem[v]["rss_mib"]
+        row = f"{family:10} {batch:5d} {v:8} "
+        if times is not None:
+            t = times[v]
+            row += f"{statistics.median(t):9.3f} {min(t):7.3f} {max(t):7.3f} "
+        else:
+            row += f"{'-':>9} {'-':>7} {'-':>7} "
+        row += f"{mem[v]['alloc_mib']:10.1f} {'-' if rss is None else f'{rss:.1f}':>8}"
+        if times is not None:
+            row += f"  x{statistics.median(ratio[v]):.2f} ({ratio[v][0]:.2f}-{ratio[v][-1]:.2f})"
+        print(row)
+    summary = f"{family:10} {batch:5d} summary "
+    if times is not None:
+        summary += (
+            f"vrp/sdpa x{statistics.median(ratio['vrp']):.2f} "
+            f"eager/sdpa x{statistics.median(ratio['eager']):.2f}  "
+        )
+    summary += "extra memory over the forward, eager/vrp: "
+    for key in ("alloc_mib", "rss_mib"):
+        if mem["sdpa"][key] is None:
+            continue
+        vrp_extra = mem["vrp"][key] - mem["sdpa"][key]
+        eager_extra = mem["eager"][key] - mem["sdpa"][key]
+        summary += (
+            f"{key.removesuffix('_mib')} {eager_extra:.1f}/{vrp_extra:.1f} MiB "
+            f"= x{eager_extra / max(vrp_extra, 1.0):.1f}; "
+        )
+    summary += f"device {mem['sdpa']['device']}"
+    if times is not None:
+        summary += f"; load average {', '.join(f'{x:.1f}' for x in times['load'])}"
+    print(summary)
+    for site, mib in mem["vrp"]["sites"]:
+        print(f"{'':17}vrp live at its peak: {mib:8.1f} MiB  {site}")
 
 
 if __name__ == "__main__":
