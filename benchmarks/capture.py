@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def memory(path: str, family: str, variant: str, batch: int, sites: int = 0) -> 
             base = torch.cuda.memory_allocated()
             run()
             torch.cuda.synchronize()
-            alloc, rss = (torch.cuda.max_memory_allocated() - base) / 2**20, None
+            alloc, python, rss = (torch.cuda.max_memory_allocated() - base) / 2**20, None, None
         else:
             # RSS on the first call: once a run has grown the heap, the allocator reuses the freed
             # pages and later runs no longer raise the peak RSS.
@@ -147,9 +148,11 @@ def memory(path: str, family: str, variant: str, batch: int, sites: int = 0) -> 
             rss = max(_peak_rss_mib() - base, 0.0)
             with AllocatorPeak(sites=sites > 0) as peak:
                 run()
-            alloc, live = peak.extra_bytes / 2**20, peak.live_at_peak[:sites]
+            alloc, python = peak.extra_bytes / 2**20, peak.python_bytes / 2**20
+            live = peak.live_at_peak[:sites]
     return {
         "alloc_mib": alloc,
+        "python_mib": python,
         "rss_mib": rss,
         "device": device,
         "sites": [[site, size / 2**20] for site, size in live],
@@ -164,6 +167,7 @@ class AllocatorPeak:
         with AllocatorPeak() as peak:
             model(**inputs)
         peak.extra_bytes  # like torch.cuda.max_memory_allocated() - memory_allocated() on a GPU
+        peak.python_bytes  # numpy arrays and Python objects, which torch's allocator never sees
 
     Peak RSS cannot tell two variants apart when they differ by less than the pages the heap
     happens to reuse (~100 MiB here); the allocator's own count can. With ``profile_memory=True``
@@ -171,8 +175,13 @@ class AllocatorPeak:
     allocator's running total of live bytes (``total_allocated``); the peak of that total minus
     its value before the block's first allocation is the block's extra peak, to the byte. Only
     blocks allocated inside the profiled block are counted, so freeing an older tensor does not
-    lower the count (the result is then an upper bound). Memory that bypasses torch's allocator
-    (BLAS or oneDNN scratch, numpy arrays, Python objects) is not seen.
+    lower the count (the result is then an upper bound).
+
+    Memory that bypasses torch's allocator is not in ``extra_bytes``: numpy arrays and Python
+    objects (VRP's per-layer summaries run in numpy) are measured apart, as tracemalloc's peak over
+    its value at the start (numpy reports its buffers to tracemalloc), in ``python_bytes``; the two
+    peaks may fall at different times, so their sum bounds the block's extra from above. BLAS and
+    oneDNN scratch is seen by neither.
 
     ``sites=True`` also records Python stacks (slower) and fills ``live_at_peak``: the bytes still
     live at the peak, summed per allocation site (innermost frame outside torch, and the aten op),
@@ -182,17 +191,29 @@ class AllocatorPeak:
     def __init__(self, *, sites: bool = False) -> None:
         self.sites = sites
         self.extra_bytes = 0
+        self.python_bytes = 0
         self.live_at_peak: list[tuple[str, int]] = []
         self._profile: Any = None
+        self._stop_tracing = False
+        self._python_base = 0
 
     def __enter__(self) -> AllocatorPeak:
         from torch.profiler import ProfilerActivity, profile
 
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=self.sites)
         self._profile.__enter__()
+        # tracemalloc inside the profiler, so the profiler's own Python objects are not counted
+        self._stop_tracing = not tracemalloc.is_tracing()
+        if self._stop_tracing:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        self._python_base = tracemalloc.get_traced_memory()[0]
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.python_bytes = max(tracemalloc.get_traced_memory()[1] - self._python_base, 0)
+        if self._stop_tracing:
+            tracemalloc.stop()
         self._profile.__exit__(*exc)
         if exc[0] is not None:
             return
@@ -328,7 +349,7 @@ def main() -> None:
     print(f"{timed}, {args.threads} threads; memory: extra peak MiB of one call, fresh process per variant")
     print(
         f"{'family':10} {'batch':>5} {'variant':8} {'median s':>9} {'min s':>7} {'max s':>7} "
-        f"{'alloc MiB':>10} {'rss MiB':>8}  x sdpa: median of rounds (min-max)"
+        f"{'alloc MiB':>10} {'py MiB':>7} {'rss MiB':>8}  x sdpa: median of rounds (min-max)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
@@ -353,14 +374,13 @@ def _print_block(family: str, batch: int, mem: dict[str, dict], times: dict[str,
     if times is not None:
         ratio = {v: sorted(a / b for a, b in zip(times[v], times["sdpa"], strict=True)) for v in VARIANTS}
     for v in VARIANTS:
-        rss = mem[v]["rss_mib"]
         row = f"{family:10} {batch:5d} {v:8} "
         if times is not None:
             t = times[v]
             row += f"{statistics.median(t):9.3f} {min(t):7.3f} {max(t):7.3f} "
         else:
             row += f"{'-':>9} {'-':>7} {'-':>7} "
-        row += f"{mem[v]['alloc_mib']:10.1f} {'-' if rss is None else f'{rss:.1f}':>8}"
+        row += f"{mem[v]['alloc_mib']:10.1f} {_mib(mem[v]['python_mib']):>7} {_mib(mem[v]['rss_mib']):>8}"
         if times is not None:
             row += f"  x{statistics.median(ratio[v]):.2f} ({ratio[v][0]:.2f}-{ratio[v][-1]:.2f})"
         print(row)
@@ -371,14 +391,15 @@ def _print_block(family: str, batch: int, mem: dict[str, dict], times: dict[str,
             f"eager/sdpa x{statistics.median(ratio['eager']):.2f}  "
         )
     summary += "extra memory over the forward, eager/vrp: "
-    for key in ("alloc_mib", "rss_mib"):
-        if mem["sdpa"][key] is None:
+    # the allocator's count: torch's peak plus, on the CPU, numpy's and Python's (an upper bound)
+    total = {v: mem[v]["alloc_mib"] + (mem[v]["python_mib"] or 0.0) for v in VARIANTS}
+    rss = {v: mem[v]["rss_mib"] for v in VARIANTS}
+    for name, extra in (("alloc", total), ("rss", rss)):
+        if extra["sdpa"] is None:
             continue
-        vrp_extra = mem["vrp"][key] - mem["sdpa"][key]
-        eager_extra = mem["eager"][key] - mem["sdpa"][key]
+        vrp_extra, eager_extra = extra["vrp"] - extra["sdpa"], extra["eager"] - extra["sdpa"]
         summary += (
-            f"{key.removesuffix('_mib')} {eager_extra:.1f}/{vrp_extra:.1f} MiB "
-            f"= x{eager_extra / max(vrp_extra, 1.0):.1f}; "
+            f"{name} {eager_extra:.1f}/{vrp_extra:.1f} MiB = x{eager_extra / max(vrp_extra, 1.0):.1f}; "
         )
     summary += f"device {mem['sdpa']['device']}"
     if times is not None:
@@ -386,6 +407,10 @@ def _print_block(family: str, batch: int, mem: dict[str, dict], times: dict[str,
     print(summary)
     for site, mib in mem["vrp"]["sites"]:
         print(f"{'':17}vrp live at its peak: {mib:8.1f} MiB  {site}")
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 if __name__ == "__main__":

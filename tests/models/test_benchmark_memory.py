@@ -2,8 +2,9 @@
 
 Peak RSS cannot resolve the memory targets of the capture benchmark, so the benchmark reads the
 allocator's peak from torch.profiler (``AllocatorPeak``). Here it must report tensors of known
-size exactly (a peak, not a sum of allocations), and an eager forward with ``output_attentions``
-at least the bytes of the attention weights and logits it returns, worked out from the shapes.
+size exactly (a peak, not a sum of allocations) and numpy's buffers apart from torch's, and an
+eager forward with ``output_attentions`` at least the bytes of the attention weights and logits
+it returns, worked out from the shapes.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ def test_the_peak_of_known_tensors_is_exact(bench) -> None:
     with bench.AllocatorPeak(sites=True) as peak:
         kept = _three_blocks_then_one()
         del older  # freeing an older tensor must not lower the count below the block's own bytes
+        array = np.ones(MIB // 8)  # 1 MiB of float64 from numpy's allocator, not torch's
+        del array
     assert kept.numel() == 16 * MIB
     assert 24 * MIB <= peak.extra_bytes <= 24 * MIB + 4096
+    assert MIB <= peak.python_bytes <= MIB + 64 * 1024
     sites = dict(peak.live_at_peak)
     assert sum(sites.values()) == peak.extra_bytes
     [(site, size)] = [(s, n) for s, n in sites.items() if n >= MIB]
