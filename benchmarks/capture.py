@@ -12,24 +12,26 @@ Time: the three variants run round-robin in one process (sdpa, vrp, eager, sdpa,
 change in the load of a shared machine hits all alike; each ratio is the median of the per-round
 ratios, with its min-max spread, and the load average is printed.
 
-Memory: a fresh process per variant, after the model is loaded and the inputs are encoded, with
-no warm-up call. Two numbers per variant, both the variant's extra peak over what was live when
-its call began:
-  alloc  the allocator's count of live tensor bytes, peak during the call minus its value at the
-         start. On a GPU this is torch.cuda.max_memory_allocated - memory_allocated; on the CPU it
-         is the same quantity read from torch.profiler (profile_memory=True), which hears every
+Memory: a fresh process per variant, after the model is loaded and the inputs are encoded. Each
+number is the variant's extra peak over what was live when its call began:
+  alloc  torch's allocator: peak of the live tensor bytes during the call minus their value at
+         the start. On a GPU, torch.cuda.max_memory_allocated - memory_allocated; on the CPU the
+         same quantity read from torch.profiler (profile_memory=True), which hears every
          allocation and free of torch's CPU allocator with the allocator's running total
-         (AllocatorPeak). It is exact to the byte; it does not see memory that bypasses torch's
-         allocator (BLAS and oneDNN scratch, numpy arrays, Python objects).
+         (AllocatorPeak): exact to the byte and the same in every run.
+  py     on the CPU only, numpy arrays and Python objects (VRP's summaries run in numpy), which
+         torch's allocator never sees: tracemalloc's peak during the call over its start.
   rss    on the CPU only, the first call's peak RSS (the kernel's peak mark reset after loading)
-         minus the RSS before it: everything the process touched, but only to within ~100 MiB,
-         since the heap reuses pages freed earlier. The allocator number is measured on a second
-         call in the same process, so the profiler's own records never reach the RSS.
-The ratios are the issue's "extra peak memory over the bare forward": (c)-(a) against (b)-(a), an
-extra below 1 MiB counting as 1 MiB.
+         minus the RSS before it: everything the process touched (also BLAS scratch and what a
+         first call loads), but only to within ~100-200 MiB run to run, since the heap reuses
+         pages freed earlier. alloc and py are measured on a second call in the same process,
+         so the profiler's own records never reach the RSS.
+The ratios are the issue's "extra peak memory over the bare forward", (c)-(a) against (b)-(a):
+once with alloc + py (the two peaks may fall at different times, so their sum is an upper bound)
+and once with rss; an extra below 1 MiB counts as 1 MiB.
 
 Usage:  python benchmarks/capture.py [--families llava,paligemma,qwen2vl] [--batches 1,8] [--repeats 7]
-        python benchmarks/capture.py --no-timing --sites 8   (memory only; where VRP's extra lives)
+        python benchmarks/capture.py --no-timing --sites 8   (memory only; the allocations live at VRP's peak)
 """
 
 from __future__ import annotations
