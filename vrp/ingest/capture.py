@@ -10,7 +10,8 @@ What this module offers:
   residuals through the final norm and unembedding (the logit lens on the patch grid) as the
   prefill passes, keeping a few logits per position, never the residuals.
 * :func:`capture_batch` - runs one batch: prefill with all of the above active, the greedy
-  answer decoded from the same prefill, and every per-layer signal of docs/ARCHITECTURE.md section 4.
+  answer and the K self-consistency samples decoded from the same prefill in one loop
+  (vrp.ingest.generate), and every per-layer signal of docs/ARCHITECTURE.md section 4.
 
 Usage::
 
@@ -56,8 +57,8 @@ from vrp.tasks.base import as_gold
 if TYPE_CHECKING:
     from PIL import Image
     from transformers import PreTrainedModel
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+    from vrp.ingest.generate import Decoded
     from vrp.ingest.models.base import Adapter, Encoded
 
 State = TypeVar("State")
@@ -383,9 +384,7 @@ class BatchCapture:
     maps: list[list[np.ndarray]]  # per sample, per layer: head-mean map (grid_h * grid_w), sums to 1
     hidden: list[dict[str, np.ndarray]]  # per sample: site -> [layers, hidden] float32
     nonfinite: list[str | None] = field(default_factory=list)  # per sample: which signal was NaN/inf
-    greedy_output: GenerateDecoderOnlyOutput | None = (
-        None  # transformers generate output (its KV cache seeds self-consistency)
-    )
+    sampled: list[list[str]] = field(default_factory=list)  # per sample: its K self-consistency texts
     greedy_tokens: torch.Tensor | None = None  # [B, new] answer token ids
     first_logits: torch.Tensor | None = None  # [B, V] float32 next-token logits at the answer position
     # per sample: layer -> float32 logit-lens evidence on the stitched lattice (empty when not asked for)
@@ -465,16 +464,24 @@ def capture_batch(
     images: Sequence[Image.Image] | None = None,
     questions: Sequence[str] | None = None,
     max_new_tokens: int = 8,
-    keep_cache: bool = False,
+    seeds: Sequence[Sequence[int]] | None = None,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
     evidence_layers: Sequence[int] | None = None,
 ) -> BatchCapture:
-    """Prefill once with every capture active, decode the greedy answer from the same prefill.
+    """Prefill once with every capture active, then decode the greedy answer and its samples.
 
     `golds` are the samples (or bare yes/no labels); `task` defaults to yes/no. `images` and
     `questions` (as encoded) are needed by tasks whose truth token is teacher-forced.
+    ``seeds[b]``: the K self-consistency seeds of row b (``sample_seed``), drawn at ``temperature``
+    and ``top_p``; None samples nothing. The greedy answer and the samples decode in one loop from
+    the prefill (:func:`vrp.ingest.generate.decode_answers`); the texts land in ``sampled``.
     ``evidence_layers``: the decoder layers whose logit-lens evidence maps are computed in the same
     prefill (:class:`EvidenceMaps`), for the task's truth token; None computes none.
     """
+    # local: vrp.ingest.generate builds its decode loop on this module's attention routing (a real cycle)
+    from vrp.ingest.generate import decode_answers
+
     task = task if task is not None else get_task("yesno")
     golds = [as_gold(g) for g in golds]
     model = adapter.model
@@ -495,22 +502,32 @@ def capture_batch(
         TraceModules(sites, answer_pos, prompt_len) as trace,
         evidence as ev,
     ):
+        # The prefill and the first token only (generate's greedy rule over its logits processors).
         # A cache built without the config keeps every key, also in sliding-window layers (whose
-        # window the model's mask applies): self-consistency decodes from the whole prompt's keys.
-        out = model.generate(
+        # window the model's mask applies): the decode loop reads the whole prompt's keys.
+        prefill = model.generate(
             **enc.inputs,
             cache=DynamicCache(),
             do_sample=False,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=1,
             return_dict_in_generate=True,
             output_logits=True,
             pad_token_id=adapter.tokenizer.pad_token_id,
         )
     require_every_layer(adapter, attn.rows, ATTENTION_BACKEND)
-    truth_ids = task.truth_ids(adapter, images or [], questions or [], golds, out.logits[0].float())
-    result = _summarise(
-        adapter, enc, task, golds, truth_ids, attn.rows, trace.values, out, prompt_len, keep_cache
+    decoded = decode_answers(
+        adapter,
+        enc,
+        prefill,
+        seeds if seeds is not None else [[] for _ in golds],
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
     )
+    del prefill  # its cache: the prompt's keys and values of every layer
+    truth_ids = task.truth_ids(adapter, images or [], questions or [], golds, decoded.logits[0])
+    result = _summarise(adapter, enc, task, golds, truth_ids, attn.rows, trace.values, decoded)
+    result.sampled = decoded.sampled
     if ev is not None:
         tokens = ev.maps(truth_ids.tolist())  # per sample: layer -> [n_image_tokens]
         result.evidence = [
@@ -557,21 +574,19 @@ def _summarise(
     truth_ids: torch.Tensor,
     attn_rows: dict[int, torch.Tensor],
     traced: dict[str, dict[int, torch.Tensor]],  # site -> layer -> [B, d]
-    out: GenerateDecoderOnlyOutput,
-    prompt_len: int,
-    keep_cache: bool,
+    decoded: Decoded,
 ) -> BatchCapture:
     n_layers = adapter.num_layers
     resid = torch.stack([traced["resid"][i] for i in range(n_layers)])  # [L, B, d]
     mlp_out = torch.stack([traced["mlp_out"][i] for i in range(n_layers)])
     attn_out = torch.stack([traced["attn_out"][i] for i in range(n_layers)])
-    first_logits = out.logits[0].float()  # [B, V] the model's own next-token logits at the answer position
+    first_logits = decoded.logits[0]  # [B, V] float32: the model's next-token logits at the answer position
     lens = lens_logits(adapter, resid)  # [L, B, V] in the model's dtype
 
     stats = {**task.token_stats(adapter, first_logits), **first_token_stats(first_logits)}
-    new_tokens = out.sequences[:, prompt_len:]
+    new_tokens = decoded.tokens
     texts = adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    answer_logprob = _answer_logprob(out.logits, new_tokens, adapter)
+    answer_logprob = _answer_logprob(decoded.logits, new_tokens, adapter)
     first_token = first_logits.argmax(-1)  # [B]
     truth_ids = truth_ids.to(first_token.device)
     has_truth = truth_ids >= 0  # a sample without a right answer keeps its truth columns null
@@ -699,8 +714,6 @@ def _summarise(
         result.nonfinite.append(_first_nonfinite(sample, layer_rows, head_rows, maps, hidden))
     result.greedy_tokens = new_tokens
     result.first_logits = first_logits
-    if keep_cache:
-        result.greedy_output = out
     return result
 
 

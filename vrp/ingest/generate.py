@@ -1,29 +1,35 @@
-"""K-sample self-consistency from the greedy answer's prefill.
+"""The greedy answer and K self-consistency samples, decoded in one loop from one prefill.
 
 ``generate(num_return_sequences=K)`` copies the inputs, pixels included, before the prefill, so
-the image is encoded K times. Here the prompt is encoded once (by :func:`capture_batch`) and all K
-answers of a row decode in one batched loop from that prefill, without copying it: the prompt's
-keys and values stay in one copy per row (:class:`SharedPrefixLayer`), each of the K sequences
-caches only the few tokens it generated, and :func:`shared_prefix_attention` scores every query
-against the shared prompt and against its own suffix in one softmax. Repeating the cache K times
-instead (``batch_repeat_interleave``) would copy the whole prompt cache K times and re-copy it at
-every step as the suffix grows; on a 600-token prompt that copying costs more than the samples'
-arithmetic.
+the image is encoded K times. Here the prompt is encoded once (by :func:`capture_batch`, with
+every capture active) and then, per row, the greedy continuation and its K samples decode as
+K + 1 sequences of one batched loop from that prefill, without copying it: the prompt's keys and
+values stay in one copy per row (:class:`SharedPrefixLayer`), each sequence caches only the few
+tokens it generated, and :func:`shared_prefix_attention` scores every query against the shared
+prompt and against its own suffix in one softmax. Repeating the cache instead
+(``batch_repeat_interleave``) would copy the whole prompt cache K + 1 times, and transformers'
+``DynamicCache`` re-copies it at every step as it grows; on a 600-token prompt that copying costs
+more than the decoding's arithmetic, which is why the greedy answer takes this loop too, also
+without samples.
 
 Each draw has its own ``torch.Generator`` seeded from (run seed, sample id, k), so a rerun, or the
 same sample in another batch, draws the same answers.
 
 Usage::
 
-    cap = capture_batch(adapter, enc, labels, keep_cache=True)
-    texts = sample_answers(adapter, enc, cap.greedy_output, seeds=[[s0_0, ...], ...])
+    cap = capture_batch(adapter, enc, labels, seeds=[[s0_0, ...], ...])  # calls decode_answers
+    cap.sampled[0]  # row 0's K sampled texts; cap.samples[0]["answer_text"] its greedy answer
+
+    prefill = model.generate(**enc.inputs, cache=DynamicCache(), max_new_tokens=1,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    decoded = decode_answers(adapter, enc, prefill, seeds, max_new_tokens=8)
 """
 
 from __future__ import annotations
 
 import contextvars
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,7 +40,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from vrp.ingest.capture import attention_layer_index, end_token_ids, require_every_layer, route_attention
+from vrp.ingest.capture import (
+    ForwardHooks,
+    attention_layer_index,
+    end_token_ids,
+    require_every_layer,
+    route_attention,
+)
 
 if TYPE_CHECKING:
     from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -101,11 +113,12 @@ class SeededSampler(LogitsProcessor):
 class SharedPrefixLayer(DynamicLayer):
     """One decoder layer's cache: the prompt once per row, the generated tokens once per sequence.
 
-    ``prefix_keys``/``prefix_values`` are [B, H_kv, P, D] (a view of the greedy answer's cache, not
-    a copy); ``keys``/``values`` hold the [B*K, H_kv, s, D] suffix that :meth:`update` grows. The
-    reported length is P + s, so the model derives positions, cache positions and its mask for
-    the full sequence exactly as with an ordinary cache; only the attention function must know that
-    the first P columns live in the prefix (it gets them from :class:`_SharedPrefix`).
+    ``prefix_keys``/``prefix_values`` are [B, H_kv, P, D] (a view of the prefill's cache, not a
+    copy); ``keys``/``values`` hold the [B*G, H_kv, s, D] suffix of the G sequences per row, which
+    :meth:`update` grows. The reported length is P + s, so the model derives positions, cache
+    positions and its mask for the full sequence exactly as with an ordinary cache; only the
+    attention function must know that the first P columns live in the prefix (it gets them from
+    :class:`_SharedPrefix`).
     """
 
     is_croppable = False
@@ -122,7 +135,7 @@ class SharedPrefixLayer(DynamicLayer):
         return self.get_seq_length() + query_length, 0
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("a shared-prefix cache is already expanded to K sequences per row")
+        raise NotImplementedError("a shared-prefix cache is already expanded to its sequences per row")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("a shared-prefix cache cannot drop rows")
@@ -257,65 +270,70 @@ def _restore_state(model: torch.nn.Module, saved: dict[str, Any]) -> None:
 def _cut_at_end(tokens: torch.Tensor, end_ids: set[int], pad_id: int) -> torch.Tensor:
     """Replace everything after each row's first end token by padding.
 
-    The decode loop does not know that a row whose first token (drawn before the loop) was EOS
-    has finished, so such a row decodes on; what it decodes after its end is not its answer.
+    The decode loop does not know that a row whose first token (chosen before the loop) was an end
+    token has finished, so such a row decodes on; what it decodes after its end is not its answer.
     """
     is_end = torch.isin(tokens, torch.tensor(sorted(end_ids), device=tokens.device))
     after_end = (is_end.cumsum(-1) - is_end.long()) > 0
     return tokens.masked_fill(after_end, pad_id)
 
 
-def sample_answers(
-    adapter: Adapter,
-    enc: Encoded,
-    greedy_output: GenerateDecoderOnlyOutput,
-    seeds: Sequence[Sequence[int]],
-    *,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    max_new_tokens: int = 8,
-    return_logits: bool = False,
-) -> tuple[list[list[str]], SampleOutput | None]:
-    """K answers per row decoded from the greedy answer's prefill, without recomputing any of it.
+def _eos_ids(adapter: Adapter) -> set[int]:
+    """The ids on which transformers' generate ends a row: the generation config's EOS, not padding."""
+    eos = adapter.model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
-    ``seeds[b]`` holds the K seeds of row b. ``greedy_output`` is transformers' generate output
-    for the greedy answer with its cache and raw logits (``output_logits=True``, as
-    :func:`capture_batch` asks): the first token of every sample is drawn from the greedy answer's
-    first-step logits, which are exactly the distribution of a fresh pass over the prompt, and the
-    decode loop continues from the prompt's cache shared by all K (:class:`SharedPrefixLayer`).
-    Returns the texts [B][K] and, with ``return_logits``, the token ids ``sequences`` [B*K, P+n]
-    and the raw ``logits`` of every step (a tuple of [B*K, V]) for checks.
+
+class GreedyAndSampled(LogitsProcessor):
+    """Row 0 of every group of K + 1 keeps its scores, rows 1..K get :class:`SeededSampler`'s draw.
+
+    Runs after the generation config's own processors (transformers appends a custom processor to
+    them), so generate's argmax over a greedy row is exactly its greedy rule, repetition penalty
+    and all, and a sample row sees the same processed scores as when the K samples decoded alone.
     """
-    k = len(seeds[0])
-    if any(len(row) != k for row in seeds):
-        raise ValueError("every sample needs the same number of seeds")
-    if not getattr(greedy_output, "logits", None):
-        raise ValueError(
-            "greedy_output has no logits: run the greedy generate with output_logits=True "
-            "(capture_batch does) so the samples can start from its first-step distribution"
+
+    def __init__(self, sampler: SeededSampler, group: int) -> None:
+        self.sampler = sampler
+        self.group = group
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.group == 1:
+            return scores
+        grouped = scores.view(-1, self.group, scores.shape[-1])
+        drawn = self.sampler(input_ids, grouped[:, 1:].reshape(-1, scores.shape[-1]))
+        return torch.cat([grouped[:, :1], drawn.view(grouped.shape[0], self.group - 1, -1)], dim=1).view_as(
+            scores
         )
-    input_ids = enc.inputs["input_ids"]
-    prompt_len = input_ids.shape[1]
-    pad_id = adapter.tokenizer.pad_token_id
-    end_ids = end_token_ids(adapter)
-    sampler = SeededSampler([s for row in seeds for s in row], temperature, top_p)
-    first_logits = greedy_output.logits[0].repeat_interleave(k, dim=0)
-    first = sampler.draw(first_logits)
-    sequences = torch.cat([input_ids.repeat_interleave(k, dim=0), first[:, None].to(input_ids.device)], dim=1)
-    logits: tuple[torch.Tensor, ...] = (first_logits,)
-    if max_new_tokens > 1 and not set(first.tolist()) <= end_ids:
-        out = _decode_from_prefix(
-            adapter, enc, greedy_output.cache, sequences, k, sampler, max_new_tokens - 1, return_logits
-        )
-        sequences = out.sequences
-        logits = logits + tuple(out.logits or ())
-    new_tokens = _cut_at_end(sequences[:, prompt_len:], end_ids, pad_id)
-    texts = adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    grouped = [texts[b * k : (b + 1) * k] for b in range(len(seeds))]
-    if not return_logits:
-        return grouped, None
-    sequences = torch.cat([sequences[:, :prompt_len], new_tokens], dim=1)
-    return grouped, SampleOutput(sequences=sequences, logits=logits)
+
+
+class KeepLogits(ForwardHooks):
+    """Keeps the raw next-token logits of some rows at every forward of the decode loop.
+
+    Usage::
+
+        with KeepLogits(model, rows) as kept:
+            model.generate(...)
+        kept.steps  # one [len(rows), V] float32 tensor per forward
+
+    ``generate(output_logits=True)`` would keep every row's [N, V] logits of every step (with
+    Gemma 3's 262k-token vocabulary and K = 10 that is most of the decode's memory) where the
+    answer's statistics need the greedy rows' only. The model's output logits are the raw ones
+    generate reads (final soft-capping included), before any logits processor.
+    """
+
+    def __init__(self, model: torch.nn.Module, rows: torch.Tensor | None) -> None:
+        self.model = model
+        self.rows = rows  # None keeps every row
+        self.steps: list[torch.Tensor] = []
+
+    def _targets(self) -> Iterator[tuple[torch.nn.Module, Callable[..., Any]]]:
+        yield self.model, self._hook
+
+    def _hook(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        last = output.logits[:, -1]
+        if self.rows is not None:
+            last = last[self.rows.to(last.device)]
+        self.steps.append(last.to(copy=True, dtype=torch.float32))
 
 
 @dataclass
@@ -326,20 +344,115 @@ class SampleOutput:
     logits: tuple[torch.Tensor, ...]  # n x [B*K, V]
 
 
+@dataclass
+class Decoded:
+    """The greedy answer of every row as generate alone gives it, and the texts of its K samples."""
+
+    tokens: torch.Tensor  # [B, n] the greedy answer's ids, padding after its EOS
+    logits: tuple[torch.Tensor, ...]  # n x [B, V] float32 raw logits of the greedy answer's steps
+    sampled: list[list[str]]  # [B][K] the samples' texts
+    samples: SampleOutput | None = None  # with ``return_logits``: the samples' ids and logits
+
+
+def decode_answers(
+    adapter: Adapter,
+    enc: Encoded,
+    prefill: GenerateDecoderOnlyOutput,
+    seeds: Sequence[Sequence[int]],
+    *,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    max_new_tokens: int = 8,
+    return_logits: bool = False,
+) -> Decoded:
+    """The greedy answer and K samples per row, decoded together from the prompt's prefill.
+
+    ``prefill`` is transformers' generate output for one new token over ``enc`` with its cache
+    and raw logits (``max_new_tokens=1, output_logits=True, cache=DynamicCache()``, as
+    :func:`capture_batch` runs it). ``seeds[b]`` holds row b's K seeds (none for K = 0). The
+    greedy answer's first token is the prefill's; each sample's first token is drawn from the
+    prefill's logits, which are exactly the distribution of a fresh pass over the prompt. Then
+    per row the greedy sequence and its K samples continue as K + 1 rows of one decode loop from
+    the prompt's cache shared by all (:class:`SharedPrefixLayer`); no loop runs when every row
+    ended at its first token. The greedy answer is cut and trimmed to what generate alone returns
+    (it ends at EOS; its steps stop when every row's answer has ended), so its tokens, text and
+    logits do not depend on K. With ``return_logits`` the samples' ids and raw logits come back
+    too (``samples``), for checks.
+    """
+    k = len(seeds[0]) if seeds else 0
+    if any(len(row) != k for row in seeds):
+        raise ValueError("every sample needs the same number of seeds")
+    if not getattr(prefill, "logits", None) or getattr(prefill, "cache", None) is None:
+        raise ValueError(
+            "the prefill has no logits or no cache: run it with output_logits=True, "
+            "return_dict_in_generate=True and max_new_tokens=1 (capture_batch does)"
+        )
+    input_ids = enc.inputs["input_ids"]
+    rows, prompt_len = input_ids.shape
+    group = k + 1
+    pad_id = adapter.tokenizer.pad_token_id
+    end_ids, eos_ids = end_token_ids(adapter), _eos_ids(adapter)
+    sampler = SeededSampler([s for row in seeds for s in row], temperature, top_p)
+    first_logits = prefill.logits[0]
+    greedy_first = prefill.sequences[:, prompt_len].to(input_ids.device)
+    drawn = input_ids.new_empty((rows, 0))
+    if k:
+        drawn = sampler.draw(first_logits.repeat_interleave(k, dim=0)).to(input_ids.device).view(rows, k)
+    first = torch.cat([greedy_first[:, None], drawn], dim=1).view(-1)
+    sequences = torch.cat([input_ids.repeat_interleave(group, dim=0), first[:, None]], dim=1)
+    greedy_rows = torch.arange(rows) * group
+    step_logits: list[torch.Tensor] = []
+    ended = set(greedy_first.tolist()) <= eos_ids and set(drawn.view(-1).tolist()) <= end_ids
+    if max_new_tokens > 1 and not ended:
+        keep = KeepLogits(adapter.model, None if return_logits else greedy_rows)
+        processor = GreedyAndSampled(sampler, group)
+        with keep:
+            sequences = _decode_from_prefix(
+                adapter, enc, prefill.cache, sequences, group, processor, max_new_tokens - 1
+            )
+        # generate may run one forward more than it keeps (transformers' deferred stop check)
+        step_logits = keep.steps[: sequences.shape[1] - prompt_len - 1]
+    new_tokens = sequences[:, prompt_len:]
+
+    greedy = _cut_at_end(new_tokens[greedy_rows], eos_ids, pad_id)
+    is_eos = torch.isin(greedy, torch.tensor(sorted(eos_ids), device=greedy.device))
+    lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, greedy.shape[1])
+    steps = int(lengths.max())
+    if return_logits:  # the hook kept every row
+        greedy_logits = [first_logits.float(), *(step[greedy_rows] for step in step_logits)]
+    else:
+        greedy_logits = [first_logits.float(), *step_logits]
+
+    sample_rows = torch.arange(rows * group).view(rows, group)[:, 1:].reshape(-1)
+    sample_tokens = _cut_at_end(new_tokens[sample_rows], end_ids, pad_id)
+    texts = adapter.tokenizer.batch_decode(sample_tokens, skip_special_tokens=True)
+    decoded = Decoded(
+        tokens=greedy[:, :steps],
+        logits=tuple(greedy_logits[:steps]),
+        sampled=[texts[b * k : (b + 1) * k] for b in range(rows)],
+    )
+    if return_logits:
+        sample_first = first_logits.repeat_interleave(k, dim=0)
+        decoded.samples = SampleOutput(
+            sequences=torch.cat([sequences[sample_rows, :prompt_len], sample_tokens], dim=1),
+            logits=(sample_first, *(step[sample_rows] for step in step_logits)),
+        )
+    return decoded
+
+
 def _decode_from_prefix(
     adapter: Adapter,
     enc: Encoded,
-    greedy_cache: Cache,
+    prompt_cache: Cache,
     sequences: torch.Tensor,
-    k: int,
-    sampler: SeededSampler,
+    group: int,
+    processor: LogitsProcessor,
     max_new_tokens: int,
-    return_logits: bool,
-) -> GenerateDecoderOnlyOutput:
-    """Continue ``sequences`` (prompt + first token, [B*K, P+1]) with one batched decode loop.
+) -> torch.Tensor:
+    """Continue ``sequences`` (prompt + first token, [B*G, P+1]) with one batched decode loop -> ids.
 
-    The cache holds the prompt once per row, a view of the greedy answer's cache cut back to the
-    prompt; transformers' greedy loop then picks the token ``sampler`` draws at each step, so EOS
+    The cache holds the prompt once per row, a view of the prefill's cache cut back to the prompt;
+    transformers' greedy loop then picks the token ``processor`` leaves on top at each step, so EOS
     handling, padding of finished rows and per-family input preparation stay the model's own.
     """
     model = adapter.model
@@ -347,12 +460,12 @@ def _decode_from_prefix(
     cache = Cache(
         layers=[
             SharedPrefixLayer(layer.keys[..., :prompt_len, :], layer.values[..., :prompt_len, :])
-            for layer in greedy_cache.layers[: adapter.num_layers]
+            for layer in prompt_cache.layers[: adapter.num_layers]
         ]
     )
     rows = sequences.shape[0]
     attention_mask = torch.cat(
-        [enc.inputs["attention_mask"].repeat_interleave(k, dim=0), sequences.new_ones(rows, 1)], dim=1
+        [enc.inputs["attention_mask"].repeat_interleave(group, dim=0), sequences.new_ones(rows, 1)], dim=1
     )
     # Every per-row input but the pixels (the image is already in the cache): token types for
     # PaliGemma's prefix mask, M-RoPE's grid and token types for Qwen2-VL. A per-token input gets the
@@ -362,11 +475,11 @@ def _decode_from_prefix(
     for name, value in enc.inputs.items():
         if name in ("input_ids", "attention_mask") or name.startswith("pixel_values"):
             continue
-        value = value.repeat_interleave(k, dim=0)
+        value = value.repeat_interleave(group, dim=0)
         if name in generated_types:
             value = torch.cat([value, value.new_full((rows, 1), generated_types[name])], dim=1)
         extra[name] = value
-    saved = _expand_state(model, adapter.spec.decode_state, k)
+    saved = _expand_state(model, adapter.spec.decode_state, group)
     try:
         with torch.no_grad(), shared_prefix(adapter, cache) as state:
             out = model.generate(
@@ -376,12 +489,11 @@ def _decode_from_prefix(
                 **extra,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
-                logits_processor=LogitsProcessorList([sampler]),
+                logits_processor=LogitsProcessorList([processor]),
                 return_dict_in_generate=True,
-                output_logits=return_logits,
                 pad_token_id=adapter.tokenizer.pad_token_id,
             )
     finally:
         _restore_state(model, saved)
     require_every_layer(adapter, state.served, SHARED_PREFIX_BACKEND)
-    return out
+    return out.sequences

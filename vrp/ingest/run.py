@@ -20,7 +20,7 @@ import vrp
 from vrp.ingest.answers import majority_answer
 from vrp.ingest.capture import ATTENTION_BACKEND, BatchCapture, capture_batch
 from vrp.ingest.conditions import Condition
-from vrp.ingest.generate import sample_answers, sample_seed
+from vrp.ingest.generate import sample_seed
 from vrp.ingest.models.base import LayerRangeError, resolve_layer
 from vrp.ingest.prompts import apply_template, question_template
 from vrp.lake.identity import make_run_id
@@ -568,6 +568,7 @@ def _process_batch(
     # the picture the model saw (none in a text-only condition)
     pictures = [None] * len(ready) if condition and condition.text_only else _picture_rows(adapter, images)
     k = options.self_consistency
+    seeds = [[sample_seed(options.seed, s.sample_id, i) for i in range(k)] for s in ready]
     cap = capture_batch(
         adapter,
         enc,
@@ -576,21 +577,11 @@ def _process_batch(
         images=images,
         questions=questions,
         max_new_tokens=options.max_new_tokens,
-        keep_cache=k > 0,
+        seeds=seeds,
+        temperature=options.temperature,
+        top_p=options.top_p,
         evidence_layers=layers if options.evidence else None,
     )
-    samples_k: list[list[str]] = [[] for _ in ready]
-    seeds: list[list[int]] = [[sample_seed(options.seed, s.sample_id, i) for i in range(k)] for s in ready]
-    if k > 0:
-        samples_k, _ = sample_answers(
-            adapter,
-            enc,
-            cap.greedy_output,
-            seeds,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            max_new_tokens=options.max_new_tokens,
-        )
     kls: list[float | None] = [None] * len(ready)
     if condition is not None:
         from vrp.ingest.conditions import first_token_kls
@@ -601,7 +592,7 @@ def _process_batch(
         if cap.nonfinite[b] is not None:
             failures.append(_failure(sample, "capture", f"non-finite value in {cap.nonfinite[b]}"))
             continue
-        sampled = _sample_rows(task, sample, cap, b, layers, samples_k[b], seeds[b], options)
+        sampled = _sample_rows(task, sample, cap, b, layers, cap.sampled[b], seeds[b], options)
         if condition is not None:
             sampled["samples"][0]["first_token_kl"] = kls[b]
         if pictures[b] is not None:
