@@ -11,8 +11,10 @@ offline, on POPE-like prompts (a 640x480 picture, "Is there a X in the image?"),
   prefill    VRP's capture with a one-token answer: answer-row attention, traced sites, logit lens,
              evidence maps and every per-layer summary (compare with ``forward``)
   vrp        VRP's capture with the whole greedy answer (compare with ``greedy``)
-  vrp_sc     ``vrp`` plus K self-consistency samples from its prefill (``--k``)
-  sc         ``greedy`` plus the same K samples, without VRP's capture
+  vrp_sc     ``vrp`` with K self-consistency samples (``--k``), decoded with the greedy answer in one
+             loop from the capture's prefill
+  sc         the greedy answer and the same K samples as VRP decodes them (a one-token prefill, then
+             one loop), without VRP's capture (compare with ``greedy``)
   eager      what attention tools do: eager attention, ``generate`` with ``output_attentions`` and
              ``output_hidden_states``, the answer rows and hidden states moved to the host and
              ``torch.save``d
@@ -220,7 +222,7 @@ def make_variants(
     from transformers.cache_utils import DynamicCache
 
     from vrp.ingest.capture import capture_batch
-    from vrp.ingest.generate import sample_answers, sample_seed
+    from vrp.ingest.generate import decode_answers, sample_seed
 
     model = adapter.model
     enc = adapter.encode(images, questions)
@@ -242,20 +244,19 @@ def make_variants(
         capture_batch(adapter, enc, labels, max_new_tokens=new_tokens, **capture)
 
     def vrp_sc() -> None:
-        cap = capture_batch(adapter, enc, labels, max_new_tokens=new_tokens, keep_cache=True, **capture)
-        sample_answers(adapter, enc, cap.greedy_output, seeds, max_new_tokens=new_tokens)
+        capture_batch(adapter, enc, labels, max_new_tokens=new_tokens, seeds=seeds, **capture)
 
     def sc() -> None:
-        out = model.generate(
+        one_token = model.generate(
             **enc.inputs,
             cache=DynamicCache(),  # as capture_batch: every prompt key kept, also in sliding-window layers
             do_sample=False,
-            max_new_tokens=new_tokens,
+            max_new_tokens=1,
             pad_token_id=pad,
             return_dict_in_generate=True,
             output_logits=True,
         )
-        sample_answers(adapter, enc, out, seeds, max_new_tokens=new_tokens)
+        decode_answers(adapter, enc, one_token, seeds, max_new_tokens=new_tokens)
 
     def eager() -> None:
         model.set_attn_implementation("eager")
