@@ -167,12 +167,13 @@ def test_greedy_follows_the_generation_configs_processors(adapter) -> None:
     prompt_len = enc.inputs["input_ids"].shape[1]
     plain = _generate(adapter, enc, 5).sequences[:, prompt_len:]
     config = adapter.model.generation_config
+    saved = config.suppress_tokens, config.repetition_penalty
     config.suppress_tokens, config.repetition_penalty = [int(plain[0, 1])], 1.5
     try:
         _, decoded = _decode(adapter, _seeds(2, 2), max_new_tokens=5)
         reference = _generate(adapter, enc, 5).sequences[:, prompt_len:]
     finally:
-        config.suppress_tokens, config.repetition_penalty = None, None
+        config.suppress_tokens, config.repetition_penalty = saved
     assert torch.equal(decoded.tokens, reference)
     assert not torch.equal(plain, reference), "suppressing row 0's second token must change its answer"
 
