@@ -21,8 +21,15 @@ load average during its runs; then every ratio as the median of the per-round ra
 min-max (a ratio within one round shares the machine's state). ``--view`` adds `vrp view` over a
 lake of 1,000 samples at LLaVA-1.5's shape (benchmarks/evidence.py).
 
-Usage:  python benchmarks/end_to_end.py [--questions 64] [--batch 8] [--repeats 3] [--view 1000]
-        [--variants bare,vrp,vrp_k10,noev,blank,eager] [--profile VARIANT]
+``--processes N`` repeats the whole round-robin in N fresh processes, one after the other, and
+pools their rounds. One process is not enough: the same variant's speed differs from process to
+process by up to ~8% on this machine while the rounds within a process agree to ~2%, and not
+alike for every variant (transformers' DynamicCache reallocates the prompt's keys and values at
+every decoding step, and whether those allocations page-fault depends on the heap's history:
+glibc's mmap threshold moves as blocks are freed). The pooled ratios' spread shows that noise.
+
+Usage:  python benchmarks/end_to_end.py [--questions 64] [--batch 8] [--repeats 3] [--processes 1]
+        [--view 1000] [--variants bare,vrp,vrp_k10,noev,blank,eager] [--profile VARIANT]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import os
 import pstats
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -208,12 +216,38 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=1, help="fresh processes whose rounds are pooled")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="bare,vrp,vrp_k10,noev,blank,eager")
     parser.add_argument("--view", type=int, default=0, help="also time `vrp view` of this many samples")
     parser.add_argument("--profile", default=None, help="cProfile one call of this variant instead")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # a child's rounds, for its parent
     args = parser.parse_args()
+    print(
+        f"mid LLaVA (hidden 512, 8 layers, 576 image tokens), {args.questions} POPE questions, "
+        f"batch {args.batch}, {NEW_TOKENS} new tokens, {args.threads} threads, "
+        f"{args.repeats} round-robin rounds after a warm-up in each of {args.processes} process(es); cpu",
+        flush=True,
+    )
+    if args.processes > 1 and not args.profile:
+        runs = in_processes(args)
+    else:
+        runs = [measure(args)]
+        if runs[0] is None:  # profiled
+            return
+        if args.json:
+            Path(args.json).write_text(json.dumps(runs[0]))
+            return
+    report(runs)
+    if args.view:
+        from evidence import view_time
+
+        view_time(args.view, browser=False)
+
+
+def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]] | None:
+    """This process's rounds: seconds and load averages per variant (None after ``--profile``)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -227,36 +261,59 @@ def main() -> None:
         if args.profile:
             everything[args.profile]()  # warm-up
             profile(everything[args.profile], args.top)
-            return
+            return None
         names = args.variants.split(",")
         if "blank" in names and "vrp" in names:  # blank reads the image run `vrp` wrote this round
             names = [n for n in names if n != "blank"]
             names.insert(names.index("vrp") + 1, "blank")
-        variants = {name: everything[name] for name in names}
-        print(
-            f"mid LLaVA (hidden 512, 8 layers, 576 image tokens), {args.questions} POPE questions, "
-            f"batch {args.batch}, {NEW_TOKENS} new tokens, {args.threads} threads, "
-            f"{args.repeats} round-robin rounds after a warm-up; cpu"
-        )
-        times, loads = round_robin(variants, args.repeats)
+        times, loads = round_robin({name: everything[name] for name in names}, args.repeats)
+    return {"times": times, "loads": loads}
+
+
+def in_processes(args: argparse.Namespace) -> list[dict[str, dict[str, list[float]]]]:
+    """Run the round-robin in ``args.processes`` fresh processes, one after the other."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = Path(tmp) / f"process{i}.json"
+            child = [sys.executable, __file__, "--processes", "1", "--json", str(out)]
+            for flag in ("questions", "batch", "repeats", "threads", "variants"):
+                child += [f"--{flag}", str(getattr(args, flag))]
+            print(f"process {i + 1} of {args.processes}", file=sys.stderr, flush=True)
+            subprocess.run(child, check=True, stdout=subprocess.DEVNULL)
+            runs.append(json.loads(out.read_text()))
+    return runs
+
+
+def report(runs: list[dict[str, dict[str, list[float]]]]) -> None:
+    """Per variant its seconds, per ratio the per-round ratios, pooled over every process's rounds."""
+    names = list(runs[0]["times"])
+    times = {name: [t for run in runs for t in run["times"][name]] for name in names}
+    loads = {name: [x for run in runs for x in run["loads"][name]] for name in names}
     print(f"\n{'variant':8} {'median s':>9} {'min s':>8} {'max s':>8}  load avg (1 min) during its runs")
-    for name, values in times.items():
+    for name in names:
+        values = times[name]
         print(
             f"{name:8} {statistics.median(values):9.2f} {min(values):8.2f} {max(values):8.2f}  "
             + " ".join(f"{v:.2f}" for v in loads[name])
         )
-    print(f"\n{'ratio':16} {'median':>7} {'min':>6} {'max':>6}  what")
+    label = "median" if len(runs) == 1 else "pooled"
+    per_process = "" if len(runs) == 1 else "  medians of each process"
+    print(f"\n{'ratio':16} {label:>7} {'min':>6} {'max':>6}  what{per_process}")
     for a, b, what in RATIOS:
         if a in times and b in times:
             per_round = [x / y for x, y in zip(times[a], times[b], strict=True)]
-            print(
+            line = (
                 f"{a + '/' + b:16} {statistics.median(per_round):7.3f} {min(per_round):6.3f} "
                 f"{max(per_round):6.3f}  {what}"
             )
-    if args.view:
-        from evidence import view_time
-
-        view_time(args.view, browser=False)
+            if len(runs) > 1:
+                medians = [
+                    statistics.median(x / y for x, y in zip(run["times"][a], run["times"][b], strict=True))
+                    for run in runs
+                ]
+                line += "  " + " ".join(f"{m:.3f}" for m in medians)
+            print(line)
 
 
 if __name__ == "__main__":
