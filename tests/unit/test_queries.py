@@ -179,3 +179,31 @@ def test_probe_best_layers(tmp_path) -> None:
     rows = {r["probe"]: r for r in _q(open_lake(tmp_path), "probe_best_layers")}
     assert (rows["logreg"]["layer"], rows["logreg"]["auroc"]) == (1, 0.9)
     assert (rows["mlp"]["layer"], rows["mlp"]["auroc"]) == (0, 0.7)
+
+
+def test_most_confident_wrong_ranks_an_open_runs_yes_by_its_first_token() -> None:
+    """An open-answer run's "yes" has no p_yes: its first token's probability ranks it (not NULLS LAST)."""
+    import duckdb
+
+    from vrp.view.build import _p_answer
+
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE samples AS SELECT * FROM (VALUES "
+        "('r', 'a', 'm', 'val', 'is there a dog?', 'yes', 'no', false, NULL, NULL, 0.9), "
+        "('r', 'b', 'm', 'val', 'what colour?', 'red', 'blue', false, NULL, NULL, 0.6), "
+        "('y', 'c', 'm', 'random', 'is there a cat?', 'yes', 'no', false, 0.7, 0.3, 0.99), "
+        "('y', 'd', 'm', 'random', 'is there a cup?', 'no', 'yes', false, 0.2, 0.8, 0.5)) "
+        "t(run_id, sample_id, model, split, question, answer, label, correct, p_yes, p_no, top1_prob)"
+    )
+    con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES ('r', NULL), ('y', NULL)) t(run_id, base_run_id)")
+    rows = con.execute(named_query("most_confident_wrong")).fetchall()
+    got = {row[1]: float(row[-1]) for row in rows}  # the literals above are DECIMALs
+    assert got == pytest.approx({"a": 0.9, "b": 0.6, "c": 0.7, "d": 0.8})
+    assert [row[1] for row in rows if row[0] == "r"] == ["a", "b"]
+    # the viewer's index column means the same
+    columns = ("answer", "p_yes", "p_no", "top1_prob")
+    cases = {("yes", None, None, 0.9): 0.9, ("red", None, None, 0.6): 0.6, ("yes", 0.7, 0.3, 0.99): 0.7}
+    cases[("no", 0.2, 0.8, 0.5)] = 0.8
+    for values, expected in cases.items():
+        assert _p_answer(dict(zip(columns, values, strict=True))) == expected

@@ -268,11 +268,13 @@ def _js(call: str, payload: Any) -> str:
 
 
 def _p_answer(row: dict[str, Any]) -> float | None:
-    if row.get("answer") == "yes":
-        return row.get("p_yes")
-    if row.get("answer") == "no":
-        return row.get("p_no")
-    return row.get("top1_prob")
+    """The probability of the answer given: p_yes / p_no of a yes/no run, else its first token's.
+
+    An open-answer run can answer "yes" too (VQAv2's "is there a ..." questions); it has no
+    p_yes / p_no, so the first token's probability stands in, as for every other open answer.
+    """
+    by_answer = {"yes": row.get("p_yes"), "no": row.get("p_no")}.get(row.get("answer"))
+    return by_answer if by_answer is not None else row.get("top1_prob")
 
 
 def _page_html(title: str, page: str, prefix: str, key: str = "") -> str:
