@@ -3,7 +3,7 @@
 For each family, a mid-size random-weight config (hidden 512, 8 decoder layers, 576 image
 tokens on a 24x24 grid) and batch sizes 1 and 8, three variants run side by side:
 
-  (a) sdpa     a bare forward with SDPA attention (the model's own cost)
+  (a) sdpa     a bare forward with SDPA attention (the model's own cost), the last position's logits
   (b) vrp      VRP's full capture: answer-row attention in float32, traced sites, logit lens,
                the greedy first token (max_new_tokens=1) and every per-layer summary
   (c) eager    eager attention with output_attentions=True, output_hidden_states=True
@@ -95,7 +95,7 @@ def _runner(adapter, enc, variant: str):
 
     model = adapter.model
     if variant == "sdpa":
-        return lambda: model(**enc.inputs)
+        return lambda: model(**enc.inputs, logits_to_keep=1)  # the last position's logits, as generate's
     if variant == "vrp":
         labels = ["yes"] * len(enc.grids)
         return lambda: capture_batch(adapter, enc, labels, max_new_tokens=1)

@@ -159,7 +159,10 @@ _ACTIVE: contextvars.ContextVar[_SharedPrefix | None] = contextvars.ContextVar(
 
 
 def _to_shared(x: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
-    """[B*K, H_kv*G, T, E] -> [B, H_kv, K*G*T, E]: all queries of a row's K sequences side by side."""
+    """[B*S, H_kv*G, T, E] -> [B, H_kv, S*G*T, E]: the queries of a row's S sequences side by side.
+
+    S is the sequences per row (the greedy answer and its K samples), G the query heads per KV head.
+    """
     n, _, t, e = x.shape
     k = n // rows
     x = x.view(rows, k, -1, groups, t, e).permute(0, 2, 1, 3, 4, 5)
@@ -167,7 +170,7 @@ def _to_shared(x: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
 
 
 def _from_shared(x: torch.Tensor, k: int, groups: int, t: int) -> torch.Tensor:
-    """Inverse of :func:`_to_shared`: [B, H_kv, K*G*T, E] -> [B*K, H_kv*G, T, E]."""
+    """Inverse of :func:`_to_shared`: [B, H_kv, S*G*T, E] -> [B*S, H_kv*G, T, E] (S = ``k``)."""
     rows, kv_heads, _, e = x.shape
     x = x.view(rows, kv_heads, k, groups, t, e).permute(0, 2, 1, 3, 4, 5)
     return x.reshape(rows * k, kv_heads * groups, t, e)
@@ -185,13 +188,14 @@ def shared_prefix_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention over [shared prompt | own suffix] with one softmax; a plain SDPA call otherwise.
 
-    ``query`` is [B*K, H, T, D]; ``key``/``value`` are the suffix that :class:`SharedPrefixLayer`
-    returns. Scores against the prompt come from one matmul per row (all K*H/H_kv queries that
-    share a KV head and a prompt at once), so the prompt's keys and values are read once per step
-    instead of K times. Both score blocks are concatenated before the mask and the softmax, which
-    is eager attention's arithmetic on the same columns in the same order. A sliding window
-    (Gemma 3's local layers) is part of the model's mask over those columns: the cache keeps every
-    prompt key (:func:`capture_batch` decodes with a full-length cache), so column j is position j.
+    ``query`` is [B*S, H, T, D] for S sequences per row (the greedy answer and its K samples);
+    ``key``/``value`` are the suffix that :class:`SharedPrefixLayer` returns. Scores against the
+    prompt come from one matmul per row (all S*H/H_kv queries that share a KV head and a prompt at
+    once), so the prompt's keys and values are read once per step instead of S times. Both score
+    blocks are concatenated before the mask and the softmax, which is eager attention's arithmetic
+    on the same columns in the same order. A sliding window (Gemma 3's local layers) is part of the
+    model's mask over those columns: the cache keeps every prompt key (:func:`capture_batch`
+    decodes with a full-length cache), so column j is position j.
     """
     state = _ACTIVE.get()
     layer = None if state is None else state.layer_of.get(id(module))
