@@ -802,11 +802,15 @@ def _answer_logprob(
     return np.asarray(values)
 
 
+def eos_token_ids(adapter: Adapter) -> set[int]:
+    """The ids on which transformers' generate ends a row: the generation config's EOS (one or several)."""
+    eos = adapter.model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
 def end_token_ids(adapter: Adapter) -> set[int]:
-    """Token ids that end an answer: EOS (one or several) and padding."""
-    config = adapter.model.generation_config
-    eos = config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    """Token ids that end an answer: EOS (:func:`eos_token_ids`) and padding."""
+    ids = eos_token_ids(adapter)
     if adapter.tokenizer.pad_token_id is not None:
         ids.add(adapter.tokenizer.pad_token_id)
     return ids

@@ -44,6 +44,7 @@ from vrp.ingest.capture import (
     ForwardHooks,
     attention_layer_index,
     end_token_ids,
+    eos_token_ids,
     require_every_layer,
     route_attention,
 )
@@ -282,12 +283,6 @@ def _cut_at_end(tokens: torch.Tensor, end_ids: set[int], pad_id: int) -> torch.T
     return tokens.masked_fill(after_end, pad_id)
 
 
-def _eos_ids(adapter: Adapter) -> set[int]:
-    """The ids on which transformers' generate ends a row: the generation config's EOS, not padding."""
-    eos = adapter.model.generation_config.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-
 class GreedyAndSampled(LogitsProcessor):
     """Row 0 of every group of K + 1 keeps its scores, rows 1..K get :class:`SeededSampler`'s draw.
 
@@ -395,7 +390,7 @@ def decode_answers(
     rows, prompt_len = input_ids.shape
     group = k + 1
     pad_id = adapter.tokenizer.pad_token_id
-    end_ids, eos_ids = end_token_ids(adapter), _eos_ids(adapter)
+    end_ids, eos_ids = end_token_ids(adapter), eos_token_ids(adapter)
     sampler = SeededSampler([s for row in seeds for s in row], temperature, top_p)
     first_logits = prefill.logits[0]
     greedy_first = prefill.sequences[:, prompt_len].to(input_ids.device)
