@@ -219,9 +219,8 @@ def make_variants(
     adapter: Any, images: list[Image.Image], questions: list[str], labels: list[str], new_tokens: int, k: int
 ) -> dict[str, Callable[[], None]]:
     """One zero-argument callable per variant (module docstring), each dropping its outputs."""
-    from transformers.cache_utils import DynamicCache
 
-    from vrp.ingest.capture import capture_batch
+    from vrp.ingest.capture import capture_batch, prefill_one_token
     from vrp.ingest.generate import decode_answers, sample_seed
 
     model = adapter.model
@@ -247,16 +246,7 @@ def make_variants(
         capture_batch(adapter, enc, labels, max_new_tokens=new_tokens, seeds=seeds, **capture)
 
     def sc() -> None:
-        one_token = model.generate(
-            **enc.inputs,
-            cache=DynamicCache(),  # as capture_batch: every prompt key kept, also in sliding-window layers
-            do_sample=False,
-            max_new_tokens=1,
-            pad_token_id=pad,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        decode_answers(adapter, enc, one_token, seeds, max_new_tokens=new_tokens)
+        decode_answers(adapter, enc, prefill_one_token(adapter, enc), seeds, max_new_tokens=new_tokens)
 
     def eager() -> None:
         model.set_attn_implementation("eager")

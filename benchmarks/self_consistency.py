@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers.cache_utils import DynamicCache
 
+from vrp.ingest.capture import prefill_one_token
 from vrp.ingest.generate import decode_answers, sample_seed
 from vrp.ingest.models import load_adapter
 from vrp.ingest.models.tiny import build_tiny
@@ -94,17 +94,9 @@ def bench(
                 model.generate(**enc.inputs, do_sample=True, temperature=0.7, top_p=0.9, **common)
 
     def decoded(seeds):
-        with torch.no_grad():
-            prefill = model.generate(
-                **enc.inputs,
-                cache=DynamicCache(),  # as capture_batch: every prompt key kept
-                do_sample=False,
-                max_new_tokens=1,
-                return_dict_in_generate=True,
-                output_logits=True,
-                pad_token_id=adapter.tokenizer.pad_token_id,
-            )
-        return decode_answers(adapter, enc, prefill, seeds, max_new_tokens=max_new_tokens)
+        return decode_answers(
+            adapter, enc, prefill_one_token(adapter, enc), seeds, max_new_tokens=max_new_tokens
+        )
 
     seeds = [[sample_seed(0, f"bench{b}", i) for i in range(k)] for b in range(batch)]
     variants = {

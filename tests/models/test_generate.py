@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 from scipy import stats
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 
-from vrp.ingest.capture import capture_batch, end_token_ids, require_every_layer
+from vrp.ingest.capture import capture_batch, end_token_ids, prefill_one_token, require_every_layer
 from vrp.ingest.generate import (
     SHARED_PREFIX_BACKEND,
     SeededSampler,
@@ -45,20 +45,6 @@ def _encode(adapter, questions=QUESTIONS):
     return adapter.encode(images[: len(questions)], list(questions))
 
 
-def _prefill(adapter, enc):
-    """The prefill as capture_batch runs it (without the captures): one token, its logits and cache."""
-    with torch.no_grad():
-        return adapter.model.generate(
-            **enc.inputs,
-            cache=DynamicCache(),
-            do_sample=False,
-            max_new_tokens=1,
-            return_dict_in_generate=True,
-            output_logits=True,
-            pad_token_id=adapter.tokenizer.pad_token_id,
-        )
-
-
 def _seeds(base, k, rows=2, name="s"):
     return [[sample_seed(base, f"{name}{b}", i) for i in range(k)] for b in range(rows)]
 
@@ -68,7 +54,7 @@ def _decode(adapter, seeds, questions=QUESTIONS, max_new_tokens=4, temperature=1
     decoded = decode_answers(
         adapter,
         enc,
-        _prefill(adapter, enc),
+        prefill_one_token(adapter, enc),
         seeds,
         max_new_tokens=max_new_tokens,
         return_logits=True,
@@ -238,7 +224,7 @@ def test_greedy_that_ends_early_while_samples_continue(adapter) -> None:
 def test_no_decode_loop_when_every_first_token_ends(adapter) -> None:
     """Every token an end token: the greedy answer and every sample end at once, no forward runs."""
     enc = _encode(adapter)
-    prefill = _prefill(adapter, enc)
+    prefill = prefill_one_token(adapter, enc)
     calls = []
     handle = adapter.model.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -312,7 +298,7 @@ def test_top_p_filter_against_hand_example() -> None:
 def test_samples_whose_first_draw_is_eos_end_there(adapter) -> None:
     """Some samples end at their first token, others go on; the ended ones decode to '' and padding."""
     enc = _encode(adapter)
-    prefill = _prefill(adapter, enc)
+    prefill = prefill_one_token(adapter, enc)
     first = prefill.logits[0].clone()
     eos = adapter.model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
@@ -337,7 +323,7 @@ def test_samples_whose_first_draw_is_eos_end_there(adapter) -> None:
 
 def test_decoding_needs_the_prefills_logits(adapter) -> None:
     enc = _encode(adapter)
-    prefill = _prefill(adapter, enc)
+    prefill = prefill_one_token(adapter, enc)
     prefill.logits = None
     with pytest.raises(ValueError, match="output_logits=True"):
         decode_answers(adapter, enc, prefill, [[1, 2], [3, 4]])
@@ -352,7 +338,7 @@ def test_a_layer_that_bypasses_the_shared_prefix_attention_is_an_error(adapter) 
 
 def test_a_position_bias_is_refused_not_silently_wrong(adapter) -> None:
     enc = _encode(adapter)
-    layer = _prefill(adapter, enc).cache.layers[0]
+    layer = prefill_one_token(adapter, enc).cache.layers[0]
     cache = Cache(layers=[SharedPrefixLayer(layer.keys, layer.values)])
     module = adapter.attn(0)
     query = torch.zeros(

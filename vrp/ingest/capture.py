@@ -57,6 +57,7 @@ from vrp.tasks.base import as_gold
 if TYPE_CHECKING:
     from PIL import Image
     from transformers import PreTrainedModel
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     from vrp.ingest.generate import Decoded
     from vrp.ingest.models.base import Adapter, Encoded
@@ -484,7 +485,6 @@ def capture_batch(
 
     task = task if task is not None else get_task("yesno")
     golds = [as_gold(g) for g in golds]
-    model = adapter.model
     prompt_len = int(enc.inputs["input_ids"].shape[1])
     answer_pos = enc.answer_pos
     sites = {
@@ -502,18 +502,7 @@ def capture_batch(
         TraceModules(sites, answer_pos, prompt_len) as trace,
         evidence as ev,
     ):
-        # The prefill and the first token only (generate's greedy rule over its logits processors).
-        # A cache built without the config keeps every key, also in sliding-window layers (whose
-        # window the model's mask applies): the decode loop reads the whole prompt's keys.
-        prefill = model.generate(
-            **enc.inputs,
-            cache=DynamicCache(),
-            do_sample=False,
-            max_new_tokens=1,
-            return_dict_in_generate=True,
-            output_logits=True,
-            pad_token_id=adapter.tokenizer.pad_token_id,
-        )
+        prefill = prefill_one_token(adapter, enc)
     require_every_layer(adapter, attn.rows, ATTENTION_BACKEND)
     decoded = decode_answers(
         adapter,
@@ -548,6 +537,27 @@ def capture_batch(
             if bad and result.nonfinite[b] is None:
                 result.nonfinite[b] = f"evidence map at layer {bad[0]}"
     return result
+
+
+def prefill_one_token(adapter: Adapter, enc: Encoded) -> GenerateDecoderOnlyOutput:
+    """The prompt's prefill and the first answer token, as ``decode_answers`` (vrp.ingest.generate) needs it.
+
+    ``generate`` with one new token picks it by the model's own greedy rule over its generation
+    config's logits processors, and returns the raw first-step logits and the cache. A cache built
+    without the config keeps every key, also in sliding-window layers (whose window the model's
+    mask applies), so the decode loop reads the whole prompt's keys. :func:`capture_batch` runs it
+    with every capture active.
+    """
+    with torch.no_grad():
+        return adapter.model.generate(
+            **enc.inputs,
+            cache=DynamicCache(),
+            do_sample=False,
+            max_new_tokens=1,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=adapter.tokenizer.pad_token_id,
+        )
 
 
 def _whole_image_evidence(values: np.ndarray, layout: Layout | None) -> np.ndarray:

@@ -20,9 +20,7 @@ Usage::
     cap = capture_batch(adapter, enc, labels, seeds=[[s0_0, ...], ...])  # calls decode_answers
     cap.sampled[0]  # row 0's K sampled texts; cap.samples[0]["answer_text"] its greedy answer
 
-    prefill = model.generate(**enc.inputs, cache=DynamicCache(), max_new_tokens=1,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True)
-    decoded = decode_answers(adapter, enc, prefill, seeds, max_new_tokens=8)
+    decoded = decode_answers(adapter, enc, prefill_one_token(adapter, enc), seeds, max_new_tokens=8)
 """
 
 from __future__ import annotations
@@ -367,9 +365,9 @@ def decode_answers(
     """The greedy answer and K samples per row, decoded together from the prompt's prefill.
 
     ``prefill`` is transformers' generate output for one new token over ``enc`` with its cache
-    and raw logits (``max_new_tokens=1, output_logits=True, cache=DynamicCache()``, as
-    :func:`capture_batch` runs it). ``seeds[b]`` holds row b's K seeds (none for K = 0). The
-    greedy answer's first token is the prefill's; each sample's first token is drawn from the
+    and raw logits (``vrp.ingest.capture.prefill_one_token``, which :func:`capture_batch` runs).
+    ``seeds[b]`` holds row b's K seeds (none for K = 0). The greedy answer's first token is the
+    prefill's; each sample's first token is drawn from the
     prefill's logits, which are exactly the distribution of a fresh pass over the prompt. Then
     per row the greedy sequence and its K samples continue as K + 1 rows of one decode loop from
     the prompt's cache shared by all (:class:`SharedPrefixLayer`); no loop runs when every row
